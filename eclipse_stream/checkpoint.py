@@ -1,0 +1,213 @@
+"""Checkpoints: safetensors tensors plus one JSON metadata entry. Nothing is ever unpickled.
+
+Two kinds of file share the format:
+
+* a **denoiser** (``kind = "denoiser"``): the exported EMA weights of a trained UNet and
+  everything needed to use them (UNet config, diffusion config, image size, training
+  arguments, package version, hash of the training file list);
+* a **training state** (``kind = "train-state"``): live weights, EMA weights and AdamW
+  state, so that ``eclipse-stream train --resume`` continues at the saved step.
+
+Files are written to a temporary name in the same folder and renamed, so a crash never
+leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .diffusion import DiffusionConfig, GaussianDiffusion
+from .errors import CheckpointError
+from .unet import UNet, UNetConfig
+
+__all__ = ["Denoiser", "save_denoiser", "load_denoiser", "save_train_state", "load_train_state",
+           "file_sha256", "METADATA_KEY"]
+
+METADATA_KEY = "eclipse_stream"
+FORMAT_VERSION = 1
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read(path: str | os.PathLike, expected_kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read tensors and metadata, turning every way a file can be wrong into a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw_meta = (f.metadata() or {}).get(METADATA_KEY)
+            if raw_meta is None:
+                raise CheckpointError(f"{path}: a safetensors file, but not an eclipse-stream checkpoint "
+                                      f"(no '{METADATA_KEY}' metadata)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint (truncated or foreign file?): {e}")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {e}")
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON: {e}")
+    kind = meta.get("kind")
+    if kind != expected_kind:
+        hint = {"train-state": " (this is a training state: pass the exported denoiser, train's --out file)",
+                "denoiser": " (this is an exported denoiser, not a training state)"}.get(kind, "")
+        raise CheckpointError(f"{path}: expected a {expected_kind} checkpoint, found kind={kind!r}{hint}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer eclipse-stream (format {meta['format_version']}); "
+                              f"upgrade the package")
+    return tensors, meta
+
+
+def _configs(path, meta) -> tuple[UNetConfig, DiffusionConfig]:
+    try:
+        return UNetConfig.from_dict(meta["unet"]), DiffusionConfig(**meta["diffusion"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint metadata has no valid UNet/diffusion config: {e}")
+
+
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path, what: str) -> None:
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: {what} weights do not match the stored config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise CheckpointError(f"{path}: {what} tensor {k} has shape {tuple(v.shape)}, "
+                                  f"expected {tuple(own[k].shape)}")
+    model.load_state_dict(state)
+
+
+@dataclass
+class Denoiser:
+    """A loaded denoiser: the UNet (eval mode), its diffusion chain and the file's metadata."""
+
+    model: UNet
+    diffusion: GaussianDiffusion
+    metadata: dict = field(default_factory=dict)
+    path: str | None = None
+    sha256: str | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    def to(self, device) -> "Denoiser":
+        self.model.to(device)
+        return self
+
+
+def save_denoiser(path, model: UNet, diffusion_config: DiffusionConfig, *, train_args: dict | None = None,
+                  train_files_sha256: str | None = None, step: int | None = None, extra: dict | None = None):
+    """Write an exported denoiser (pass the EMA model) to ``path`` atomically."""
+    meta = {
+        "kind": "denoiser",
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "unet": model.config.to_dict(),
+        "diffusion": diffusion_config.to_dict(),
+        "image_size": model.config.image_size,
+        "train_args": train_args or {},
+        "train_files_sha256": train_files_sha256,
+        "step": step,
+        "parameters": model.num_parameters(),
+        **(extra or {}),
+    }
+    _atomic_save(model.state_dict(), meta, path)
+
+
+def load_denoiser(path, device: str | torch.device = "cpu") -> Denoiser:
+    """Load a denoiser written by :func:`save_denoiser`; raise CheckpointError if it is anything else."""
+    tensors, meta = _read(path, "denoiser")
+    unet_cfg, diff_cfg = _configs(path, meta)
+    model = UNet(unet_cfg)
+    _load_state(model, tensors, path, "denoiser")
+    model.eval().requires_grad_(False).to(device)
+    return Denoiser(model, GaussianDiffusion.from_config(diff_cfg), meta, str(path), file_sha256(path))
+
+
+def save_train_state(path, *, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer,
+                     diffusion_config: DiffusionConfig, step: int, train_args: dict,
+                     train_files_sha256: str) -> None:
+    """Everything ``--resume`` needs, as tensors + JSON (optimizer hyper-parameters go to JSON)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for idx, st in opt["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    meta = {
+        "kind": "train-state",
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "unet": model.config.to_dict(),
+        "diffusion": diffusion_config.to_dict(),
+        "step": step,
+        "train_args": train_args,
+        "train_files_sha256": train_files_sha256,
+        "optim_param_groups": opt["param_groups"],
+        "optim_scalars": scalars,
+    }
+    _atomic_save(tensors, meta, path)
+
+
+def load_train_state(path, *, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model, EMA and optimizer in place from ``path``; return the metadata (step, args...)."""
+    tensors, meta = _read(path, "train-state")
+    unet_cfg, _ = _configs(path, meta)
+    if unet_cfg != model.config:
+        raise CheckpointError(f"{path}: saved with a different UNet config than requested "
+                              f"(saved {unet_cfg}, requested {model.config})")
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    _load_state(model, part("model."), path, "model")
+    _load_state(ema, part("ema."), path, "EMA")
+    state: dict[int, dict] = {}
+    for k, v in part("optim.").items():
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    for idx, scalars in meta.get("optim_scalars", {}).items():
+        state.setdefault(int(idx), {}).update(scalars)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: optimizer state does not fit this model: {e}")
+    return meta
