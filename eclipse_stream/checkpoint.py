@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +27,18 @@ from safetensors.torch import save_file
 from . import __version__
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .errors import CheckpointError
+from .fsutil import atomic_path
 from .unet import UNet, UNetConfig
 
-__all__ = ["Denoiser", "save_denoiser", "load_denoiser", "save_train_state", "load_train_state",
-           "file_sha256", "METADATA_KEY"]
+__all__ = [
+    "METADATA_KEY",
+    "Denoiser",
+    "file_sha256",
+    "load_denoiser",
+    "load_train_state",
+    "save_denoiser",
+    "save_train_state",
+]
 
 METADATA_KEY = "eclipse_stream"
 FORMAT_VERSION = 1
@@ -46,17 +53,9 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def _read(path: str | os.PathLike, expected_kind: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -70,7 +69,7 @@ def _read(path: str | os.PathLike, expected_kind: str) -> tuple[dict[str, torch.
             if raw_meta is None:
                 raise CheckpointError(f"{path}: a safetensors file, but not an eclipse-stream checkpoint "
                                       f"(no '{METADATA_KEY}' metadata)")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f}
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint (truncated or foreign file?): {e}")
     except (OSError, ValueError, RuntimeError) as e:
@@ -124,7 +123,7 @@ class Denoiser:
     def image_size(self) -> int:
         return self.model.config.image_size
 
-    def to(self, device) -> "Denoiser":
+    def to(self, device) -> Denoiser:
         self.model.to(device)
         return self
 

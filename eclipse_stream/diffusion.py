@@ -71,7 +71,7 @@ def purification_timesteps(t_star: int, steps: int) -> list[int]:
     if steps == 1:
         return [t_star - 1]
     kept = np.round(np.linspace(0, t_star - 1, steps)).astype(int)
-    return sorted(set(int(k) for k in kept))
+    return sorted({int(k) for k in kept})
 
 
 def _extract(arr: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -149,13 +149,13 @@ class GaussianDiffusion:
     # -- construction -------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: DiffusionConfig) -> "GaussianDiffusion":
+    def from_config(cls, config: DiffusionConfig) -> GaussianDiffusion:
         betas = cosine_betas(config.steps) if config.schedule == "cosine" else linear_betas(config.steps)
         return cls(betas, config=config)
 
-    def respace(self, use_timesteps) -> "GaussianDiffusion":
+    def respace(self, use_timesteps) -> GaussianDiffusion:
         """A chain over ``use_timesteps`` (indices into this chain) with the same alpha-bar there."""
-        keep = sorted(set(int(t) for t in use_timesteps))
+        keep = sorted({int(t) for t in use_timesteps})
         if not keep or keep[0] < 0 or keep[-1] >= self.num_timesteps:
             raise ValueError(f"timesteps to keep must lie in [0, {self.num_timesteps - 1}]")
         new_betas, last = [], 1.0

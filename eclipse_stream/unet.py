@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNetConfig", "UNet", "PRESETS", "preset_config", "CHANNEL_MULT"]
+__all__ = ["CHANNEL_MULT", "PRESETS", "UNet", "UNetConfig", "preset_config"]
 
 # Channel multipliers per input size (improved-diffusion's choices): deeper nets for larger images.
 CHANNEL_MULT = {
@@ -70,7 +70,7 @@ class UNetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
+    def from_dict(cls, d: dict) -> UNetConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

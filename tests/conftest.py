@@ -25,7 +25,7 @@ def read_cifar(n: int, split: str = "train", per_class: bool = True) -> list[tup
     path = CIFAR_DIR / f"{split}.tar.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the shared CIFAR-10 data is missing (see shared/data/cifar10/README.md)")
-    quota = {c: (n + 9) // 10 if per_class else n for c in CLASSES}
+    quota = dict.fromkeys(CLASSES, (n + 9) // 10 if per_class else n)
     out = []
     with tarfile.open(path, "r|gz") as tf:
         for m in tf:

@@ -2,14 +2,13 @@ import json
 
 import pytest
 import torch
+from conftest import make_denoiser
 from safetensors.torch import save_file
 
 from eclipse_stream.checkpoint import load_denoiser, load_train_state, save_denoiser, save_train_state
 from eclipse_stream.diffusion import DiffusionConfig
 from eclipse_stream.errors import CheckpointError
 from eclipse_stream.unet import UNet, preset_config
-
-from conftest import make_denoiser
 
 
 def test_round_trip_is_bit_exact(tmp_path):

@@ -1,0 +1,171 @@
+"""The ``eclipse-stream`` command line: train, purify, preview, info."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .errors import EclipseError
+
+
+def _friendly_errors(fn):
+    """Show library errors as one line on stderr and exit non-zero, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EclipseError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except ValueError as e:  # config validation
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="eclipse-stream")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(verbose: bool) -> None:
+    """ECLIPSE purification of poisoned image datasets, as a WebDataset/FFCV pipeline stage."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _device_option(fn):
+    return click.option("--device", default=None,
+                        help="torch device; default cuda when present, else cpu.")(fn)
+
+
+@main.command()
+@click.argument("sparse")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the exported (EMA) denoiser, a .safetensors file.")
+@click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="small",
+              help="UNet size: paper (52.5M params), small (7.3M), tiny (tests/CPU).")
+@click.option("--image-size", type=click.Choice(["32", "64", "128", "256"]), default="32",
+              help="Training resolution; other image sizes are resized (shorter side) and centre-cropped.")
+@click.option("--iterations", type=int, default=250_000, help="Optimizer steps (paper: 250K).")
+@click.option("--batch-size", type=int, default=128)
+@click.option("--lr", type=float, default=1e-4, help="AdamW learning rate.")
+@click.option("--ema-decay", type=float, default=0.9999, help="EMA decay (with warm-up (1+s)/(10+s)).")
+@click.option("--replicate", type=int, default=4,
+              help="Replication M of the sparse set (Algorithm 1): the epoch is M copies, reshuffled per epoch.")
+@click.option("--diffusion-steps", type=int, default=4000, help="T of the cosine schedule.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32")
+@click.option("--seed", type=int, default=0)
+@_device_option
+@click.option("--checkpoint-every", type=int, default=1000, help="Steps between training-state saves.")
+@click.option("--state", default=None, help="Training-state file; default <out>.state.safetensors.")
+@click.option("--resume", is_flag=True, help="Continue from the training state at its saved step.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly_errors
+def train(sparse, out, image_size, quiet, **kwargs):
+    """Train the purification denoiser on a sparse clean set.
+
+    SPARSE is an image folder, a folder or brace pattern of WebDataset .tar shards, or an FFCV .beton.
+    """
+    from .train import TrainConfig
+    from .train import train as run_train
+
+    cfg = TrainConfig(source=sparse, out=out, image_size=int(image_size), **kwargs)
+    summary = run_train(cfg, progress=not quiet)
+    click.echo(json.dumps(summary, indent=2))
+
+
+def _purifier_options(fn):
+    """Options shared by purify and preview."""
+    opts = [
+        click.option("--denoiser", "-d", default=None,
+                     help="Denoiser checkpoint; default: the one shipped in the package (see README)."),
+        click.option("--t-star", type=int, default=100, help="Forward noise level t* on the checkpoint's T."),
+        click.option("--steps", type=int, default=None,
+                     help="Reverse steps; default t* (the full chain). Fewer use the respaced chain."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32"),
+        click.option("--seed", type=int, default=0),
+        click.option("--gray-p", type=float, default=0.4, help="Corruption: grayscale probability p."),
+        click.option("--noise-sigma", type=float, default=0.05, help="Corruption: noise std in [0,1] units."),
+        _device_option,
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _resolve_denoiser(path):
+    from .defaults import default_denoiser_path
+
+    return path or str(default_denoiser_path())
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.argument("out", type=click.Path(file_okay=False))
+@_purifier_options
+@click.option("--batch-size", type=int, default=64, help="Images per device batch.")
+@click.option("--corruption", type=click.Choice(["none", "baked"]), default="none",
+              help="baked: store one fixed corruption draw; none: leave it to training time.")
+@click.option("--jpeg-quality", type=int, default=95, help="Quality for re-encoded JPEG/WebP fields.")
+@click.option("--image-key", default=None, help="Field to purify; default first of jpg/jpeg/png/webp/...")
+@click.option("--max-pixels", type=int, default=None, help="Reject images with more pixels (bombs).")
+@click.option("--resolution", type=click.Choice(["native", "model"]), default="native",
+              help="native: purify and store at each image's size; model: shorter side to the "
+                   "denoiser's size (aspect kept), stored at that size.")
+@click.option("--bucket-multiple", type=int, default=32, help="Batch images padded to multiples of this.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+              help="fail: stop at the first bad sample; skip: record it in the shard's rejects and go on.")
+@click.option("--workers", type=int, default=2, help="Decode worker processes (each reads whole shards).")
+@click.option("--encode-threads", type=int, default=2, help="Threads encoding and writing outputs.")
+@click.option("--overwrite", is_flag=True, help="Redo shards that are already done.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly_errors
+def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_sigma, corruption,
+           max_pixels, quiet, **kwargs):
+    """Purify shards: INPUTS... (folders of .tar/.beton, brace patterns or files) into folder OUT.
+
+    One output shard per input shard, same file name. Each finished shard gets a
+    <name>.stats.json; a rerun skips finished shards. manifest.json is written last.
+    Run under torchrun to split shards over GPUs and nodes.
+    """
+    from .imageio import DEFAULT_MAX_PIXELS
+    from .pipeline import PurifyConfig, purify_shards
+    from .purifier import PurifierConfig
+
+    pcfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, corruption=corruption,
+                          gray_p=gray_p, noise_sigma=noise_sigma)
+    cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, **kwargs)
+    result = purify_shards(list(inputs), out, _resolve_denoiser(denoiser), cfg, progress=not quiet)
+    summary = {
+        "processed": len(result.processed), "already_done": len(result.skipped),
+        "written": sum(s["written"] for s in result.processed),
+        "rejected": sum(s["rejected"] for s in result.processed),
+        "failed_shards": result.failed, "manifest": result.manifest,
+    }
+    click.echo(json.dumps(summary, indent=2))
+    if result.failed:
+        names = ", ".join(f["shard"] for f in result.failed)
+        click.echo(f"error: {len(result.failed)} shard(s) could not be read: {names}; "
+                   f"no output was written for them", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@_friendly_errors
+def info(checkpoint):
+    """Print a denoiser checkpoint's metadata (preset, schedule, training arguments)."""
+    from .checkpoint import load_denoiser
+
+    den = load_denoiser(checkpoint)
+    click.echo(json.dumps({"path": checkpoint, "sha256": den.sha256, **den.metadata}, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

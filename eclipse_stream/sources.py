@@ -1,0 +1,155 @@
+"""Finding inputs and reading samples: shard lists, WebDataset tars, FFCV betons, image folders.
+
+``expand_shards`` turns what a user typed (a folder, a brace pattern, a list of files)
+into a sorted list of shard paths. ``iter_tar_samples`` streams one tar with webdataset's
+own tar iterator and key grouping, turning every way a tar can be broken into a
+:class:`~eclipse_stream.errors.ShardError` that names the file. ``load_training_images``
+reads a small clean set (image folder, tars or a beton) into one uint8 tensor.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .errors import InputError, SampleError, ShardError
+from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, find_image_key
+
+SHARD_SUFFIXES = (".tar", ".beton")
+
+
+def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Shard paths named by ``inputs``: folders (their *.tar and *.beton), brace patterns or files.
+
+    Order is the order given, each folder or pattern sorted; duplicates are removed.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: list[Path] = []
+    for item in inputs:
+        item = str(item)
+        p = Path(item)
+        if p.is_dir():
+            shards = sorted(q for q in p.iterdir() if q.suffix in SHARD_SUFFIXES and q.is_file())
+            if not shards:
+                raise InputError(f"{p}: no .tar or .beton shards in this folder")
+            found += shards
+            continue
+        names = sorted(set(braceexpand(item)))
+        if len(names) == 1 and any(c in item for c in "*?["):
+            names = sorted(glob.glob(item))
+        for name in names:
+            q = Path(name)
+            if not q.is_file():
+                raise InputError(f"{q}: no such shard")
+            if q.suffix not in SHARD_SUFFIXES:
+                raise InputError(f"{q}: not a shard (expected a {' or '.join(SHARD_SUFFIXES)} file)")
+            found.append(q)
+    if not found:
+        raise InputError(f"no shards found in {list(map(str, inputs))}")
+    return list(dict.fromkeys(found))
+
+
+def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
+    """Samples of one WebDataset tar in file order, fields as raw bytes, names as stored.
+
+    Field names keep their case (``lcase=False``) so they can be written back unchanged.
+    A truncated or corrupt tar raises :class:`ShardError` naming the file.
+    """
+    path = str(path)
+    try:
+        with open(path, "rb") as stream:
+            files = ({**f, "__url__": path} for f in tar_file_iterator(stream))
+            yield from group_by_keys(files, lcase=False)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise ShardError(path, f"corrupt or truncated tar: {e}") from e
+
+
+def validate_tar(path: str | os.PathLike) -> None:
+    """Raise ShardError unless ``path`` opens as a tar (cheap check of the first header)."""
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            tf.next()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(str(path), f"not a readable tar: {e}") from e
+
+
+def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The training-set size policy: scale the shorter side to ``size`` (bicubic), then centre crop."""
+    h, w = rgb.shape[:2]
+    if (h, w) == (size, size):
+        return rgb
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    img = Image.fromarray(rgb).resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.asarray(img)[top:top + size, left:left + size]
+
+
+def _folder_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    images, others = [], []
+    exts = {"." + e for e in IMAGE_EXTENSIONS}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            (images if p.suffix.lower() in exts else others).append(p)
+    return images, others
+
+
+def _iter_training_items(source: str) -> Iterator[tuple[str, bytes | np.ndarray]]:
+    """(name, encoded bytes or decoded RGB array) for every image of a training source."""
+    p = Path(source)
+    if p.is_dir() and not any(q.suffix in SHARD_SUFFIXES for q in p.iterdir()):
+        images, others = _folder_images(p)
+        if not images:
+            listed = ", ".join(q.name for q in others[:5])
+            raise InputError(f"{p}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}"
+                             + (f"; {len(others)} other files ignored: {listed}" if others else "") + ")")
+        for q in images:
+            yield str(q), q.read_bytes()
+        return
+    for shard in expand_shards(source):
+        if shard.suffix == ".beton":
+            from .formats.beton import BetonReader, require_ffcv
+            require_ffcv(shard)
+            reader = BetonReader(shard)
+            for sample in reader:
+                yield f"{shard}:{sample['__key__']}", sample[reader.image_field]
+            continue
+        for sample in iter_tar_samples(shard):
+            key = find_image_key(sample)
+            if key is None:
+                raise SampleError(str(shard), sample["__key__"], "no image field "
+                                  f"(fields: {sorted(k for k in sample if not k.startswith('__'))})")
+            yield f"{shard}:{sample['__key__']}", sample[key]
+
+
+def load_training_images(source: str, image_size: int) -> tuple[torch.Tensor, str]:
+    """All images of a (small) clean set as a uint8 tensor (N, 3, S, S), plus a hash of the names.
+
+    The sparse set is a few percent of a dataset, so it is held in memory; images whose size
+    differs from ``image_size`` are resized (shorter side) and centre-cropped.
+    """
+    arrays, names = [], []
+    for name, item in _iter_training_items(source):
+        if isinstance(item, (bytes, bytearray)):
+            try:
+                item = decode_image(bytes(item)).rgb
+            except ImageDecodeError as e:
+                raise InputError(f"{name}: {e}") from e
+        arrays.append(resize_center_crop(item, image_size))
+        names.append(name)
+    if not arrays:
+        raise InputError(f"{source}: no training images found")
+    data = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
+    return data, digest
