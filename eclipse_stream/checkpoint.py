@@ -69,7 +69,7 @@ def _read(path: str | os.PathLike, expected_kind: str) -> tuple[dict[str, torch.
             if raw_meta is None:
                 raise CheckpointError(f"{path}: a safetensors file, but not an eclipse-stream checkpoint "
                                       f"(no '{METADATA_KEY}' metadata)")
-            tensors = {k: f.get_tensor(k) for k in f}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint (truncated or foreign file?): {e}")
     except (OSError, ValueError, RuntimeError) as e:

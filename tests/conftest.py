@@ -15,6 +15,9 @@ from eclipse_stream.checkpoint import save_denoiser
 from eclipse_stream.diffusion import DiffusionConfig
 from eclipse_stream.unet import UNet, preset_config
 
+# 2-core CI machines: one intra-op thread per process avoids OpenMP oversubscription stalls.
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_DIR = ROOT.parent / "shared" / "data" / "cifar10"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -103,3 +106,16 @@ def tiny_ckpt(tmp_path_factory):
 
 def rgb_array(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def cli_env() -> dict:
+    """Environment for running the CLI in a subprocess: one thread, no progress bars."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every member of a tar, in order."""
+    with tarfile.open(path) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]

@@ -1,0 +1,594 @@
+"""Shards in, shards out: ``eclipse-stream purify``.
+
+How a sample flows (see docs/architecture.md):
+
+1. **Read + decode** (DataLoader worker processes): one worker reads one whole shard
+   (``.tar`` via webdataset's tar iterator, ``.beton`` via ffcv's reader), decodes each
+   image (``imageio.decode_image``), applies the resolution policy, and groups images of
+   the same (padded) size into batches (*bucketing*, per shard, so batches never depend on
+   the number of workers). It emits events: ``start``, ``batch``, ``reject``,
+   ``shard_error``, ``end``.
+2. **Purify** (main process, one device): each batch goes through :class:`Purifier` with
+   a generator seeded from ``(seed, shard file name, batch number)``.
+3. **Encode + write** (thread pool): purified pixels are cropped back to each image's
+   size, re-encoded in the field's own format, and handed to the shard's writer, which
+   writes samples in input order to a temporary file. When a shard is complete its file
+   is renamed into place and then its ``<shard>.stats.json`` is written: the stats file
+   marks the shard done, so a rerun skips it. ``manifest.json`` is written last.
+
+Memory is bounded by the DataLoader prefetch (a few batches per worker), the encode
+queue (``2 x encode_threads`` batches) and, per open shard, the samples waiting for an
+earlier sample's batch (at most ``max_pending`` images before buckets are flushed early).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+from webdataset import TarWriter
+
+from . import __version__
+from .checkpoint import Denoiser, load_denoiser
+from .errors import EclipseError, InputError, SampleError, ShardError
+from .fsutil import write_json
+from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_image, find_image_key
+from .purifier import Purifier, PurifierConfig
+from .sources import expand_shards, iter_tar_samples
+
+log = logging.getLogger(__name__)
+
+STATS_SUFFIX = ".stats.json"
+MANIFEST = "manifest.json"
+RESOLUTIONS = ("native", "model")
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    """Options of ``eclipse-stream purify``; everything that decides the output bytes is recorded."""
+
+    purifier: PurifierConfig = field(default_factory=PurifierConfig)
+    batch_size: int = 64
+    seed: int = 0
+    jpeg_quality: int = 95
+    image_key: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    resolution: str = "native"
+    bucket_multiple: int = 32
+    max_batch_pixels: int = 64 * 256 * 256
+    on_error: str = "fail"
+    # execution only (do not change the output):
+    workers: int = 2
+    encode_threads: int = 2
+    device: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "batch size must be >= 1"),
+            (1 <= self.jpeg_quality <= 100, "JPEG quality must be in 1..100"),
+            (self.max_pixels >= 1, "max pixels must be >= 1"),
+            (self.resolution in RESOLUTIONS, f"resolution must be one of {RESOLUTIONS}"),
+            (self.bucket_multiple >= 1, "bucket multiple must be >= 1"),
+            (self.on_error in ("fail", "skip"), "on-error must be 'fail' or 'skip'"),
+            (self.workers >= 0, "workers must be >= 0"),
+            (self.encode_threads >= 1, "encode threads must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def resolved_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    def fingerprint(self, checkpoint_sha256: str, device_type: str) -> dict:
+        """What decides the output bytes: a rerun with a different fingerprint must not mix outputs."""
+        d = asdict(self)
+        for k in ("workers", "encode_threads", "device", "overwrite"):
+            d.pop(k)
+        d.update(checkpoint_sha256=checkpoint_sha256, device_type=device_type, package_version=__version__)
+        return d
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 1: read, decode and batch one shard (runs in DataLoader workers)
+# ---------------------------------------------------------------------------------------
+
+def _resize_for_model(rgb: np.ndarray, size: int) -> np.ndarray:
+    """'model' resolution: shorter side to the denoiser's size, aspect ratio kept (bicubic)."""
+    h, w = rgb.shape[:2]
+    if min(h, w) == size:
+        return rgb
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    return np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BICUBIC))
+
+
+class _Bucketer:
+    """Groups a shard's images by padded size into batches, deterministically.
+
+    A bucket is emitted when it holds ``batch_size`` images or ``max_batch_pixels`` pixels;
+    if more than ``max_pending`` images wait in all buckets, the bucket holding the oldest
+    image is emitted early (so a shard of all-different sizes keeps memory bounded).
+    """
+
+    def __init__(self, batch_size: int, multiple: int, max_batch_pixels: int, max_pending: int):
+        self.batch_size, self.multiple = batch_size, multiple
+        self.max_batch_pixels, self.max_pending = max_batch_pixels, max_pending
+        self.buckets: dict[tuple[int, int], list] = {}
+        self.pending = 0
+
+    def _padded(self, h: int, w: int) -> tuple[int, int]:
+        m = self.multiple
+        return -(-h // m) * m, -(-w // m) * m
+
+    def add(self, item: dict, rgb: np.ndarray):
+        size = self._padded(*rgb.shape[:2])
+        bucket = self.buckets.setdefault(size, [])
+        bucket.append((item, rgb))
+        self.pending += 1
+        full = (len(bucket) >= self.batch_size
+                or len(bucket) * size[0] * size[1] >= self.max_batch_pixels)
+        if full:
+            yield self._emit(size)
+        elif self.pending > self.max_pending:
+            oldest = min(self.buckets, key=lambda s: self.buckets[s][0][0]["index"])
+            yield self._emit(oldest)
+
+    def flush(self):
+        while self.buckets:
+            yield self._emit(min(self.buckets, key=lambda s: self.buckets[s][0][0]["index"]))
+
+    def _emit(self, size: tuple[int, int]):
+        entries = self.buckets.pop(size)
+        self.pending -= len(entries)
+        ph, pw = size
+        pixels = np.stack([np.pad(rgb, ((0, ph - rgb.shape[0]), (0, pw - rgb.shape[1]), (0, 0)), mode="edge")
+                           for _, rgb in entries])
+        items = [item for item, _ in entries]
+        return items, torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
+
+@dataclass
+class _Task:
+    index: int
+    path: str
+    name: str
+
+    @property
+    def kind(self) -> str:
+        return "beton" if self.name.endswith(".beton") else "tar"
+
+
+def _tar_records(task: _Task, cfg: PurifyConfig):
+    """(index, key, passthrough sample, image key, DecodedImage or error reason) for each sample."""
+    for index, sample in enumerate(iter_tar_samples(task.path)):
+        key = sample["__key__"]
+        passthrough = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+        try:
+            image_key = find_image_key(sample, cfg.image_key)
+            if image_key is None:
+                fields = sorted(k for k in sample if not k.startswith("__"))
+                raise ImageDecodeError(f"no image field (fields: {fields})")
+            decoded = decode_image(sample[image_key], max_pixels=cfg.max_pixels)
+        except (ImageDecodeError, ValueError) as e:
+            yield index, key, None, None, None, str(e)
+            continue
+        del passthrough[image_key]
+        yield index, key, passthrough, image_key, decoded, None
+
+
+def _beton_records(task: _Task, cfg: PurifyConfig):
+    from .formats.beton import BetonReader
+    reader = BetonReader(task.path, image_field=cfg.image_key)
+    image_key = reader.image_field
+    it = iter(reader)
+    index = 0
+    while True:
+        try:
+            sample = next(it)
+        except StopIteration:
+            return
+        except SampleError as e:
+            yield index, e.key, None, None, None, e.reason
+            index += 1
+            continue
+        rgb = np.ascontiguousarray(sample.pop(image_key))
+        h, w = rgb.shape[:2]
+        if h * w > cfg.max_pixels:
+            yield index, sample["__key__"], None, None, None, (
+                f"image is {w} x {h} = {h * w} pixels, over the limit of {cfg.max_pixels}")
+        else:
+            yield index, sample["__key__"], sample, image_key, rgb, None
+        index += 1
+
+
+def read_shard(task: _Task, cfg: PurifyConfig, model_size: int):
+    """Events for one shard, in order: start, (batch | reject)*, end  -- or shard_error."""
+    yield {"type": "start", "shard": task.index}
+    bucketer = _Bucketer(cfg.batch_size, cfg.bucket_multiple, cfg.max_batch_pixels,
+                         max_pending=4 * cfg.batch_size)
+    batch_no = 0
+
+    def batch_event(items, pixels):
+        nonlocal batch_no
+        ev = {"type": "batch", "shard": task.index, "batch": batch_no, "items": items, "pixels": pixels}
+        batch_no += 1
+        return ev
+
+    count = 0
+    records = _tar_records(task, cfg) if task.kind == "tar" else _beton_records(task, cfg)
+    try:
+        for index, key, passthrough, image_key, decoded, error in records:
+            count = index + 1
+            if error is not None:
+                yield {"type": "reject", "shard": task.index, "index": index, "key": key, "reason": error}
+                continue
+            rgb = decoded if isinstance(decoded, np.ndarray) else decoded.rgb
+            if cfg.resolution == "model":
+                rgb = _resize_for_model(rgb, model_size)
+            if not isinstance(decoded, np.ndarray):
+                decoded.rgb = None  # the pixels travel in the batch tensor, not twice
+            item = {"index": index, "key": key, "sample": passthrough, "image_key": image_key,
+                    "decoded": None if isinstance(decoded, np.ndarray) else decoded, "size": rgb.shape[:2]}
+            for items, pixels in bucketer.add(item, rgb):
+                yield batch_event(items, pixels)
+        for items, pixels in bucketer.flush():
+            yield batch_event(items, pixels)
+    except ShardError as e:
+        yield {"type": "shard_error", "shard": task.index, "reason": e.reason}
+        return
+    except EclipseError as e:  # e.g. ffcv missing
+        yield {"type": "shard_error", "shard": task.index, "reason": str(e)}
+        return
+    yield {"type": "end", "shard": task.index, "count": count}
+
+
+class _ShardEvents(IterableDataset):
+    """Each DataLoader worker reads whole shards: worker w takes tasks w, w + n, ..."""
+
+    def __init__(self, tasks: list[_Task], cfg: PurifyConfig, model_size: int):
+        self.tasks, self.cfg, self.model_size = tasks, cfg, model_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for task in self.tasks[wid::nw]:
+            yield from read_shard(task, self.cfg, self.model_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 3: ordered, atomic shard writers
+# ---------------------------------------------------------------------------------------
+
+class _ShardWriter:
+    """Writes one output shard in input order to a temporary file; renames it when complete."""
+
+    def __init__(self, task: _Task, out_dir: Path, cfg: PurifyConfig):
+        self.task, self.cfg = task, cfg
+        self.final = out_dir / task.name
+        self.tmp = out_dir / f".{task.name}.partial-{os.getpid()}"
+        self.lock = threading.Lock()
+        self.ready: dict[int, dict | None] = {}  # index -> sample to write, or None if rejected
+        self.next_index = 0
+        self.written = 0
+        self.rejects: list[dict] = []
+        self.expected: int | None = None
+        self.started = time.time()
+        self.closed = False
+        self.aborted = False
+        self._open()
+
+    def _open(self):
+        self.tmp.unlink(missing_ok=True)
+        if self.task.kind == "tar":
+            self.sink = TarWriter(str(self.tmp), encoder=False, mtime=0.0)
+        else:
+            from .formats.beton import BetonReader, BetonWriter
+            self.sink = BetonWriter(str(self.tmp), like=BetonReader(self.task.path, image_field=self.cfg.image_key),
+                                    jpeg_quality=self.cfg.jpeg_quality, spool_dir=str(self.tmp.parent))
+
+    def make_sample(self, item: dict, rgb: np.ndarray) -> dict:
+        """The output sample: passthrough fields unchanged, the image re-encoded (tar) or as pixels (beton)."""
+        sample = dict(item["sample"])
+        if self.task.kind == "tar":
+            sample[item["image_key"]] = encode_image(rgb, item["decoded"], item["image_key"],
+                                                     jpeg_quality=self.cfg.jpeg_quality)
+        else:
+            sample[item["image_key"]] = rgb
+        return sample
+
+    def put(self, index: int, sample: dict | None, key: str | None = None, reason: str | None = None) -> bool:
+        """Deposit a finished (or rejected) sample; write everything now in order. True when complete."""
+        with self.lock:
+            if self.aborted:  # a later part of the shard was unreadable: drop what still arrives
+                return False
+            if sample is None:
+                self.rejects.append({"index": index, "key": key, "reason": reason})
+            self.ready[index] = sample
+            while self.next_index in self.ready:
+                s = self.ready.pop(self.next_index)
+                if s is not None:
+                    self.sink.write(s)
+                    self.written += 1
+                self.next_index += 1
+            return self._complete()
+
+    def end(self, count: int) -> bool:
+        with self.lock:
+            self.expected = count
+            return self._complete()
+
+    def _complete(self) -> bool:
+        return self.expected is not None and self.next_index == self.expected and not self.closed
+
+    def finish(self, fingerprint: dict, rank: int) -> dict:
+        """Close, check counts, rename into place, then write the stats file that marks it done."""
+        self.closed = True
+        self.sink.close()
+        n_rejected = len(self.rejects)
+        if self.written + n_rejected != self.expected:
+            raise EclipseError(f"{self.task.path}: internal count mismatch: {self.expected} in, "
+                               f"{self.written} written + {n_rejected} rejected")
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.final)
+        stats = {
+            "shard": self.task.name,
+            "input": self.task.path,
+            "output": str(self.final),
+            "samples_in": self.expected,
+            "written": self.written,
+            "rejected": len(self.rejects),
+            "rejects": sorted(self.rejects, key=lambda r: r["index"]),
+            "seconds": round(time.time() - self.started, 3),
+            "output_sha256": _sha256(self.final),
+            "config": fingerprint,
+            "package_version": __version__,
+            "rank": rank,
+        }
+        write_json(stats_path(self.final), stats)
+        return stats
+
+    def abort(self) -> None:
+        """Drop the partial output; samples still in flight for this shard are ignored."""
+        with self.lock:
+            self.closed = self.aborted = True
+            with contextlib.suppress(Exception):  # best effort: we are already failing
+                self.sink.close() if self.task.kind == "tar" else self.sink.abort()
+            self.tmp.unlink(missing_ok=True)
+
+
+def stats_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + STATS_SUFFIX)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def batch_generator(seed: int, shard_name: str, batch_no: int, device: torch.device) -> torch.Generator:
+    """The noise source of one batch: a function of (seed, shard file name, batch number) only."""
+    digest = hashlib.sha256(f"{seed}:{shard_name}:{batch_no}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+# ---------------------------------------------------------------------------------------
+# The run: resume logic, the main loop, distributed coordination, the manifest
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    processed: list[dict]
+    skipped: list[str]
+    failed: list[dict]
+    manifest: str | None
+
+
+def _plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool):
+    """Which shards still need work; refuse to mix outputs made with different settings."""
+    names = [s.name for s in shards]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise InputError(f"two input shards share the output name(s) {sorted(dup)}: outputs would collide")
+    todo, done = [], []
+    for i, s in enumerate(shards):
+        task = _Task(i, str(s), s.name)
+        sp = stats_path(out_dir / s.name)
+        if overwrite or not sp.is_file() or not (out_dir / s.name).is_file():
+            todo.append(task)
+            continue
+        try:
+            previous = json.loads(sp.read_text())["config"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise InputError(f"{sp}: unreadable stats file ({e}); use --overwrite to redo this shard")
+        if previous != fingerprint:
+            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+            raise InputError(f"{out_dir / s.name} was purified with different settings ({', '.join(changed)}); "
+                             f"use --overwrite or another output folder")
+        done.append(s.name)
+    return todo, done
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser, cfg: PurifyConfig | None = None, *,
+                  progress: bool = True) -> RunResult:
+    """Purify every shard of ``inputs`` into ``out_dir``; under torchrun each rank takes shards[rank::world].
+
+    ``denoiser`` is a checkpoint path or an already loaded :class:`Denoiser` (moved to the device).
+    """
+    cfg = cfg or PurifyConfig()
+    rank, world = _dist_info()
+    dist = None
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = cfg.resolved_device()
+    shards = expand_shards(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    den = denoiser.to(device) if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
+    purifier = Purifier(den, cfg.purifier)
+    ckpt_sha = den.sha256 or "in-memory"
+    fingerprint = cfg.fingerprint(ckpt_sha, device.type)
+    todo, done = _plan(shards, out_dir, fingerprint, cfg.overwrite)
+    mine = [t for t in todo if t.index % world == rank]
+    for t in mine:  # stale partial files of a killed run
+        for stale in out_dir.glob(f".{t.name}.partial-*"):
+            stale.unlink(missing_ok=True)
+
+    processed, failed = _run(mine, out_dir, purifier, cfg, fingerprint, rank, progress, len(shards))
+
+    manifest = None
+    if dist is not None:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, failed)
+        failed = [f for part in gathered for f in part]
+    if rank == 0 and not failed:
+        manifest = str(_write_manifest(shards, out_dir, den.path, ckpt_sha, fingerprint, world))
+    if dist is not None:
+        dist.barrier()
+    return RunResult(processed, done, failed, manifest)
+
+
+def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shards):
+    """The main loop: events from reader workers -> device -> encode threads -> writers."""
+    processed: list[dict] = []
+    failed: list[dict] = []
+    if not tasks:
+        return processed, failed
+    device = purifier.device
+    model_size = purifier.model.config.image_size
+    loader = DataLoader(_ShardEvents(tasks, cfg, model_size), batch_size=None, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+                        persistent_workers=False)
+    by_index = {t.index: t for t in tasks}
+    writers: dict[int, _ShardWriter] = {}
+    errors: list[BaseException] = []
+    slots = threading.BoundedSemaphore(2 * cfg.encode_threads)
+    pool = ThreadPoolExecutor(cfg.encode_threads, thread_name_prefix="eclipse-encode")
+    bar = tqdm(total=None, unit="img", desc=f"purify[{rank}]" if rank else "purify", disable=not progress,
+               dynamic_ncols=True)
+    finish_lock = threading.Lock()
+
+    def finish(shard: int):
+        with finish_lock:
+            w = writers[shard]
+            if w.closed:
+                return
+            stats = w.finish(fingerprint, rank)
+        processed.append(stats)
+        done_images = sum(s["samples_in"] for s in processed)
+        bar.total = round(done_images / len(processed) * len(tasks))
+        bar.set_postfix(shards=f"{len(processed)}/{len(tasks)}", refresh=False)
+
+    def encode(shard: int, items: list[dict], out: torch.Tensor):
+        try:
+            w = writers[shard]
+            for item, img in zip(items, out):
+                h, wd = item["size"]
+                rgb = img[:, :h, :wd].permute(1, 2, 0).numpy()
+                try:
+                    sample = w.make_sample(item, rgb)
+                except (ValueError, OSError) as e:
+                    if cfg.on_error == "fail":
+                        raise SampleError(w.task.path, item["key"], f"cannot encode purified image: {e}")
+                    complete = w.put(item["index"], None, item["key"], f"cannot encode purified image: {e}")
+                else:
+                    complete = w.put(item["index"], sample)
+                if complete:
+                    finish(shard)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+        finally:
+            slots.release()
+
+    try:
+        for ev in loader:
+            if errors:
+                raise errors[0]
+            kind, shard = ev["type"], ev["shard"]
+            task = by_index[shard]
+            if kind == "start":
+                writers[shard] = _ShardWriter(task, out_dir, cfg)
+            elif kind == "batch":
+                gen = batch_generator(cfg.seed, task.name, ev["batch"], device)
+                out = purifier(ev["pixels"].to(device, non_blocking=True), generator=gen).cpu()
+                bar.update(len(ev["items"]))
+                slots.acquire()
+                pool.submit(encode, shard, ev["items"], out)
+            elif kind == "reject":
+                if cfg.on_error == "fail":
+                    raise SampleError(task.path, ev["key"], ev["reason"])
+                log.warning("%s: skipping sample %r: %s", task.path, ev["key"], ev["reason"])
+                if writers[shard].put(ev["index"], None, ev["key"], ev["reason"]):
+                    finish(shard)
+            elif kind == "shard_error":
+                if cfg.on_error == "fail":
+                    raise ShardError(task.path, ev["reason"])
+                log.error("%s: shard failed: %s", task.path, ev["reason"])
+                writers[shard].abort()
+                failed.append({"shard": task.name, "input": task.path, "reason": ev["reason"]})
+            elif kind == "end" and writers[shard].end(ev["count"]):
+                finish(shard)
+        pool.shutdown(wait=True)
+        if errors:
+            raise errors[0]
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for w in writers.values():
+            if not w.closed:
+                w.abort()
+        raise
+    finally:
+        bar.close()
+    for w in writers.values():
+        if not w.closed:
+            raise EclipseError(f"{w.task.path}: shard did not complete ({w.next_index} of {w.expected} samples)")
+    return processed, failed
+
+
+def _write_manifest(shards, out_dir: Path, denoiser, ckpt_sha: str, fingerprint: dict, world: int) -> Path:
+    entries, totals = [], {"samples_in": 0, "written": 0, "rejected": 0}
+    for s in shards:
+        st = json.loads(stats_path(out_dir / s.name).read_text())
+        entries.append({k: st[k] for k in ("shard", "input", "samples_in", "written", "rejected",
+                                           "output_sha256")})
+        for k in totals:
+            totals[k] += st[k]
+    manifest = {
+        "package_version": __version__,
+        "denoiser": {"path": str(denoiser), "sha256": ckpt_sha},
+        "config": fingerprint,
+        "world_size": world,
+        "shards": entries,
+        "totals": totals,
+    }
+    path = out_dir / MANIFEST
+    write_json(path, manifest)
+    return path

@@ -1,0 +1,121 @@
+"""The purifier: noise every image to t*, run the reverse chain back, optionally corrupt.
+
+``Purifier`` is an ``nn.Module`` over image batches (uint8 0..255 or float [0, 1], NCHW,
+any size): x_t* = sqrt(abar[t*-1]) x + sqrt(1 - abar[t*-1]) eps, then ``steps`` calls of
+``p_sample`` (learned variance, no noise at the last step), clamp, and return the input
+dtype (uint8 by rounding). ``steps < t*`` uses the respaced chain over the same noise
+level. Inputs whose height or width is not a multiple of the UNet's downsampling factor
+are edge-padded and cropped back.
+
+All randomness comes from the ``generator`` passed to :meth:`Purifier.purify` (or the
+global RNG), drawn on the batch's device: the same batch, generator state, device type,
+precision and batch size give the same result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Denoiser
+from .corruption import DEFAULT_GRAY_P, DEFAULT_SIGMA, corrupt
+from .diffusion import purification_timesteps
+
+__all__ = ["PRECISIONS", "Purifier", "PurifierConfig"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PurifierConfig:
+    """How to purify; part of every output shard's recorded config."""
+
+    t_star: int = 100
+    steps: int | None = None  # None: t_star (the paper's full chain)
+    precision: str = "fp32"
+    corruption: str = "none"  # "none" or "baked"
+    gray_p: float = DEFAULT_GRAY_P
+    noise_sigma: float = DEFAULT_SIGMA
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.corruption not in ("none", "baked"):
+            raise ValueError(f"corruption must be 'none' or 'baked', got {self.corruption!r}")
+        if self.t_star < 1:
+            raise ValueError(f"t_star must be >= 1, got {self.t_star}")
+        if self.steps is not None and not 1 <= self.steps <= self.t_star:
+            raise ValueError(f"steps must be between 1 and t_star={self.t_star}, got {self.steps}")
+
+    @property
+    def num_steps(self) -> int:
+        return self.steps or self.t_star
+
+
+class Purifier(nn.Module):
+    """ECLIPSE purification of image batches with a preloaded denoiser."""
+
+    def __init__(self, denoiser: Denoiser, config: PurifierConfig | None = None, **overrides):
+        super().__init__()
+        config = replace(config, **overrides) if config else PurifierConfig(**overrides)
+        full = denoiser.diffusion
+        if config.t_star > full.num_timesteps:
+            raise ValueError(f"t_star={config.t_star} exceeds the checkpoint's T={full.num_timesteps}")
+        self.config = config
+        self.model = denoiser.model.eval().requires_grad_(False)
+        self.chain = full.respace(purification_timesteps(config.t_star, config.num_steps))
+        self.metadata = denoiser.metadata
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _autocast(self, device: torch.device):
+        dtype = PRECISIONS[self.config.precision]
+        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        f = self.model.config.downsample_factor
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % f, (-w) % f
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        return x, (h, w)
+
+    @torch.no_grad()
+    def noise_to_tstar(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x in [-1, 1] -> x_t* (the first step of purification)."""
+        t = torch.full((x.shape[0],), self.chain.num_timesteps - 1, device=x.device, dtype=torch.long)
+        noise = torch.randn(x.shape, device=x.device, generator=generator)
+        return self.chain.q_sample(x.float(), t, noise)
+
+    @torch.no_grad()
+    def purify(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Purify a float batch in [-1, 1]; returns float32 in [-1, 1] (no corruption)."""
+        x, (h, w) = self._pad(x.float())
+        x = self.noise_to_tstar(x, generator)
+        with self._autocast(x.device):
+            for i in reversed(range(self.chain.num_timesteps)):
+                t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+                noise = (torch.randn(x.shape, device=x.device, generator=generator) if i > 0
+                         else torch.zeros((), device=x.device))  # no noise at the last step
+                x = self.chain.p_sample(self.model, x, t, noise=noise)
+        return x[..., :h, :w].clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 (0..255) or float ([0, 1]) NCHW batch in, same dtype out (uint8 by rounding)."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an RGB batch (N, 3, H, W), got shape {tuple(x.shape)}")
+        was_uint8 = x.dtype == torch.uint8
+        if not (was_uint8 or x.is_floating_point()):
+            raise TypeError(f"expected uint8 or float images, got {x.dtype}")
+        unit = x.float() / 255.0 if was_uint8 else x.float()
+        out = (self.purify(unit * 2.0 - 1.0, generator) + 1.0) / 2.0
+        if self.config.corruption == "baked":
+            out = corrupt(out, self.config.gray_p, self.config.noise_sigma, generator)
+        return (out * 255.0).round().clamp(0, 255).to(torch.uint8) if was_uint8 else out.to(x.dtype)
