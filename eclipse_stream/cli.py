@@ -157,6 +157,25 @@ def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_
 
 
 @main.command()
+@click.argument("shard", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--num", "-n", type=int, default=8, help="How many samples (rows).")
+@click.option("--image-key", default=None, help="Field to show; default first of jpg/jpeg/png/webp/...")
+@_purifier_options
+@_friendly_errors
+def preview(shard, output, num, image_key, denoiser, t_star, steps, precision, seed, gray_p, noise_sigma,
+            device):
+    """Write a grid of a few samples of SHARD: input / noised at t* / purified / corrupted."""
+    from .preview import preview as run_preview
+    from .purifier import PurifierConfig
+
+    cfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, gray_p=gray_p, noise_sigma=noise_sigma)
+    path = run_preview(shard, _resolve_denoiser(denoiser), output, n=num, config=cfg, seed=seed,
+                       image_key=image_key, device=device)
+    click.echo(str(path))
+
+
+@main.command()
 @click.argument("checkpoint", type=click.Path())
 @_friendly_errors
 def info(checkpoint):

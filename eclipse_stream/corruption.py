@@ -85,7 +85,7 @@ class RandomCorruption(nn.Module):
 def _corrupt_value(value, p, sigma, generator):
     """Corrupt one decoded image of whatever type a WebDataset decoder produced; keep that type."""
     if isinstance(value, Image.Image):
-        arr = torch.from_numpy(np.asarray(value.convert("RGB"))).permute(2, 0, 1)
+        arr = torch.from_numpy(np.array(value.convert("RGB"))).permute(2, 0, 1)
         out = corrupt(arr.float() / 255.0, p, sigma, generator)
         return Image.fromarray((out * 255).round().byte().permute(1, 2, 0).numpy())
     if isinstance(value, np.ndarray):  # HWC, uint8 or float in [0, 1]

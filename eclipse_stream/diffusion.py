@@ -128,9 +128,10 @@ class GaussianDiffusion:
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         ac, acp = self.alphas_cumprod, self.alphas_cumprod_prev
         self.posterior_variance = betas * (1.0 - acp) / (1.0 - ac)
-        # posterior variance is 0 at t=0; clip the log as improved-diffusion does
-        self.posterior_log_variance_clipped = np.log(
-            np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        # posterior variance is 0 at t=0; clip the log as improved-diffusion does (a one-step
+        # chain has no t=1 to borrow from: use beta_0, the variance's upper bound)
+        first = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
         coefs = {
             "sqrt_alphas_cumprod": np.sqrt(ac),
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),

@@ -1,0 +1,1 @@
+"""Container formats the pipeline reads and writes besides WebDataset tars."""

@@ -1,0 +1,559 @@
+"""FFCV ``.beton`` files as a streaming source and sink, built on ffcv's own reader, writer and fields.
+
+Reading. :class:`BetonReader` parses the header and the field table with ffcv's ``Reader``, but
+memory-maps the per-sample metadata and the allocation table (ffcv loads both whole with
+``np.fromfile``) and reads sample bytes through a memory map of the file, so memory does not grow
+with the file. Raw images are copied out; JPEG images are decoded with ffcv's own turbojpeg binding
+(``ffcv.libffcv.imdecode``), giving exactly the pixels ffcv's ``SimpleRGBImageDecoder`` gives.
+
+Writing. ffcv's ``DatasetWriter`` needs the sample count up front and cannot append, so
+:class:`BetonWriter` spools each sample (pickled, pixels raw) to an append-only file with an
+(offset, length) index, and :meth:`BetonWriter.close` runs ``DatasetWriter`` over an indexed dataset
+that reads one record at a time back from the spool. The spool needs about as much free disk as the
+samples' raw pixels; spooling pixels rather than JPEG bytes avoids compressing twice.
+
+Image storage. A ``.beton`` keeps none of ``RGBImageField``'s arguments (its ``to_binary`` is all
+zeros), only each sample's storage mode (raw or jpg) and size. :meth:`BetonReader.image_info` infers
+the write mode from those, and the writer stores the image field the same way:
+
+* every sample raw -> ``raw``: pixels are stored exactly;
+* every sample JPEG -> ``jpg`` at the writer's ``jpeg_quality``;
+* both, split by size (each raw image smaller than each JPEG one, as ``smart`` writes) -> ``smart``
+  with ``smart_threshold`` = the largest raw image's byte count, so images of unchanged size keep
+  their input's storage mode;
+* both, otherwise (as ``proportion`` writes) -> ``proportion`` with the input's JPEG fraction.
+
+``max_resolution`` and the input's JPEG quality are not recorded in the file; the writer never resizes.
+ffcv is imported inside functions only, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import functools
+import json
+import os
+import pickle
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..errors import InputError, SampleError, ShardError
+
+INSTALL_HINT = ("install it with: apt-get install pkg-config libopencv-dev libturbojpeg0-dev"
+                " && pip install 'eclipse-stream[ffcv]'")
+
+_SCAN_CHUNK = 1 << 20  # metadata records per step when scanning a whole column
+_JPEG_SLACK = 1 << 16  # headroom over 2x the raw size when bounding a JPEG's size
+_SPOOL_ENTRY = struct.Struct("<QQ")  # (offset, length) of one spooled sample
+
+
+def require_ffcv(path: str | os.PathLike) -> None:
+    """Raise :class:`InputError` naming ``path`` if ffcv cannot be imported, saying how to install it."""
+    try:
+        import ffcv  # noqa: F401
+    except (ImportError, OSError) as exc:  # OSError: ffcv present but a native library missing
+        raise InputError(f"{os.fspath(path)}: .beton files need FFCV, which cannot be imported ({exc}); "
+                         + INSTALL_HINT) from exc
+
+
+class BetonReader:
+    """Sequential, memory-mapped reading of one FFCV ``.beton``: one dict per sample, in file order.
+
+    Each sample is ``{"__key__": f"{index:09d}", "__index__": index, <field>: value, ...}``: the
+    image field as a uint8 H x W x 3 RGB array, IntField as int, FloatField as float, NDArrayField
+    as an array of its dtype and shape, BytesField as a uint8 array, JSONField as the decoded object.
+    """
+
+    def __init__(self, path: str | os.PathLike, image_field: str | None = None):
+        self.path = str(path)
+        require_ffcv(self.path)
+        self._reader = _open_reader(self.path)
+        self.field_names: list[str] = list(self._reader.field_names)
+        self.num_samples = int(self._reader.num_samples)
+        self.image_field = self._choose_image_field(image_field)
+        self._raw_mode, self._jpg_mode = _image_modes()
+        self._data_start = self._reader.metadata_start + self._reader.metadata.nbytes
+        self._data_end = int(self._reader.header["alloc_table_ptr"])
+        self._allocations: _AllocationSizes | None = None
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[dict]:
+        return _SampleIterator(self)
+
+    def image_info(self) -> dict:
+        """How the image field is stored, inferred from the samples (see the module docstring).
+
+        Keys: ``write_mode`` ('raw', 'jpg', 'smart' or 'proportion'), ``smart_threshold`` and
+        ``compress_probability`` (None unless that mode), ``num_raw``, ``num_jpg``, and
+        ``max_resolution`` and ``jpeg_quality``, always None: the file does not record them.
+        """
+        return self._storage_info(self.image_field)
+
+    def _storage_info(self, name: str) -> dict:
+        metadata = self._reader.metadata
+        column = metadata[metadata.dtype.names[self.field_names.index(name)]]
+        return _image_storage(column, self._raw_mode)
+
+    def _choose_image_field(self, requested: str | None) -> str:
+        """The RGBImageField to purify: ``requested``, or the first one in field order."""
+        from ffcv.fields import RGBImageField
+
+        handlers = self._reader.handlers
+        images = [name for name in self.field_names if isinstance(handlers[name], RGBImageField)]
+        if requested is None and images:
+            return images[0]
+        if requested is None:
+            raise InputError(f"{self.path}: no RGBImageField among the fields {self.field_names}")
+        if requested not in handlers:
+            raise InputError(f"{self.path}: no field named {requested!r} (fields: {self.field_names})")
+        if requested not in images:
+            raise InputError(f"{self.path}: field {requested!r} is a {type(handlers[requested]).__name__}, "
+                             f"not an RGBImageField")
+        return requested
+
+    def _sample(self, data: np.ndarray, index: int) -> dict:
+        """Sample ``index`` as a dict; ``data`` is a memory map of the whole file."""
+        key = f"{index:09d}"
+        row = self._reader.metadata[index]
+        sample = {"__key__": key, "__index__": index}
+        for position, name in enumerate(self.field_names):
+            sample[name] = self._value(name, row[position], data, key)
+        return sample
+
+    def _value(self, name: str, meta, data: np.ndarray, key: str):
+        """Field ``name``'s value from its metadata record ``meta`` and the bytes it points to."""
+        from ffcv import fields
+
+        handler = self._reader.handlers[name]
+        if isinstance(handler, fields.IntField):
+            return int(meta)
+        if isinstance(handler, fields.FloatField):
+            return float(meta)
+        if isinstance(handler, fields.RGBImageField):
+            return self._image(meta, data, key)
+        if isinstance(handler, fields.NDArrayField):
+            raw = self._bytes(data, int(meta), int(handler.element_size), key)
+            return raw.view(handler.dtype).reshape(tuple(int(n) for n in handler.shape))
+        raw = self._bytes(data, int(meta["ptr"]), int(meta["size"]), key)
+        if isinstance(handler, fields.JSONField):
+            return self._json(name, raw, key)
+        return raw  # BytesField, the last type in ffcv's TYPE_ID_HANDLER
+
+    def _image(self, meta, data: np.ndarray, key: str) -> np.ndarray:
+        """The RGB pixels of one image record, copied (raw) or decoded (jpg)."""
+        mode, height, width, ptr = (int(meta[f]) for f in ("mode", "height", "width", "data_ptr"))
+        if height == 0 or width == 0:
+            raise SampleError(self.path, key, f"empty image ({width} x {height})")
+        if mode == self._raw_mode:
+            return self._bytes(data, ptr, height * width * 3, key).reshape(height, width, 3)
+        if mode != self._jpg_mode:
+            raise SampleError(self.path, key, f"unknown image storage mode {mode}")
+        image = _decode_jpeg(self._bytes(data, ptr, self._jpeg_size(ptr, key), key), height, width)
+        if image is None:
+            raise SampleError(self.path, key, f"its {width} x {height} JPEG image cannot be decoded")
+        return image
+
+    def _json(self, name: str, raw: np.ndarray, key: str):
+        """A JSONField value: UTF-8 JSON text, NUL-terminated as ffcv writes it."""
+        try:
+            return json.loads(raw.tobytes().split(b"\0", 1)[0].decode("utf8"))
+        except ValueError as exc:
+            raise SampleError(self.path, key, f"field {name!r} is not valid JSON: {exc}") from exc
+
+    def _bytes(self, data: np.ndarray, ptr: int, size: int, key: str) -> np.ndarray:
+        """A copy of ``size`` bytes at ``ptr``; SampleError if they are not inside the data region."""
+        if ptr < self._data_start or ptr + size > self._data_end:
+            raise SampleError(self.path, key, f"its data ({size} bytes at {ptr}) lies outside the data region "
+                                              f"[{self._data_start}, {self._data_end}): the file is corrupt")
+        return np.array(data[ptr:ptr + size])
+
+    def _jpeg_size(self, ptr: int, key: str) -> int:
+        """A JPEG's byte count; ffcv records it only in the allocation table."""
+        if self._allocations is None:
+            self._allocations = _AllocationSizes(self._reader.alloc_table)
+        size = self._allocations.size_at(ptr)
+        if size is None:
+            raise SampleError(self.path, key, "its JPEG data is missing from the allocation table")
+        return size
+
+
+class _SampleIterator:
+    """Samples of a BetonReader in order. Unlike a generator it goes on after raising SampleError,
+    so a caller can record a bad sample and continue with the next one."""
+
+    def __init__(self, reader: BetonReader):
+        self._reader = reader
+        self._data = np.memmap(reader.path, dtype=np.uint8, mode="r")
+        self._next = 0
+
+    def __iter__(self) -> _SampleIterator:
+        return self
+
+    def __next__(self) -> dict:
+        index = self._next
+        if index >= self._reader.num_samples:
+            raise StopIteration
+        self._next += 1
+        return self._reader._sample(self._data, index)
+
+
+class BetonWriter:
+    """Writes a ``.beton`` with the fields (names, types, order) of ``like``, one sample at a time.
+
+    Samples are spooled to disk (in ``spool_dir``, default the folder of ``path``) and the file is
+    written at :meth:`close`; memory stays bounded by a few samples. Images are stored as the
+    module docstring describes; all other values are written unchanged.
+    """
+
+    def __init__(self, path: str | os.PathLike, like: BetonReader, *, jpeg_quality: int = 95,
+                 spool_dir: str | None = None):
+        self.path = str(path)
+        require_ffcv(self.path)
+        if not 1 <= jpeg_quality <= 100:
+            raise InputError(f"{self.path}: jpeg_quality must be between 1 and 100, not {jpeg_quality}")
+        self._fields = _output_fields(like, jpeg_quality)
+        parent = spool_dir if spool_dir is not None else os.path.dirname(os.path.abspath(self.path))
+        self._spool = _Spool(parent, self.path)
+        self._largest_sample = 0  # bytes, an upper bound: sizes DatasetWriter's pages
+        self._state = "open"
+        self._output_started = False
+
+    def write(self, sample: dict) -> None:
+        """Spool one sample, laid out as BetonReader yields it (keys such as ``__key__`` are ignored).
+
+        Values are checked here, with ffcv's own encoders where possible, so that a bad one raises
+        SampleError now: inside DatasetWriter's worker an exception leaves ffcv waiting forever.
+        """
+        from ffcv.writer import MAX_PAGE_SIZE
+
+        self._require_open()
+        key = str(sample.get("__key__", self._spool.count))
+        values, nbytes = [], 0
+        for name, field in self._fields.items():
+            value, size = self._checked(name, field, sample, key)
+            values.append(value)
+            nbytes += size
+        if nbytes > MAX_PAGE_SIZE // 2:
+            raise SampleError(self.path, key, f"sample needs up to {nbytes} bytes, too many for a .beton page")
+        self._largest_sample = max(self._largest_sample, nbytes)
+        self._spool.append(pickle.dumps(tuple(values), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def close(self) -> int:
+        """Write the ``.beton`` at ``path`` from the spool, remove the spool, return the sample count.
+
+        On failure the spool and any partial output are removed before the error propagates.
+        Closing again returns the count again.
+        """
+        if self._state == "closed":
+            return self._spool.count
+        self._require_open()
+        try:
+            if self._spool.count == 0:
+                raise InputError(f"{self.path}: no samples to write; FFCV cannot write an empty .beton")
+            self._run_dataset_writer()
+        except BaseException:
+            self.abort()
+            raise
+        self._spool.remove()
+        self._state = "closed"
+        return self._spool.count
+
+    def abort(self) -> None:
+        """Remove the spool and any partial output; does nothing once closed (the output is complete)."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._spool.remove()
+        if self._output_started:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise ValueError(f"{self.path}: this BetonWriter is already {self._state}")
+
+    def _checked(self, name: str, field, sample: dict, key: str) -> tuple[object, int]:
+        """``sample[name]`` ready for ``field.encode``, and an upper bound on the bytes it allocates."""
+        from ffcv.fields import RGBImageField, TorchTensorField
+
+        if name not in sample:
+            raise SampleError(self.path, key, f"missing field {name!r}")
+        value = sample[name]
+        if isinstance(field, RGBImageField):
+            return self._checked_image(name, field, value, key)
+        if isinstance(field, TorchTensorField) and isinstance(value, np.ndarray):
+            import torch
+
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        try:
+            return value, _trial_encode(field, value)
+        except Exception as exc:  # anything ffcv's encoder rejects is a bad value in this sample
+            raise SampleError(self.path, key, f"field {name!r}: {type(exc).__name__}: {exc}") from exc
+
+    def _checked_image(self, name: str, field, image, key: str) -> tuple[np.ndarray, int]:
+        """A contiguous uint8 H x W x 3 image and a bound on its stored size (JPEG can exceed raw)."""
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+                and image.shape[2] == 3):
+            got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
+            raise SampleError(self.path, key, f"field {name!r}: expected a uint8 H x W x 3 array, got {got}")
+        height, width = image.shape[:2]
+        if not (0 < height <= 0xFFFF and 0 < width <= 0xFFFF):
+            raise SampleError(self.path, key, f"image is {width} x {height}; a .beton stores 1 to 65535 "
+                                              "pixels a side")
+        bound = image.nbytes if field.write_mode == "raw" else 2 * image.nbytes + _JPEG_SLACK
+        return np.ascontiguousarray(image), bound
+
+    def _run_dataset_writer(self) -> None:
+        """ffcv's DatasetWriter over the spool, one worker, pages big enough for the largest sample."""
+        from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+
+        page_size = 4 * MIN_PAGE_SIZE  # DatasetWriter's default
+        while page_size < self._largest_sample:
+            page_size *= 2
+        writer = DatasetWriter(self.path, self._fields, page_size=page_size, num_workers=1)
+        self._output_started = True
+        writer.from_indexed_dataset(self._spool.dataset())
+
+
+class _Spool:
+    """Append-only on-disk store of pickled samples: a records file and an (offset, length) index."""
+
+    def __init__(self, parent: str, owner: str):
+        try:
+            self.directory = tempfile.mkdtemp(prefix=".beton-spool-", dir=parent)
+        except OSError as exc:
+            raise InputError(f"{parent}: cannot create the spool for {owner}: {exc.strerror or exc}") from exc
+        self._records_path = os.path.join(self.directory, "records")
+        self._index_path = os.path.join(self.directory, "index")
+        self._records = open(self._records_path, "wb")
+        self._index = open(self._index_path, "wb")
+        self._offset = 0
+        self.count = 0
+
+    def append(self, payload: bytes) -> None:
+        self._records.write(payload)
+        self._index.write(_SPOOL_ENTRY.pack(self._offset, len(payload)))
+        self._offset += len(payload)
+        self.count += 1
+
+    def dataset(self) -> _SpoolDataset:
+        """The spooled samples as an indexable dataset (the files are flushed and closed first)."""
+        self._close_files()
+        return _SpoolDataset(self._records_path, self._index_path, self.count)
+
+    def remove(self) -> None:
+        self._close_files()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _close_files(self) -> None:
+        self._records.close()
+        self._index.close()
+
+
+class _SpoolDataset:
+    """A finished spool as the indexable dataset DatasetWriter wants: item ``i`` is read from disk
+    when asked for. Files open on first use, so the object also pickles into a spawned worker."""
+
+    def __init__(self, records_path: str, index_path: str, count: int):
+        self._records_path, self._index_path, self._count = records_path, index_path, count
+        self._records = self._index = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i) -> tuple:
+        if self._records is None:
+            self._records = open(self._records_path, "rb")
+            self._index = open(self._index_path, "rb")
+        self._index.seek(int(i) * _SPOOL_ENTRY.size)
+        offset, length = _SPOOL_ENTRY.unpack(self._index.read(_SPOOL_ENTRY.size))
+        self._records.seek(offset)
+        return pickle.loads(self._records.read(length))
+
+
+class _AllocationSizes:
+    """Size of the allocation at a data pointer, by binary search over the allocation table.
+
+    The table is searched in place (memory-mapped) when its pointers ascend, as in files written by a
+    single DatasetWriter worker like ours; otherwise a sorted copy of pointers and sizes is made
+    (16 bytes per allocation), as ffcv's own memory managers do.
+    """
+
+    def __init__(self, table: np.ndarray):
+        ptrs, sizes = table["ptr"], table["size"]
+        if not _ascending(ptrs):
+            order = np.argsort(ptrs, kind="stable")
+            ptrs, sizes = ptrs[order], sizes[order]
+        self._ptrs, self._sizes = ptrs, sizes
+
+    def size_at(self, ptr: int) -> int | None:
+        """The size allocated at ``ptr``, or None. An empty BytesField value gets a zero-byte allocation
+        at the next one's address, so the largest allocation starting at ``ptr`` is the one meant."""
+        low = bisect.bisect_left(self._ptrs, ptr)
+        high = bisect.bisect_right(self._ptrs, ptr, low)
+        return int(np.max(self._sizes[low:high])) if high > low else None
+
+
+def _open_reader(path: str):
+    """ffcv's Reader (memory-mapped variant) for ``path``; every way the file can be bad -> ShardError."""
+    from ffcv.types import HeaderType
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise ShardError(path, f"cannot open: {exc.strerror or exc}") from exc
+    if size < HeaderType.itemsize:
+        raise ShardError(path, f"not an FFCV .beton file: {size} bytes, shorter than its "
+                               f"{HeaderType.itemsize}-byte header")
+    try:
+        return _mapped_reader_class()(path)
+    except (AssertionError, KeyError, UnicodeDecodeError) as exc:  # version, field type id, field name
+        raise ShardError(path, f"not an FFCV .beton file (bad header or field table: {exc!r})") from exc
+    except (ValueError, IndexError, TypeError, OSError) as exc:
+        raise ShardError(path, f"unreadable .beton: {exc}") from exc
+
+
+@functools.cache
+def _mapped_reader_class() -> type:
+    """ffcv's ``Reader``, with the per-sample metadata and the allocation table memory-mapped and their
+    bounds checked against the file size (a truncated file fails here, with a reason)."""
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    class MappedReader(Reader):
+        def read_metadata(self):
+            self.metadata_start = HeaderType.itemsize + self.field_descriptors.nbytes
+            self.metadata = _map_array(self._fname, self.metadata_type, self.metadata_start,
+                                       int(self.num_samples), "the per-sample metadata")
+
+        def read_allocation_table(self):
+            start = int(self.header["alloc_table_ptr"])
+            size = os.path.getsize(self._fname)
+            if start == 0:
+                raise ValueError("it was never finalized (no allocation table)")
+            if start > size:
+                raise ValueError(f"truncated: the allocation table starts at byte {start}, "
+                                 f"the file has {size} bytes")
+            if start < self.metadata_start + self.metadata.nbytes:
+                raise ValueError(f"the allocation table pointer ({start}) points into the metadata")
+            count, rest = divmod(size - start, ALLOC_TABLE_TYPE.itemsize)
+            if rest:
+                raise ValueError("truncated: the allocation table at the end of the file is incomplete")
+            self.alloc_table = _map_array(self._fname, ALLOC_TABLE_TYPE, start, count, "the allocation table")
+
+    return MappedReader
+
+
+def _map_array(path: str, dtype: np.dtype, offset: int, count: int, what: str) -> np.ndarray:
+    """``count`` records of ``dtype`` at ``offset`` in ``path``, memory-mapped read-only."""
+    end = offset + count * dtype.itemsize
+    size = os.path.getsize(path)
+    if end > size:
+        raise ValueError(f"truncated: {what} needs {end} bytes, the file has {size}")
+    if count == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+
+@functools.cache
+def _image_modes() -> tuple[int, int]:
+    """ffcv's per-sample image storage codes: (raw, jpg)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    return int(IMAGE_MODES["raw"]), int(IMAGE_MODES["jpg"])
+
+
+def _image_storage(column: np.ndarray, raw_mode: int) -> dict:
+    """How an RGBImageField metadata column was written, from each sample's mode and size."""
+    num_raw = num_jpg = largest_raw = 0
+    smallest_jpg = None
+    for start in range(0, len(column), _SCAN_CHUNK):
+        chunk = np.asarray(column[start:start + _SCAN_CHUNK])
+        nbytes = chunk["height"].astype(np.int64) * chunk["width"] * 3
+        raw = chunk["mode"] == raw_mode
+        num_raw += int(raw.sum())
+        num_jpg += int((~raw).sum())
+        if raw.any():
+            largest_raw = max(largest_raw, int(nbytes[raw].max()))
+        if not raw.all():
+            least = int(nbytes[~raw].min())
+            smallest_jpg = least if smallest_jpg is None else min(smallest_jpg, least)
+    info = {"write_mode": "raw", "max_resolution": None, "jpeg_quality": None, "smart_threshold": None,
+            "compress_probability": None, "num_raw": num_raw, "num_jpg": num_jpg}
+    if num_jpg and not num_raw:
+        info["write_mode"] = "jpg"
+    elif num_jpg and largest_raw < smallest_jpg:
+        info.update(write_mode="smart", smart_threshold=largest_raw)
+    elif num_jpg:
+        info.update(write_mode="proportion", compress_probability=num_jpg / (num_raw + num_jpg))
+    return info
+
+
+def _ascending(values: np.ndarray) -> bool:
+    """Whether ``values`` never decrease, checked a chunk at a time so memory stays bounded."""
+    for start in range(0, len(values), _SCAN_CHUNK):
+        chunk = np.asarray(values[start:start + _SCAN_CHUNK + 1])
+        if np.any(chunk[1:] < chunk[:-1]):
+            return False
+    return True
+
+
+def _decode_jpeg(encoded: np.ndarray, height: int, width: int) -> np.ndarray | None:
+    """Decode with ffcv's own turbojpeg binding, as its loaders do; None if decoding fails."""
+    from ffcv.libffcv import imdecode
+
+    image = np.zeros((height, width, 3), np.uint8)
+    status = imdecode(encoded, image, height, width, height, width, 0, 0, 1, 1, False, False)
+    return image if status == 0 else None
+
+
+def _trial_encode(field, value) -> int:
+    """Run ``field.encode`` on a scratch record; returns the bytes it allocates, raises what it raises."""
+    allocated = []
+
+    def malloc(size):
+        allocated.append(int(size))
+        return 0, np.empty(int(size), np.uint8)
+
+    field.encode(np.zeros(1, field.metadata_type), value, malloc)
+    return sum(allocated)
+
+
+def _output_fields(like: BetonReader, jpeg_quality: int) -> dict:
+    """ffcv fields for the output, in ``like``'s order.
+
+    Image fields are re-created with the storage inferred from the input (the file keeps no
+    RGBImageField arguments); a TorchTensorField is restored as such (ffcv reads one back as an
+    NDArrayField, which would change its type id); other fields are used as read.
+    """
+    from ffcv.fields import RGBImageField, TorchTensorField
+    from ffcv.types import TYPE_ID_HANDLER
+
+    fields = {}
+    for name, type_id in zip(like.field_names, like._reader.field_descriptors["type_id"]):
+        handler = like._reader.handlers[name]
+        if isinstance(handler, RGBImageField):
+            fields[name] = _image_field(like._storage_info(name), jpeg_quality)
+        elif TYPE_ID_HANDLER[int(type_id)] is TorchTensorField:
+            import torch
+
+            dtype = torch.from_numpy(np.zeros(0, handler.dtype)).dtype
+            fields[name] = TorchTensorField(dtype, tuple(int(n) for n in handler.shape))
+        else:
+            fields[name] = handler
+    return fields
+
+
+def _image_field(storage: dict, jpeg_quality: int):
+    """An RGBImageField writing the way ``storage`` (from ``_image_storage``) says the input was written."""
+    from ffcv.fields import RGBImageField
+
+    options = {k: storage[k] for k in ("smart_threshold", "compress_probability") if storage[k] is not None}
+    return RGBImageField(write_mode=storage["write_mode"], jpeg_quality=jpeg_quality, **options)

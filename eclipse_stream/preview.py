@@ -1,0 +1,82 @@
+"""``eclipse-stream preview``: what the stage does to a few samples (the paper's Fig. 4).
+
+One row per sample; columns: input, noised at t*, purified, corrupted (purified then
+grayscale-with-probability-p + noise). Images are shown at the denoiser's resolution
+(shorter side resized, centre-cropped) and enlarged with nearest-neighbour for viewing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
+
+from .checkpoint import load_denoiser
+from .corruption import corrupt
+from .errors import InputError
+from .fsutil import atomic_path
+from .imageio import ImageDecodeError, decode_image, find_image_key
+from .purifier import Purifier, PurifierConfig
+from .sources import resize_center_crop
+
+COLUMNS = ("input", "noised at t*", "purified", "corrupted")
+
+
+def _first_images(shard: Path, n: int, image_key: str | None, size: int) -> np.ndarray:
+    if shard.suffix == ".beton":
+        from .formats.beton import BetonReader, require_ffcv
+        require_ffcv(shard)
+        reader = BetonReader(shard, image_field=image_key)
+        arrays = [s[reader.image_field] for s in itertools.islice(reader, n)]
+    else:
+        from .sources import iter_tar_samples
+        arrays = []
+        for sample in iter_tar_samples(shard):
+            key = find_image_key(sample, image_key)
+            if key is None:
+                continue
+            try:
+                arrays.append(decode_image(sample[key]).rgb)
+            except ImageDecodeError as e:
+                raise InputError(f"{shard}: sample {sample['__key__']!r}: {e}")
+            if len(arrays) == n:
+                break
+    if not arrays:
+        raise InputError(f"{shard}: no decodable images to preview")
+    return np.stack([resize_center_crop(a, size) for a in arrays])
+
+
+@torch.no_grad()
+def preview(shard, denoiser, out, *, n: int = 8, config: PurifierConfig | None = None, seed: int = 0,
+            image_key: str | None = None, device: str | None = None, scale: int = 4) -> Path:
+    """Write a PNG grid (rows: samples; columns: COLUMNS) to ``out`` and return its path."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    den = load_denoiser(denoiser, device=device)
+    cfg = config or PurifierConfig()
+    purifier = Purifier(den, cfg)
+    images = _first_images(Path(shard), n, image_key, den.image_size)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    noised = ((purifier.noise_to_tstar(x * 2 - 1, g) + 1) / 2).clamp(0, 1)
+    purified = (purifier.purify(x * 2 - 1, g) + 1) / 2
+    corrupted = corrupt(purified, cfg.gray_p, cfg.noise_sigma, g)
+    rows = torch.stack([x, noised, purified, corrupted], dim=1).flatten(0, 1).cpu()
+    grid = make_grid(rows, nrow=len(COLUMNS), padding=2, pad_value=1.0)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    header = Image.new("RGB", (img.width, 16), "white")
+    draw = ImageDraw.Draw(header)
+    cell = img.width / len(COLUMNS)
+    for i, name in enumerate(COLUMNS):
+        draw.text((i * cell + 4, 2), name, fill="black")
+    canvas = Image.new("RGB", (img.width, img.height + header.height), "white")
+    canvas.paste(header, (0, 0))
+    canvas.paste(img, (0, header.height))
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        canvas.save(tmp, format="PNG")
+    return out

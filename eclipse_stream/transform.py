@@ -1,0 +1,113 @@
+"""``EclipseTransform``: purification as a WebDataset pipeline stage.
+
+It takes an iterator of *decoded* samples and yields the same samples, in the same
+order, with each image purified; every other field (``__key__`` included) passes through
+untouched. Samples are buffered ``batch_size`` at a time, grouped by image size and
+purified on the device in one call per group. Works in ``wds.DataPipeline(...)`` and in
+``wds.WebDataset(...).compose(...)``. ``EclipseTransform.purifier`` is the underlying
+:class:`~eclipse_stream.purifier.Purifier`, an ``nn.Module`` for GPU batches (e.g. in an
+FFCV pipeline after ``ToDevice``/``ToTorchImage``).
+
+Image values may be PIL images, HWC numpy arrays (uint8 or float in [0, 1]) or CHW
+torch tensors (uint8 or float in [0, 1]); each comes back as the same type.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import Denoiser, load_denoiser
+from .purifier import Purifier, PurifierConfig
+
+__all__ = ["EclipseTransform"]
+
+DEFAULT_IMAGE_KEYS = "jpg;jpeg;png;webp;ppm;bmp"
+
+
+def _to_tensor(value) -> tuple[torch.Tensor, str]:
+    """A CHW float [0, 1] tensor and a tag saying how to convert back."""
+    if isinstance(value, Image.Image):
+        return torch.from_numpy(np.asarray(value.convert("RGB")).copy()).permute(2, 0, 1).float() / 255, "pil"
+    if isinstance(value, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
+        return (t.float() / 255, "np8") if value.dtype == np.uint8 else (t.float(), f"np:{value.dtype}")
+    if torch.is_tensor(value):
+        return (value.float() / 255, "t8") if value.dtype == torch.uint8 else (value.float(), f"t:{value.dtype}")
+    raise TypeError(f"cannot purify a {type(value).__name__}: decode images first (e.g. .decode('pil'))")
+
+
+def _from_tensor(x: torch.Tensor, tag: str, like):
+    u8 = lambda: (x * 255).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
+    if tag == "pil":
+        return Image.fromarray(u8().permute(1, 2, 0).numpy())
+    if tag == "np8":
+        return u8().permute(1, 2, 0).numpy()
+    if tag.startswith("np:"):
+        return x.permute(1, 2, 0).numpy().astype(like.dtype)
+    if tag == "t8":
+        return u8().to(like.device)
+    return x.to(device=like.device, dtype=like.dtype)
+
+
+class EclipseTransform:
+    """A WebDataset stage that purifies each sample's image (see the module docstring).
+
+    ``denoiser``: a checkpoint path, a loaded :class:`Denoiser`, or None for the shipped default.
+    Randomness comes from one generator seeded with ``seed``: the same stream in the same
+    order gives the same output.
+    """
+
+    def __init__(self, denoiser: str | os.PathLike | Denoiser | None = None, *, t_star: int = 100,
+                 steps: int | None = None, precision: str = "fp32", corruption: str = "none",
+                 batch_size: int = 64, device: str | torch.device | None = None,
+                 image_key: str = DEFAULT_IMAGE_KEYS, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if denoiser is None:
+            from .defaults import default_denoiser_path
+            denoiser = default_denoiser_path()
+        den = denoiser.to(device) if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
+        cfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, corruption=corruption)
+        self.purifier = Purifier(den, cfg)
+        self.device, self.batch_size = device, batch_size
+        self.image_keys = image_key.split(";")
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def _purify_group(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        batch = torch.stack(images).to(self.device)
+        return list(self.purifier(batch, generator=self.generator).cpu())
+
+    def _flush(self, buffer: list[dict]) -> Iterator[dict]:
+        slots = []  # (sample index, image key, tensor, tag, original)
+        for i, sample in enumerate(buffer):
+            key = next((k for k in self.image_keys if k in sample), None)
+            if key is not None:
+                tensor, tag = _to_tensor(sample[key])
+                slots.append((i, key, tensor, tag, sample[key]))
+        by_size: dict[tuple, list[int]] = {}
+        for n, slot in enumerate(slots):
+            by_size.setdefault(tuple(slot[2].shape), []).append(n)
+        results: dict[int, torch.Tensor] = {}
+        for members in by_size.values():
+            for n, out in zip(members, self._purify_group([slots[n][2] for n in members])):
+                results[n] = out
+        out_samples = [dict(s) for s in buffer]
+        for n, (i, key, _, tag, original) in enumerate(slots):
+            out_samples[i][key] = _from_tensor(results[n], tag, original)
+        yield from out_samples
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        buffer: list[dict] = []
+        for sample in src:
+            buffer.append(sample)
+            if len(buffer) >= self.batch_size:
+                yield from self._flush(buffer)
+                buffer = []
+        if buffer:
+            yield from self._flush(buffer)

@@ -1,0 +1,103 @@
+"""The Purifier module and corruption compensation."""
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from eclipse_stream.checkpoint import load_denoiser
+from eclipse_stream.corruption import RandomCorruption, corrupt, corrupt_samples
+from eclipse_stream.purifier import Purifier, PurifierConfig
+
+
+@pytest.fixture(scope="module")
+def den(tiny_ckpt):
+    return load_denoiser(tiny_ckpt)
+
+
+def count_calls(purifier):
+    calls = []
+    h = purifier.model.register_forward_hook(lambda m, i, o: calls.append(i[1].clone()))
+    return calls, h
+
+
+@pytest.mark.parametrize("steps,expected", [(None, 100), (10, 10), (1, 1)])
+def test_number_of_model_calls_and_timesteps(den, steps, expected):
+    p = Purifier(den, PurifierConfig(t_star=100, steps=steps))
+    calls, h = count_calls(p)
+    p(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    h.remove()
+    assert len(calls) == expected
+    # the first call always sees t* - 1 = 99 on the full 4000-step grid (model scale 0..1000)
+    assert calls[0][0].item() == pytest.approx(99 * 1000 / 4000)
+    assert calls[-1][0].item() == pytest.approx(0.0 if expected > 1 else 99 * 1000 / 4000)
+
+
+def test_dtypes_sizes_and_bounded_change(den):
+    p = Purifier(den, steps=4)
+    x = torch.randint(0, 256, (3, 3, 36, 20), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    y = p(x, generator=g)
+    assert y.dtype == torch.uint8 and y.shape == x.shape
+    d = (y.int() - x.int()).abs().float()
+    assert 0 < d.mean() < 20
+    f = p(x.float() / 255, generator=torch.Generator().manual_seed(0))
+    assert f.dtype == torch.float32 and f.min() >= 0 and f.max() <= 1
+    assert (f * 255).round().to(torch.uint8).equal(y)
+    with pytest.raises(ValueError, match="RGB batch"):
+        p(torch.zeros(2, 1, 32, 32))
+
+
+def test_same_generator_same_output_and_seed_matters(den):
+    p = Purifier(den, steps=3)
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    a = p(x, generator=torch.Generator().manual_seed(1))
+    b = p(x, generator=torch.Generator().manual_seed(1))
+    c = p(x, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_bf16_close_to_fp32_from_same_noise(den):
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    fp32 = Purifier(den, steps=10)(x.float() / 255, generator=torch.Generator().manual_seed(0))
+    bf16 = Purifier(den, steps=10, precision="bf16")(x.float() / 255, generator=torch.Generator().manual_seed(0))
+    assert (fp32 - bf16).abs().mean().item() * 255 <= 1.0
+
+
+def test_t_star_above_checkpoint_T_is_refused(den):
+    with pytest.raises(ValueError, match="exceeds"):
+        Purifier(den, t_star=5000)
+
+
+def test_corruption_definition():
+    torch.manual_seed(0)
+    x = torch.rand(400, 3, 8, 8)
+    assert torch.equal(corrupt(x, p=0.0, sigma=0.0), x)
+    gray = corrupt(x, p=1.0, sigma=0.0)
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    luma = 0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    assert torch.allclose(gray[:, 0], luma, atol=1e-3)
+    mid = torch.full((200, 3, 16, 16), 0.5)
+    noisy = corrupt(mid, p=0.0, sigma=0.05)
+    assert abs((noisy - mid).std().item() - 0.05) < 0.002
+    out = corrupt(x, p=0.4, sigma=0.0)
+    frac_gray = (out[:, 0] == out[:, 1]).all(-1).all(-1).float().mean().item()
+    assert 0.3 < frac_gray < 0.5
+
+
+def test_random_corruption_module_draws_fresh_and_keeps_dtype():
+    m = RandomCorruption()
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    a, b = m(x), m(x)
+    assert a.dtype == torch.uint8 and not torch.equal(a, b)
+    assert m(x.float() / 255).dtype == torch.float32
+
+
+def test_corrupt_samples_stage_in_webdataset_pipeline():
+    from PIL import Image
+
+    samples = [{"__key__": f"k{i}", "png": Image.new("RGB", (8, 8), (200, 10, 10)), "cls": i} for i in range(5)]
+    out = list(wds.DataPipeline(lambda: iter(samples), corrupt_samples(p=1.0, sigma=0.0, seed=0)))
+    assert [s["__key__"] for s in out] == [f"k{i}" for i in range(5)] and [s["cls"] for s in out] == list(range(5))
+    arr = np.asarray(out[0]["png"])
+    assert (arr[..., 0] == arr[..., 1]).all()

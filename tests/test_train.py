@@ -1,0 +1,127 @@
+"""eclipse-stream train: end to end on real CIFAR-10 images, exact resume, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import cifar_samples, cli_env, read_cifar, write_tar
+from eclipse_stream.checkpoint import load_denoiser, save_train_state
+from eclipse_stream.errors import CheckpointError, InputError
+from eclipse_stream.train import ReplicatedSampler, TrainConfig, ema_decay_at, train
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    for name, label, jpg in read_cifar(16):
+        (d / f"{name}.jpg").write_bytes(jpg)
+    return d
+
+
+def tiny_cfg(src, out, **kw):
+    base = {"source": str(src), "out": str(out), "preset": "tiny", "iterations": 4, "batch_size": 4,
+            "checkpoint_every": 2, "diffusion_steps": 1000, "device": "cpu"}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_cli_train_end_to_end_on_real_images(image_folder, tmp_path):
+    out = tmp_path / "den.safetensors"
+    r = subprocess.run([sys.executable, "-m", "eclipse_stream.cli", "train", str(image_folder), "--out", str(out),
+                        "--preset", "tiny", "--iterations", "3", "--batch-size", "4", "--quiet"],
+                       capture_output=True, text=True, env=cli_env())
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["images"] == 16 and summary["steps"] == 3
+    den = load_denoiser(out)
+    meta = den.metadata
+    assert meta["step"] == 3 and meta["train_args"]["preset"] == "tiny" and meta["diffusion"]["steps"] == 4000
+    assert len(meta["train_files_sha256"]) == 64 and meta["package_version"]
+    assert (tmp_path / "den.safetensors.state.safetensors").is_file()
+
+
+def test_resume_continues_exactly_where_uninterrupted_run_is(image_folder, tmp_path):
+    train(tiny_cfg(image_folder, tmp_path / "a.safetensors", iterations=4), progress=False)
+    train(tiny_cfg(image_folder, tmp_path / "b.safetensors", iterations=2), progress=False)
+    summary = train(tiny_cfg(image_folder, tmp_path / "b.safetensors", iterations=4, resume=True), progress=False)
+    assert summary["resumed_from"] == 2
+    a = load_denoiser(tmp_path / "a.safetensors").model.state_dict()
+    b = load_denoiser(tmp_path / "b.safetensors").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_denoiser(tmp_path / "b.safetensors").metadata["step"] == 4
+
+
+def test_resume_refuses_changed_settings_and_missing_state(image_folder, tmp_path):
+    train(tiny_cfg(image_folder, tmp_path / "a.safetensors", iterations=2), progress=False)
+    with pytest.raises(CheckpointError, match="batch_size"):
+        train(tiny_cfg(image_folder, tmp_path / "a.safetensors", iterations=4, batch_size=8, resume=True),
+              progress=False)
+    with pytest.raises(CheckpointError, match="no training state"):
+        train(tiny_cfg(image_folder, tmp_path / "zz.safetensors", resume=True), progress=False)
+
+
+def test_train_from_tar_shards(cifar64, tmp_path):
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "s-0.tar", cifar_samples(cifar64[:6]))
+    write_tar(tmp_path / "shards" / "s-1.tar", cifar_samples(cifar64[6:10], "jpg"))
+    summary = train(tiny_cfg(tmp_path / "shards", tmp_path / "d.safetensors", iterations=1), progress=False)
+    assert summary["images"] == 10
+    summary = train(tiny_cfg(str(tmp_path / "shards" / "s-{0..1}.tar"), tmp_path / "e.safetensors", iterations=1),
+                    progress=False)
+    assert summary["images"] == 10
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "eclipse_stream.cli", *map(str, args)], capture_output=True,
+                          text=True, env=cli_env())
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, image_folder):
+    (tmp_path / "empty").mkdir()
+    r = run_cli("train", tmp_path / "empty", "--out", tmp_path / "x.safetensors", "--preset", "tiny")
+    assert r.returncode != 0 and "no images found" in r.stderr and "Traceback" not in r.stderr
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("hello")
+    (tmp_path / "text" / "data.csv").write_text("1,2")
+    r = run_cli("train", tmp_path / "text", "--out", tmp_path / "x.safetensors", "--preset", "tiny")
+    assert r.returncode != 0 and "no images found" in r.stderr and "notes.txt" in r.stderr
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "fake.jpg").write_bytes(b"not a jpeg")
+    r = run_cli("train", tmp_path / "broken", "--out", tmp_path / "x.safetensors", "--preset", "tiny")
+    assert r.returncode != 0 and "fake.jpg" in r.stderr and "undecodable" in r.stderr
+
+    state = tmp_path / "x.safetensors.state.safetensors"
+    state.write_bytes(b"\x00" * 100)
+    r = run_cli("train", image_folder, "--out", tmp_path / "x.safetensors", "--preset", "tiny", "--resume")
+    assert r.returncode != 0 and "x.safetensors.state.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+    r = run_cli("info", state)
+    assert r.returncode != 0 and "safetensors" in r.stderr
+    with pytest.raises(InputError):
+        train(tiny_cfg(tmp_path / "nonexistent-dir", tmp_path / "y.safetensors"), progress=False)
+
+
+def test_replicated_sampler_and_ema_warmup():
+    s = ReplicatedSampler(n=5, replicate=4, batch_size=4, seed=0)
+    seen = torch.cat([s.batch(i) for i in range(5)])  # exactly one epoch = 20 positions
+    assert torch.bincount(seen, minlength=5).tolist() == [4] * 5
+    assert not torch.equal(torch.cat([s.batch(i) for i in range(5, 10)]), seen)  # reshuffled next epoch
+    assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert ema_decay_at(10**7, 0.9999) == 0.9999
+
+
+def test_train_state_with_wrong_kind_is_refused(tmp_path, image_folder):
+    from eclipse_stream.diffusion import DiffusionConfig
+    from eclipse_stream.unet import UNet, preset_config
+
+    m, ema = UNet(preset_config("small", 32)), UNet(preset_config("small", 32))
+    save_train_state(tmp_path / "s.safetensors", model=m, ema=ema, optimizer=torch.optim.AdamW(m.parameters()),
+                     diffusion_config=DiffusionConfig(), step=1, train_args={}, train_files_sha256="x")
+    with pytest.raises(CheckpointError, match="different UNet config"):
+        train(tiny_cfg(image_folder, tmp_path / "o.safetensors", state=str(tmp_path / "s.safetensors"),
+                       resume=True), progress=False)
