@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from eclipse_stream import pipeline
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
 from eclipse_stream.purifier import Purifier, PurifierConfig
 
@@ -61,23 +60,14 @@ def device_seconds(log: list) -> float:
     return sum(e if isinstance(e, float) else e[0].elapsed_time(e[1]) / 1e3 for e in log)
 
 
-@contextlib.contextmanager
-def timed_pipeline():
-    """Make purify_shards build a TimedPurifier; yield its (fresh) call log."""
-    log: list = []
-    old = pipeline.Purifier
-    pipeline.Purifier = type("TimedPurifier", (TimedPurifier,), {"log": log})
-    try:
-        yield log
-    finally:
-        pipeline.Purifier = old
-    if not log:
-        raise RuntimeError("purify_shards never called eclipse_stream.pipeline.Purifier: update this benchmark")
+def timed_purifier_class() -> type[TimedPurifier]:
+    """A TimedPurifier subclass with its own fresh call log."""
+    return type("TimedPurifier", (TimedPurifier,), {"log": []})
 
 
 def purifier_alone(denoiser, pcfg: PurifierConfig, x: torch.Tensor, batch_size: int, device) -> dict:
     """Host uint8 batches -> device -> purify -> host, one after the other; after one warm-up batch."""
-    purifier = type("TimedPurifier", (TimedPurifier,), {"log": []})(denoiser, pcfg)
+    purifier = timed_purifier_class()(denoiser, pcfg)
     batches = [b.pin_memory() if device.type == "cuda" else b for b in x.split(batch_size)]
     purifier(batches[0].to(device), generator=torch.Generator(device).manual_seed(0)).cpu()
     purifier.log.clear()
@@ -92,7 +82,8 @@ def purifier_alone(denoiser, pcfg: PurifierConfig, x: torch.Tensor, batch_size: 
 def end_to_end(denoiser, cfg: PurifyConfig, shards: Path, warm: Path, out: Path) -> dict:
     """purify_shards on ``shards`` (after a warm-up run on ``warm``), timed with perf_counter."""
     purify_shards(warm, out / "warm", denoiser, cfg, progress=False)
-    with timed_pipeline() as log:
+    cls = timed_purifier_class()
+    with common.pipeline_purifier(cls, cls.log) as log:
         t0 = time.perf_counter()
         result = purify_shards(shards, out / "purified", denoiser, cfg, progress=False)
         wall = time.perf_counter() - t0
