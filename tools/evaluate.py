@@ -1,0 +1,185 @@
+"""``python -m tools.evaluate``: the one entry point of the evaluation harness.
+
+Subcommands: ``prepare`` (CIFAR-10 tars -> shards, sparse set, .beton), ``poison``
+(clean shards -> poisoned shards + norms.json), ``victim`` (train and test one ResNet18),
+``grid`` (poisons x defenses -> results JSON, markdown table, bar plot) and ``table``
+(redraw the table and plot from a results JSON). See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .common import ToolError, read_json, write_json
+
+DEFAULT_WORK = Path("runs") / "eval"
+
+
+def _echo(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(help=__doc__)
+def main() -> None:
+    pass
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with CIFAR-10 train.tar.gz/test.tar.gz [default: <project>/../shared/data/cifar10].")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean", show_default=True)
+@click.option("--limit-per-class", type=click.IntRange(min=1), default=None,
+              help="Keep only the first N images per class of each split (small CI runs).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=2500, show_default=True)
+@click.option("--sparse-per-class", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Defender's clean images per class (200 x 10 = 2,000 = 4% of CIFAR-10).")
+@click.option("--beton/--no-beton", default=True, show_default=True, help="Also write train.beton (FFCV).")
+@click.option("--force", is_flag=True, help="Rewrite parts that already exist.")
+def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, beton, force):
+    """CIFAR-10 -> train/test/sparse WebDataset shards (+ train.beton)."""
+    from .prepare import prepare as run
+
+    done = run(data_dir, out_dir, limit_per_class=limit_per_class, shard_size=shard_size,
+               sparse_per_class=sparse_per_class, beton=beton, force=force)
+    for name, info in done.items():
+        _echo(f"wrote {name}: " + (info if isinstance(info, str) else f"{info['count']} images"))
+    if not done:
+        _echo(f"{out_dir} is already complete (use --force to rewrite)")
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["urp", "lsp", "ar", "ops", "em", "tap"]))
+@click.option("--in", "in_dir", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "train",
+              show_default=True, help="Clean training shard folder.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Poisoned shard folder [default: runs/eval/poisoned/KIND].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="EM/TAP: torch device.")
+@click.option("--width", type=float, default=None, help="EM model / TAP surrogate width multiplier (default 1).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="TAP: PGD steps (default 250).")
+@click.option("--pgd-steps", type=click.IntRange(min=1), default=None, help="EM: PGD steps per round (20).")
+@click.option("--train-steps", type=click.IntRange(min=1), default=None, help="EM: model steps per round (10).")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="EM: at most this many rounds (100).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="EM/TAP batch size (512).")
+@click.option("--surrogate", type=click.Path(path_type=Path, exists=True), default=None,
+              help="TAP: victim checkpoint of a model trained on clean data (default: train one).")
+@click.option("--surrogate-epochs", type=click.IntRange(min=1), default=None,
+              help="TAP: epochs when training the surrogate (fast recipe default).")
+@click.option("--max-seconds", type=float, default=None,
+              help="EM/TAP: stop (resumable, exit 75) before this many seconds pass.")
+def poison(kind, in_dir, out_dir, seed, device, width, steps, pgd_steps, train_steps, max_rounds, batch_size,
+           surrogate, surrogate_epochs, max_seconds):
+    """Poison a clean training split with KIND; writes shards with the same keys and norms.json."""
+    from .poisons.driver import poison_split
+
+    out_dir = out_dir or DEFAULT_WORK / "poisoned" / kind
+    options: dict = {}
+    if kind == "em":
+        settings = {k: v for k, v in {"pgd_steps": pgd_steps, "train_steps": train_steps, "max_rounds": max_rounds,
+                                      "batch_size": batch_size, "width": width}.items() if v is not None}
+        options = {"settings": settings, "max_seconds": max_seconds}
+    elif kind == "tap":
+        settings = {k: v for k, v in {"steps": steps, "batch_size": batch_size}.items() if v is not None}
+        options = {"settings": settings, "max_seconds": max_seconds, "surrogate_width": width or 1.0,
+                   "surrogate": surrogate, "surrogate_epochs": surrogate_epochs}
+    record = poison_split(kind, in_dir, out_dir, seed=seed, device=device, options=options, log=_echo)
+    click.echo(json.dumps({k: record[k] for k in ("poison", "budget", "linf_max_255", "l2_mean", "l2_max")}))
+
+
+@main.command()
+@click.option("--train", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "train",
+              show_default=True, help="Training shards (folder) or an FFCV .beton file.")
+@click.option("--test", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "test", show_default=True)
+@click.option("--recipe", type=click.Choice(["reference", "fast"]), default="reference", show_default=True)
+@click.option("--defense", default="none", show_default=True,
+              help="none | iss-gray | iss-jpeg10 | corruption | eclipse (train on purified shards + corruption).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Override the recipe's batch size.")
+@click.option("--width", type=float, default=1.0, show_default=True, help="ResNet18 channel multiplier.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(min=10), default=None, help="Train on at most N images (balanced).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers (reference recipe).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Save state here every epoch.")
+@click.option("--resume", is_flag=True, help="Continue from --checkpoint if it exists.")
+@click.option("--max-seconds", type=float, default=None, help="Stop after the epoch that would pass this budget.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the result JSON here.")
+def victim(train, test, recipe, defense, epochs, batch_size, width, device, seed, limit, workers, checkpoint,
+           resume, max_seconds, compile_, out):
+    """Train a CIFAR ResNet18 victim and report its test accuracy as JSON."""
+    from .victim import VictimConfig, train_victim
+
+    if resume and checkpoint is None:
+        raise ToolError("--resume needs --checkpoint PATH")
+    result = train_victim(VictimConfig(
+        train=str(train), test=str(test), recipe=recipe, defense=defense, epochs=epochs, batch_size=batch_size,
+        width=width, device=device, seed=seed, limit=limit, workers=workers,
+        checkpoint=str(checkpoint) if checkpoint else None, resume=resume, max_seconds=max_seconds,
+        compile=compile_), log=_echo)
+    if out:
+        write_json(out, result)
+    click.echo(json.dumps(result))
+    if not result["complete"]:
+        sys.exit(75)
+
+
+@main.command()
+@click.option("--poisons", default="clean,urp,lsp,ar,ops,em,tap", show_default=True,
+              help="Comma list: clean (Table 3 column), urp, lsp, ar, ops, em, tap.")
+@click.option("--defenses", default="none,iss-gray,iss-jpeg10,corruption,eclipse", show_default=True,
+              help="Comma list: none, iss-gray, iss-jpeg10, corruption, eclipse, eclipse-steps<K>.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=DEFAULT_WORK, show_default=True)
+@click.option("--results", type=click.Path(path_type=Path), default=None,
+              help="Results JSON [default: WORK_DIR/results-RECIPE.json]; .md and .png are written beside it.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="CIFAR-10 tars folder.")
+@click.option("--limit-per-class", type=click.IntRange(min=1), default=None, help="Small grids for CI.")
+@click.option("--recipe", type=click.Choice(["reference", "fast"]), default="fast", show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--width", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--denoiser", type=click.Path(path_type=Path), default=None,
+              help="ECLIPSE cells: denoiser checkpoint from `eclipse-stream train`.")
+@click.option("--purify-batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--purify-arg", "purify_args", multiple=True, help="Extra argument for `eclipse-stream purify`.")
+@click.option("--poison-options", default="{}", help='JSON, e.g. {"em": {"settings": {"max_rounds": 20}}}.')
+@click.option("--max-seconds", type=float, default=None,
+              help="Stop cleanly before this many seconds (exit 75 if cells remain); rerun to continue.")
+def grid(poisons, defenses, work_dir, results, data_dir, limit_per_class, recipe, epochs, width, seed, device,
+         denoiser, purify_batch_size, purify_args, poison_options, max_seconds):
+    """Fill the poisons x defenses grid (resumable) and write JSON + markdown + plot."""
+    from .grid import GridConfig, run_grid
+
+    try:
+        options = json.loads(poison_options)
+    except json.JSONDecodeError as exc:
+        raise ToolError(f"--poison-options is not JSON: {exc}") from exc
+    cfg = GridConfig(poisons=[p.strip() for p in poisons.split(",") if p.strip()],
+                     defenses=[d.strip() for d in defenses.split(",") if d.strip()], work_dir=work_dir,
+                     results=results, data_dir=data_dir, limit_per_class=limit_per_class, recipe=recipe,
+                     epochs=epochs, width=width, seed=seed, device=device, denoiser=denoiser,
+                     purify_batch_size=purify_batch_size, purify_args=purify_args, poison_options=options,
+                     max_seconds=max_seconds)
+    out = run_grid(cfg, log=_echo)
+    click.echo(str(cfg.results_path()))
+    if not out["complete"]:
+        sys.exit(75)
+
+
+@main.command()
+@click.argument("results", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+def table(results):
+    """Redraw RESULTS.md and RESULTS.png from a results JSON; print the markdown."""
+    from .grid import write_reports
+
+    md, _ = write_reports(read_json(results), results)
+    click.echo(md.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Clean shards -> poisoned shards with the same keys, labels and shard layout, plus ``norms.json``.
+
+``norms.json`` (measured on the stored uint8 images: max L-inf in /255 units, mean and
+max L2 in [0, 1] units, pixels changed) is written last: its presence marks a finished
+poisoned split.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..common import MANIFEST, ToolError, provenance, read_json, read_split, write_json, write_split
+from . import POISONS
+from .base import measure, quantize, within
+
+NORMS = "norms.json"
+
+
+def is_poisoned(out_dir: Path) -> bool:
+    return (Path(out_dir) / NORMS).is_file()
+
+
+def poison_split(kind: str, in_dir: Path, out_dir: Path, seed: int = 0, device: str | None = None,
+                 options: dict | None = None, log=print) -> dict:
+    """Poison every image of the clean split ``in_dir``; returns the norms record (skips if done)."""
+    if kind not in POISONS:
+        raise ToolError(f"unknown poison {kind!r}; choose one of {', '.join(POISONS)}")
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if is_poisoned(out_dir):
+        log(f"{out_dir} already poisoned; skipping")
+        return read_json(out_dir / NORMS)
+    t0 = time.time()
+    module = POISONS[kind]
+    keys, clean, labels = read_split(in_dir)
+    delta = _generate(kind, module, clean, labels, seed, device, options or {}, in_dir, out_dir, log)
+    poisoned = quantize(clean, delta, module.BUDGET)
+    norms = measure(clean, poisoned)
+    if not within(norms, module.BUDGET):
+        raise ToolError(f"{kind}: measured norms {norms} exceed the budget {module.BUDGET}")
+    source = read_json(in_dir / MANIFEST)
+    write_split(out_dir, source["prefix"], keys, poisoned, labels, source["shard_size"],
+                {"poison": kind, "seed": seed, "source": str(in_dir)})
+    record = {"poison": kind, "budget": module.BUDGET.to_dict(), "seed": seed, "options": options or {},
+              "source": str(in_dir), **norms, "seconds": round(time.time() - t0, 2), **provenance(device or "cpu")}
+    write_json(out_dir / NORMS, record)
+    log(f"{kind}: wrote {len(keys)} poisoned images to {out_dir} (L-inf {norms['linf_max_255']}/255, "
+        f"L2 mean {norms['l2_mean']:.3f} max {norms['l2_max']:.3f})")
+    return record
+
+
+def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_dir, log):
+    """Call the generator; EM/TAP get their settings, a resumable state file and (TAP) a surrogate."""
+    options = dict(options)
+    if kind == "em":
+        settings = module.EMSettings(**options.pop("settings", {}))
+        return module.generate(clean, labels, seed=seed, device=device, settings=settings,
+                               state_path=out_dir.with_name(out_dir.name + ".em-state.pt"), log=log, **options)
+    if kind == "tap":
+        settings = module.TAPSettings(**options.pop("settings", {}))
+        surrogate = _tap_surrogate(in_dir, out_dir, device, options, log)
+        return module.generate(clean, labels, seed=seed, device=device, surrogate=surrogate, settings=settings,
+                               state_path=out_dir.with_name(out_dir.name + ".tap-state.pt"), log=log, **options)
+    return module.generate(clean, labels, seed=seed, **options)
+
+
+def _tap_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
+    """Load the given surrogate checkpoint, or train one on the clean split with the victim trainer."""
+    from ..common import pick_device
+    from ..victim import VictimConfig, train_victim
+    from .pgd import PoisonIncomplete
+    from .tap import load_surrogate
+
+    width = options.pop("surrogate_width", 1.0)
+    ckpt = options.pop("surrogate", None)
+    recipe = options.pop("surrogate_recipe", "fast")
+    epochs = options.pop("surrogate_epochs", None)
+    if ckpt is None:
+        ckpt = out_dir.with_name(out_dir.name + ".surrogate.pt")
+        result = train_victim(VictimConfig(train=str(in_dir), test=None, recipe=recipe, epochs=epochs, width=width,
+                                           device=device or "auto", checkpoint=str(ckpt), resume=True,
+                                           max_seconds=options.get("max_seconds")), log=log)
+        if not result["complete"]:
+            raise PoisonIncomplete("TAP surrogate training stopped (time budget); rerun to resume")
+    return load_surrogate(Path(ckpt), width, pick_device(device))

@@ -1,0 +1,340 @@
+"""Victim training: the model whose test accuracy Tables 1 and 3 report.
+
+Two recipes share one loop:
+
+* ``reference`` -- the ECLIPSE reference evaluation: CIFAR ResNet18, SGD lr 0.1,
+  momentum 0.9, batch 128, 80 epochs, no weight decay, constant lr, random crop 32
+  (pad 4) + horizontal flip done per image by torchvision in a DataLoader.
+* ``fast`` -- for filling a whole grid on one GPU: the data sit on the GPU as uint8,
+  crop/flip are done there per batch, bf16 autocast, channels_last, one-cycle lr,
+  label smoothing, nesterov SGD with weight decay, batch 512, few epochs. Its accuracies
+  are only comparable to the paper once calibrated against ``reference`` on a GPU.
+
+Training-time defenses (the package's RandomCorruption) act on float [0, 1] batches
+after crop and flip, on the training device. A checkpoint is written after every epoch
+so a run cut short (10-minute calls) continues with ``resume``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+
+from .common import ToolError, provenance, read_split
+from .defenses import Defense, apply_once, get_defense, training_corruption
+from .models import resnet18
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimisation hyper-parameters; stored with every result."""
+
+    name: str
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    schedule: str = "constant"   # "constant" | "onecycle"
+    label_smoothing: float = 0.0
+    gpu_data: bool = False        # data and augmentation on the training device
+    amp_bf16: bool = False        # bf16 autocast (CUDA only)
+    channels_last: bool = False   # (CUDA only)
+
+
+RECIPES = {
+    "reference": Recipe("reference", epochs=80, batch_size=128, lr=0.1),
+    # Fast-CIFAR style settings (one-cycle, label smoothing, wd 5e-4); needs GPU calibration.
+    "fast": Recipe("fast", epochs=16, batch_size=512, lr=0.4, weight_decay=5e-4, nesterov=True,
+                   schedule="onecycle", label_smoothing=0.1, gpu_data=True, amp_bf16=True, channels_last=True),
+}
+
+
+@dataclass
+class VictimConfig:
+    """Everything that decides a victim run (settings are recorded with the accuracy)."""
+
+    train: str
+    test: str | None   # None: train only (e.g. a TAP surrogate), no accuracy
+    recipe: str = "reference"
+    defense: str = "none"
+    epochs: int | None = None
+    batch_size: int | None = None
+    width: float = 1.0
+    device: str = "auto"
+    seed: int = 0
+    limit: int | None = None
+    workers: int | None = None
+    checkpoint: str | None = None
+    resume: bool = False
+    max_seconds: float | None = None
+    compile: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def resolved_recipe(self) -> Recipe:
+        if self.recipe not in RECIPES:
+            raise ToolError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        recipe = RECIPES[self.recipe]
+        if self.epochs is not None:
+            recipe = replace(recipe, epochs=self.epochs)
+        if self.batch_size is not None:
+            recipe = replace(recipe, batch_size=self.batch_size)
+        return recipe
+
+
+def load_labeled(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NHWC images and int64 labels from a shard folder/file or an FFCV ``.beton``."""
+    path = Path(path)
+    if path.suffix == ".beton":
+        return _load_beton(path)
+    _, images, labels = read_split(path)
+    return images, labels
+
+
+def _load_beton(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a raw-RGB .beton in file order; ffcv is imported only when one is used."""
+    if not path.is_file():
+        raise ToolError(f"no such .beton file: {path}")
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    loader = Loader(str(path), batch_size=1024, num_workers=min(8, os.cpu_count() or 1),
+                    order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    images, labels = zip(*((np.array(x), np.array(y).reshape(-1)) for x, y in loader))
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+
+
+def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Indices of the first ``limit // classes`` samples of each class (all when no limit)."""
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    classes = np.unique(labels)
+    per_class = max(1, limit // len(classes))
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes]))
+
+
+class _AugmentedImages(Dataset):
+    """Per-image torchvision crop+flip on uint8 CHW tensors, as the reference pipeline does."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers inherit a per-epoch base seed, so an epoch is reproducible after resume."""
+    torch.manual_seed(torch.initial_seed() % 2**32 + worker_id)
+
+
+def reference_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, epoch_seed: int,
+                      workers: int):
+    """One epoch of shuffled, per-image augmented uint8 batches through a DataLoader."""
+    generator = torch.Generator().manual_seed(epoch_seed)
+    drop_last = len(labels) % batch_size == 1  # a batch of one would break BatchNorm
+    loader = DataLoader(_AugmentedImages(images, labels), batch_size=batch_size, shuffle=True,
+                        generator=generator, num_workers=workers, drop_last=drop_last,
+                        worker_init_fn=_seed_worker if workers else None, persistent_workers=False)
+    if not workers:
+        torch.manual_seed(epoch_seed)  # the transforms draw from the global generator in-process
+    yield from loader
+
+
+def gpu_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random 32x32 crop of the zero-padded batch plus a random horizontal flip, per image, on device.
+
+    Same distribution as torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip,
+    without a Python call per image.
+    """
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=images.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=images.device, generator=generator)
+    rows = (dy[:, None] + torch.arange(h, device=images.device)).view(n, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=images.device)).view(n, 1, 1, w)
+    picked_rows = padded.gather(2, rows.expand(n, c, h, w + 2 * pad))
+    out = picked_rows.gather(3, cols.expand(n, c, h, w))
+    flip = torch.rand(n, device=images.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def fast_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, epoch_seed: int):
+    """One epoch of device-side shuffled, cropped and flipped uint8 batches (drop_last keeps shapes fixed)."""
+    generator = torch.Generator(device=images.device).manual_seed(epoch_seed)
+    order = torch.randperm(len(labels), device=images.device, generator=generator)
+    usable = len(order) - len(order) % batch_size if len(order) >= batch_size else len(order)
+    for start in range(0, usable, batch_size):
+        idx = order[start:start + batch_size]
+        yield gpu_crop_flip(images[idx], generator), labels[idx]
+
+
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, device, amp: bool, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent (the paper's unit) on uint8 NCHW test images."""
+    model.eval()
+    correct = 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        for start in range(0, len(labels), batch_size):
+            x = images[start:start + batch_size].to(device, non_blocking=True).float().div_(255)
+            y = labels[start:start + batch_size].to(device, non_blocking=True)
+            correct += (model(x).argmax(1) == y).sum().item()
+    return 100.0 * correct / len(labels)
+
+
+def _make_optimizer(model, recipe: Recipe, steps_per_epoch: int):
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                          weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+    if recipe.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=recipe.epochs,
+                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25,
+                                                    anneal_strategy="linear")
+    elif recipe.schedule == "constant":
+        sched = None
+    else:
+        raise ToolError(f"unknown lr schedule {recipe.schedule!r}")
+    return opt, sched
+
+
+def _signature(cfg: VictimConfig, recipe: Recipe, defense: Defense) -> dict:
+    """What must match for a checkpoint to be resumed (data, model, recipe, defense, seed)."""
+    return {"train": str(Path(cfg.train).resolve()), "recipe": asdict(recipe), "defense": defense.name,
+            "width": cfg.width, "seed": cfg.seed, "limit": cfg.limit}
+
+
+def _save(path: Path, state: dict) -> None:
+    """Atomic checkpoint: a call killed mid-write leaves the previous epoch intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def prepare_data(cfg: VictimConfig, defense: Defense):
+    """Load, subset and apply the once-only parts of the defense; returns uint8 NCHW tensors."""
+    train_x, train_y = load_labeled(cfg.train)
+    keep = balanced_subset(train_y, cfg.limit)
+    train_x = apply_once(defense.train_once, train_x[keep])
+    if cfg.test is None:
+        test_x, test_y = train_x[:0], train_y[:0]
+    else:
+        test_x, test_y = load_labeled(cfg.test)
+        test_x = apply_once(defense.test_once, test_x)
+
+    def nchw(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
+
+    return nchw(train_x), torch.from_numpy(train_y[keep]), nchw(test_x), torch.from_numpy(test_y)
+
+
+def train_victim(cfg: VictimConfig, log=print) -> dict:
+    """Train (or resume) one victim and return its result record; ``complete`` is False if time ran out."""
+    t0 = time.time()
+    recipe = cfg.resolved_recipe()
+    defense = get_defense(cfg.defense)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+    cuda = device.type == "cuda"
+    amp = recipe.amp_bf16 and cuda
+    corruption = training_corruption(defense)
+    if corruption is not None:
+        corruption = corruption.to(device)
+    train_x, train_y, test_x, test_y = prepare_data(cfg, defense)
+    if recipe.gpu_data:
+        train_x, train_y = train_x.to(device), train_y.to(device)
+    workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
+    steps_per_epoch = (len(train_y) // recipe.batch_size if recipe.gpu_data and len(train_y) >= recipe.batch_size
+                       else math.ceil(len(train_y) / recipe.batch_size))
+
+    torch.manual_seed(cfg.seed)
+    model = resnet18(width=cfg.width).to(device)
+    if recipe.channels_last and cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt, sched = _make_optimizer(model, recipe, steps_per_epoch)
+    signature = _signature(cfg, recipe, defense)
+    ckpt_path = Path(cfg.checkpoint) if cfg.checkpoint else None
+    start_epoch, history, trained_seconds = 0, [], 0.0
+    if cfg.resume and ckpt_path and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state["signature"] != signature:
+            raise ToolError(f"checkpoint {ckpt_path} was made with other settings; delete it or drop --resume")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        start_epoch, history, trained_seconds = state["epoch"], state["history"], state["seconds"]
+        log(f"resumed {ckpt_path} at epoch {start_epoch}/{recipe.epochs}")
+    step_model = torch.compile(model) if cfg.compile else model
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+    complete = True
+    for epoch in range(start_epoch, recipe.epochs):
+        e0 = time.time()
+        epoch_seed = cfg.seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed)  # fresh, reproducible corruption noise for this epoch
+        batches = (fast_batches(train_x, train_y, recipe.batch_size, epoch_seed) if recipe.gpu_data
+                   else reference_batches(train_x, train_y, recipe.batch_size, epoch_seed, workers))
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for x, y in batches:
+            x = x.to(device, non_blocking=True).float().div_(255)
+            y = y.to(device, non_blocking=True)
+            if corruption is not None:
+                x = corruption(x)
+            if recipe.channels_last and cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = criterion(step_model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss_sum += loss.detach().float() * len(y)
+            seen += len(y)
+        epoch_seconds = time.time() - e0
+        trained_seconds += epoch_seconds
+        history.append({"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
+                        "seconds": round(epoch_seconds, 3)})
+        log(f"epoch {epoch + 1}/{recipe.epochs} loss {history[-1]['train_loss']:.4f} ({epoch_seconds:.1f}s)")
+        if ckpt_path:
+            _save(ckpt_path, {"signature": signature, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict() if sched is not None else None,
+                              "epoch": epoch + 1, "history": history, "seconds": trained_seconds})
+        remaining = recipe.epochs - epoch - 1
+        if remaining and cfg.max_seconds is not None and time.time() - t0 + epoch_seconds > cfg.max_seconds:
+            complete = False
+            log(f"stopping after epoch {epoch + 1}: the time budget ({cfg.max_seconds:.0f}s) would run out; "
+                "rerun with resume to continue")
+            break
+
+    result = {
+        "complete": complete,
+        "epochs_done": len(history),
+        "settings": {"train": str(cfg.train), "test": cfg.test and str(cfg.test), "defense": defense.to_dict(),
+                     "recipe": asdict(recipe), "width": cfg.width, "seed": cfg.seed, "limit": cfg.limit,
+                     "train_images": int(len(train_y)), "test_images": int(len(test_y)),
+                     "device": str(device), "compile": cfg.compile, **cfg.extra},
+        "train_seconds": round(trained_seconds, 2),
+        "history": history,
+        **provenance(device),
+    }
+    if complete and len(test_y):
+        result["test_accuracy"] = round(evaluate(model, test_x, test_y, device, amp), 2)
+        log(f"test accuracy {result['test_accuracy']:.2f}%")
+    result["seconds"] = round(time.time() - t0, 2)
+    return result
