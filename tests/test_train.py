@@ -16,7 +16,7 @@ from eclipse_stream.train import ReplicatedSampler, TrainConfig, ema_decay_at, t
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("imgs")
-    for name, label, jpg in read_cifar(16):
+    for name, _label, jpg in read_cifar(16):
         (d / f"{name}.jpg").write_bytes(jpg)
     return d
 
