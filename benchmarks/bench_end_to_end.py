@@ -12,8 +12,8 @@ are timed by swapping ``eclipse_stream.pipeline.Purifier`` for a subclass that b
 ``forward`` with CUDA events (perf_counter on a CPU). Under ``--quick`` on a CPU the purifier
 and the I/O share the same few cores, so the ratio says little; the target is for a GPU.
 
-    python -m benchmarks.bench_end_to_end                     # paper preset, 100 steps, bf16
-    python -m benchmarks.bench_end_to_end --presets small --steps 10
+    python -m benchmarks.bench_end_to_end                     # paper, small x 100, 10 steps, bf16
+    python -m benchmarks.bench_end_to_end --presets paper --steps 100
     python -m benchmarks.bench_end_to_end --quick             # seconds on a CPU
 """
 
@@ -31,7 +31,7 @@ from eclipse_stream.purifier import Purifier, PurifierConfig
 
 from . import common
 
-FULL = {"presets": ["paper"], "steps": [100], "precision": "bf16", "t_star": 100, "batch_size": 256,
+FULL = {"presets": ["paper", "small"], "steps": [100, 10], "precision": "bf16", "t_star": 100, "batch_size": 256,
         "images": 10240, "per_shard": 1024, "workers": 4, "encode_threads": 4}
 QUICK = {"presets": ["tiny"], "steps": [2], "batch_size": 8, "images": 32, "per_shard": 16, "workers": 1,
          "encode_threads": 1}
