@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -494,18 +495,19 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
     pool = ThreadPoolExecutor(cfg.encode_threads, thread_name_prefix="eclipse-encode")
     bar = tqdm(total=None, unit="img", desc=f"purify[{rank}]" if rank else "purify", disable=not progress,
                dynamic_ncols=True)
-    finish_lock = threading.Lock()
+    completed: queue.SimpleQueue[int] = queue.SimpleQueue()  # shards whose last sample is written
 
-    def finish(shard: int):
-        with finish_lock:
-            w = writers[shard]
-            if w.closed:
-                return
-            stats = w.finish(fingerprint, rank)
-        processed.append(stats)
-        done_images = sum(s["samples_in"] for s in processed)
-        bar.total = round(done_images / len(processed) * len(tasks))
-        bar.set_postfix(shards=f"{len(processed)}/{len(tasks)}", refresh=False)
+    def finish_completed():
+        """Close, rename and record finished shards -- on the main thread (ffcv's writer forks)."""
+        while not completed.empty():
+            writer = writers[completed.get()]
+            if writer.closed:
+                continue
+            stats = writer.finish(fingerprint, rank)
+            processed.append(stats)
+            done_images = sum(s["samples_in"] for s in processed)
+            bar.total = round(done_images / len(processed) * len(tasks))
+            bar.set_postfix(shards=f"{len(processed)}/{len(tasks)}", refresh=False)
 
     def encode(shard: int, items: list[dict], out: torch.Tensor):
         try:
@@ -522,7 +524,7 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
                 else:
                     complete = w.put(item["index"], sample)
                 if complete:
-                    finish(shard)
+                    completed.put(shard)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             errors.append(e)
         finally:
@@ -547,7 +549,7 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
                     raise SampleError(task.path, ev["key"], ev["reason"])
                 log.warning("%s: skipping sample %r: %s", task.path, ev["key"], ev["reason"])
                 if writers[shard].put(ev["index"], None, ev["key"], ev["reason"]):
-                    finish(shard)
+                    completed.put(shard)
             elif kind == "shard_error":
                 if cfg.on_error == "fail":
                     raise ShardError(task.path, ev["reason"])
@@ -555,10 +557,12 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
                 writers[shard].abort()
                 failed.append({"shard": task.name, "input": task.path, "reason": ev["reason"]})
             elif kind == "end" and writers[shard].end(ev["count"]):
-                finish(shard)
+                completed.put(shard)
+            finish_completed()
         pool.shutdown(wait=True)
         if errors:
             raise errors[0]
+        finish_completed()
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         for w in writers.values():
