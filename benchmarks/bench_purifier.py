@@ -210,8 +210,11 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time and check the UNet under torch.compile")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--denoiser", default=None, help="a trained checkpoint instead of untrained presets")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="experiment: torch.backends.cudnn.benchmark")
+    p.add_argument("--channels-last", action="store_true", help="experiment: UNet weights in channels_last")
     args = common.resolve(p.parse_args(argv), FULL, QUICK)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     env = common.environment(device)
 
     n = max(args.batch_sizes + [args.check_batch, args.baseline_batch])
@@ -223,6 +226,8 @@ def main(argv=None):
     for preset in args.presets:
         denoiser = common.make_denoiser(preset, args.image_size, seed=args.seed, checkpoint=args.denoiser,
                                         device=device)
+        if args.channels_last:
+            denoiser.model.to(memory_format=torch.channels_last)
         flops = common.unet_forward_flops(denoiser.model.config, args.image_size)
         flop_rows.append({"preset": preset, "image_size": args.image_size,
                           "parameters": denoiser.model.num_parameters(), "gflops_per_forward": flops / 1e9})

@@ -109,6 +109,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def command_line() -> str:
+    """How this run was started, as ``python -m benchmarks.<script> ...`` where possible."""
+    script = Path(sys.argv[0]).resolve()
+    with contextlib.suppress(ValueError):
+        script = "python -m " + ".".join(script.relative_to(ROOT).with_suffix("").parts)
+    return " ".join([str(script), *sys.argv[1:]])
+
+
 def environment(device: str | torch.device) -> dict:
     device = torch.device(device)
     env = {
@@ -124,7 +132,7 @@ def environment(device: str | torch.device) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "argv": sys.argv,
+        "command": command_line(),
         **git_state(),
     }
     if device.type == "cuda":
@@ -366,7 +374,8 @@ def write_results(name: str, args: argparse.Namespace, env: dict, sections: dict
           f"torch threads {env['torch_threads']}",
           f"- torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), Python {env['python']}",
           f"- commit {env['git_commit']}" + (" (dirty working tree)" if env.get("git_dirty") else ""),
-          f"- when: {env['timestamp']}; command: `{' '.join(env['argv'])}`", ""]
+          f"- when: {env['timestamp']}; command: `{env['command']}`", ""]
+    md += ["## Settings", "", ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None), ""]
     for title, rows in sections.items():
         md += [f"## {title}", "", table(rows)]
     md += ["## Targets", "", table(targets, ["target", "threshold", "measured", "status", "note"])]
