@@ -106,6 +106,8 @@ def main(argv=None):
     p.add_argument("--workdir", type=Path, default=None, help="where shards go (kept); default a temp dir")
     p.add_argument("--denoiser", default=None, help="a trained checkpoint instead of untrained presets")
     args = common.resolve(p.parse_args(argv), FULL, QUICK)
+    if args.denoiser:  # one trained checkpoint instead of the untrained presets
+        args.presets = [common.checkpoint_preset(args.denoiser)]
     device = torch.device(args.device)
     env = common.environment(device)
 

@@ -174,7 +174,10 @@ def targets(args, rows, baseline, checks, device):
         return max(vals) if vals else None
 
     at32 = args.image_size == 32
-    paper_bf16 = lambda r: at32 and r["preset"] == "paper" and r["steps"] == 100 and r["precision"] == "bf16"  # noqa: E731
+
+    def paper_bf16(r):
+        return at32 and r["preset"] == "paper" and r["steps"] == 100 and r["precision"] == "bf16"
+
     ref = [b["images_per_s"] for b in baseline if b["preset"] == "paper" and b["steps"] == 100]
     ours = best(paper_bf16, "images_per_s")
     fast = best(lambda r: at32 and r["precision"] == "bf16" and r["preset"] in ("paper", "small")
@@ -213,6 +216,8 @@ def main(argv=None):
     p.add_argument("--cudnn-benchmark", action="store_true", help="experiment: torch.backends.cudnn.benchmark")
     p.add_argument("--channels-last", action="store_true", help="experiment: UNet weights in channels_last")
     args = common.resolve(p.parse_args(argv), FULL, QUICK)
+    if args.denoiser:  # one trained checkpoint instead of the untrained presets
+        args.presets = [common.checkpoint_preset(args.denoiser)]
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     env = common.environment(device)

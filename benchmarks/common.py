@@ -313,6 +313,13 @@ def pipeline_purifier(cls, log: list):
         raise RuntimeError("purify_shards never called eclipse_stream.pipeline.Purifier: update the benchmark")
 
 
+def checkpoint_preset(path) -> str:
+    """The preset a checkpoint was trained with (its label in result rows), else "checkpoint"."""
+    from eclipse_stream.checkpoint import load_denoiser
+
+    return load_denoiser(path).metadata.get("train_args", {}).get("preset", "checkpoint")
+
+
 # -- results --------------------------------------------------------------------------------
 
 def target(name: str, measured: float | None, threshold: float, *, at_most: bool = False, unit: str = "",
