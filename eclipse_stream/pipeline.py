@@ -509,8 +509,10 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
             bar.total = round(done_images / len(processed) * len(tasks))
             bar.set_postfix(shards=f"{len(processed)}/{len(tasks)}", refresh=False)
 
-    def encode(shard: int, items: list[dict], out: torch.Tensor):
+    def encode(shard: int, items: list[dict], out: torch.Tensor, ready: torch.cuda.Event | None):
         try:
+            if ready is not None:  # the device -> host copy was queued without blocking the main loop
+                ready.synchronize()
             w = writers[shard]
             for item, img in zip(items, out):
                 h, wd = item["size"]
@@ -540,10 +542,11 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
                 writers[shard] = _ShardWriter(task, out_dir, cfg)
             elif kind == "batch":
                 gen = batch_generator(cfg.seed, task.name, ev["batch"], device)
-                out = purifier(ev["pixels"].to(device, non_blocking=True), generator=gen).cpu()
-                bar.update(len(ev["items"]))
+                out = purifier(ev["pixels"].to(device, non_blocking=True), generator=gen)
                 slots.acquire()
-                pool.submit(encode, shard, ev["items"], out)
+                out, ready = _to_host(out)
+                bar.update(len(ev["items"]))
+                pool.submit(encode, shard, ev["items"], out, ready)
             elif kind == "reject":
                 if cfg.on_error == "fail":
                     raise SampleError(task.path, ev["key"], ev["reason"])
@@ -575,6 +578,17 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
         if not w.closed:
             raise EclipseError(f"{w.task.path}: shard did not complete ({w.next_index} of {w.expected} samples)")
     return processed, failed
+
+
+def _to_host(out: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Copy a result to host memory; on CUDA without waiting (pinned buffer + an event to wait on)."""
+    if out.device.type != "cuda":
+        return out.cpu(), None
+    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    host.copy_(out, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def _write_manifest(shards, out_dir: Path, denoiser, ckpt_sha: str, fingerprint: dict, world: int) -> Path:
