@@ -24,6 +24,11 @@ the write mode from those, and the writer stores the image field the same way:
 * both, otherwise (as ``proportion`` writes) -> ``proportion`` with the input's JPEG fraction.
 
 ``max_resolution`` and the input's JPEG quality are not recorded in the file; the writer never resizes.
+Every RGBImageField is written this way, so a second, JPEG-stored image field is re-compressed.
+
+Limitation: if DatasetWriter's worker process dies (an encoder error, the disk filling up, the OOM
+killer), ffcv waits for it forever. The writer therefore checks every value in :meth:`BetonWriter.write`
+and sizes pages for the largest sample, which leaves only the environmental failures.
 ffcv is imported inside functions only, so this module imports without it.
 """
 
@@ -74,6 +79,9 @@ class BetonReader:
         require_ffcv(self.path)
         self._reader = _open_reader(self.path)
         self.field_names: list[str] = list(self._reader.field_names)
+        if len(set(self.field_names)) < len(self.field_names):  # names are cut to 16 bytes in the file
+            raise ShardError(self.path, f"duplicate field names {self.field_names}; they cannot be told apart")
+        self._field_types = _field_types(self._reader)
         self.num_samples = int(self._reader.num_samples)
         self.image_field = self._choose_image_field(image_field)
         self._raw_mode, self._jpg_mode = _image_modes()
@@ -105,17 +113,17 @@ class BetonReader:
         """The RGBImageField to purify: ``requested``, or the first one in field order."""
         from ffcv.fields import RGBImageField
 
-        handlers = self._reader.handlers
-        images = [name for name in self.field_names if isinstance(handlers[name], RGBImageField)]
+        types = self._field_types
+        images = [name for name in self.field_names if types[name] is RGBImageField]
         if requested is None and images:
             return images[0]
         if requested is None:
             raise InputError(f"{self.path}: no RGBImageField among the fields {self.field_names}")
-        if requested not in handlers:
+        if requested not in types:
             raise InputError(f"{self.path}: no field named {requested!r} (fields: {self.field_names})")
         if requested not in images:
-            raise InputError(f"{self.path}: field {requested!r} is a {type(handlers[requested]).__name__}, "
-                             f"not an RGBImageField")
+            raise InputError(f"{self.path}: field {requested!r} has type {types[requested].__name__}, "
+                             f"not RGBImageField")
         return requested
 
     def _sample(self, data: np.ndarray, index: int) -> dict:
@@ -131,18 +139,19 @@ class BetonReader:
         """Field ``name``'s value from its metadata record ``meta`` and the bytes it points to."""
         from ffcv import fields
 
-        handler = self._reader.handlers[name]
-        if isinstance(handler, fields.IntField):
+        field_type = self._field_types[name]
+        if field_type is fields.IntField:
             return int(meta)
-        if isinstance(handler, fields.FloatField):
+        if field_type is fields.FloatField:
             return float(meta)
-        if isinstance(handler, fields.RGBImageField):
+        if field_type is fields.RGBImageField:
             return self._image(meta, data, key)
-        if isinstance(handler, fields.NDArrayField):
+        if issubclass(field_type, fields.NDArrayField):  # TorchTensorField values are arrays too
+            handler = self._reader.handlers[name]
             raw = self._bytes(data, int(meta), int(handler.element_size), key)
             return raw.view(handler.dtype).reshape(tuple(int(n) for n in handler.shape))
         raw = self._bytes(data, int(meta["ptr"]), int(meta["size"]), key)
-        if isinstance(handler, fields.JSONField):
+        if field_type is fields.JSONField:
             return self._json(name, raw, key)
         return raw  # BytesField, the last type in ffcv's TYPE_ID_HANDLER
 
@@ -281,17 +290,13 @@ class BetonWriter:
 
     def _checked(self, name: str, field, sample: dict, key: str) -> tuple[object, int]:
         """``sample[name]`` ready for ``field.encode``, and an upper bound on the bytes it allocates."""
-        from ffcv.fields import RGBImageField, TorchTensorField
+        from ffcv.fields import RGBImageField
 
         if name not in sample:
             raise SampleError(self.path, key, f"missing field {name!r}")
-        value = sample[name]
         if isinstance(field, RGBImageField):
-            return self._checked_image(name, field, value, key)
-        if isinstance(field, TorchTensorField) and isinstance(value, np.ndarray):
-            import torch
-
-            value = torch.from_numpy(np.ascontiguousarray(value))
+            return self._checked_image(name, field, sample[name], key)
+        value = _for_encoder(field, sample[name])
         try:
             return value, _trial_encode(field, value)
         except Exception as exc:  # anything ffcv's encoder rejects is a bad value in this sample
@@ -429,6 +434,8 @@ def _mapped_reader_class() -> type:
 
     class MappedReader(Reader):
         def read_metadata(self):
+            if len(self.field_descriptors) != self.num_fields:
+                raise ValueError("truncated: the field table is incomplete")
             self.metadata_start = HeaderType.itemsize + self.field_descriptors.nbytes
             self.metadata = _map_array(self._fname, self.metadata_type, self.metadata_start,
                                        int(self.num_samples), "the per-sample metadata")
@@ -460,6 +467,16 @@ def _map_array(path: str, dtype: np.dtype, offset: int, count: int, what: str) -
     if count == 0:
         return np.zeros(0, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+
+def _field_types(reader) -> dict[str, type]:
+    """Each field's ffcv class, by the type id in the file. ffcv's Reader builds handlers with the
+    parent's ``from_binary`` for subclasses, so a JSONField reads back as a BytesField and a
+    TorchTensorField as an NDArrayField; the type id keeps them apart."""
+    from ffcv.types import TYPE_ID_HANDLER
+
+    type_ids = reader.field_descriptors["type_id"]
+    return {name: TYPE_ID_HANDLER[int(t)] for name, t in zip(reader.field_names, type_ids)}
 
 
 @functools.cache
@@ -514,6 +531,20 @@ def _decode_jpeg(encoded: np.ndarray, height: int, width: int) -> np.ndarray | N
     return image if status == 0 else None
 
 
+def _for_encoder(field, value):
+    """``value`` in the array type ``field.encode`` takes: a torch tensor for a TorchTensorField, a numpy
+    array for other array and bytes fields. Either is accepted (BetonReader yields numpy arrays; a
+    torch DataLoader on the way converts them to tensors)."""
+    import torch
+    from ffcv.fields import BytesField, NDArrayField, TorchTensorField
+
+    if isinstance(field, TorchTensorField):
+        return torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+    if isinstance(field, (NDArrayField, BytesField)) and isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return value
+
+
 def _trial_encode(field, value) -> int:
     """Run ``field.encode`` on a scratch record; returns the bytes it allocates, raises what it raises."""
     allocated = []
@@ -527,28 +558,38 @@ def _trial_encode(field, value) -> int:
 
 
 def _output_fields(like: BetonReader, jpeg_quality: int) -> dict:
-    """ffcv fields for the output, in ``like``'s order.
+    """ffcv fields for the output: ``like``'s names, types and order.
 
     Image fields are re-created with the storage inferred from the input (the file keeps no
-    RGBImageField arguments); a TorchTensorField is restored as such (ffcv reads one back as an
-    NDArrayField, which would change its type id); other fields are used as read.
+    RGBImageField arguments), array fields by :func:`_array_field`; the other types take no arguments.
     """
-    from ffcv.fields import RGBImageField, TorchTensorField
-    from ffcv.types import TYPE_ID_HANDLER
+    from ffcv.fields import NDArrayField, RGBImageField
 
     fields = {}
-    for name, type_id in zip(like.field_names, like._reader.field_descriptors["type_id"]):
-        handler = like._reader.handlers[name]
-        if isinstance(handler, RGBImageField):
+    for name, field_type in like._field_types.items():
+        if field_type is RGBImageField:
             fields[name] = _image_field(like._storage_info(name), jpeg_quality)
-        elif TYPE_ID_HANDLER[int(type_id)] is TorchTensorField:
-            import torch
-
-            dtype = torch.from_numpy(np.zeros(0, handler.dtype)).dtype
-            fields[name] = TorchTensorField(dtype, tuple(int(n) for n in handler.shape))
+        elif issubclass(field_type, NDArrayField):
+            fields[name] = _array_field(field_type, like._reader.handlers[name])
         else:
-            fields[name] = handler
+            fields[name] = field_type()
     return fields
+
+
+def _array_field(field_type: type, handler):
+    """A ``field_type`` (NDArrayField or TorchTensorField) with ``handler``'s dtype and shape.
+
+    ffcv's Reader returns both as an NDArrayField whose shape holds numpy uint64s; its allocator then
+    mixes those sizes with int64 ones into float offsets and fails, so the shape becomes Python ints.
+    """
+    from ffcv.fields import TorchTensorField
+
+    shape = tuple(int(n) for n in handler.shape)
+    if field_type is TorchTensorField:
+        import torch
+
+        return TorchTensorField(torch.from_numpy(np.zeros(0, handler.dtype)).dtype, shape)
+    return field_type(handler.dtype, shape)
 
 
 def _image_field(storage: dict, jpeg_quality: int):
