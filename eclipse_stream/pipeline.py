@@ -343,24 +343,31 @@ class _ShardWriter:
     def finish(self, fingerprint: dict, rank: int) -> dict:
         """Close, check counts, rename into place, then write the stats file that marks it done."""
         self.closed = True
-        self.sink.close()
         n_rejected = len(self.rejects)
         if self.written + n_rejected != self.expected:
             raise EclipseError(f"{self.task.path}: internal count mismatch: {self.expected} in, "
                                f"{self.written} written + {n_rejected} rejected")
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.final)
+        if self.written == 0 and self.task.kind == "beton":
+            # ffcv cannot write an empty .beton: the stats file alone records that nothing survived
+            self.sink.abort()
+            self.tmp.unlink(missing_ok=True)
+            output = None
+        else:
+            self.sink.close()
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.final)
+            output = str(self.final)
         stats = {
             "shard": self.task.name,
             "input": self.task.path,
-            "output": str(self.final),
+            "output": output,
             "samples_in": self.expected,
             "written": self.written,
             "rejected": len(self.rejects),
             "rejects": sorted(self.rejects, key=lambda r: r["index"]),
             "seconds": round(time.time() - self.started, 3),
-            "output_sha256": _sha256(self.final),
+            "output_sha256": _sha256(self.final) if output else None,
             "config": fingerprint,
             "package_version": __version__,
             "rank": rank,
@@ -417,13 +424,17 @@ def _plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool)
     for i, s in enumerate(shards):
         task = _Task(i, str(s), s.name)
         sp = stats_path(out_dir / s.name)
-        if overwrite or not sp.is_file() or not (out_dir / s.name).is_file():
+        if overwrite or not sp.is_file():
             todo.append(task)
             continue
         try:
-            previous = json.loads(sp.read_text())["config"]
+            stats = json.loads(sp.read_text())
+            previous = stats["config"]
         except (json.JSONDecodeError, KeyError) as e:
             raise InputError(f"{sp}: unreadable stats file ({e}); use --overwrite to redo this shard")
+        if stats.get("output") and not (out_dir / s.name).is_file():  # output deleted since: redo
+            todo.append(task)
+            continue
         if previous != fingerprint:
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
             raise InputError(f"{out_dir / s.name} was purified with different settings ({', '.join(changed)}); "
@@ -477,6 +488,11 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser, cfg: 
     return RunResult(processed, done, failed, manifest)
 
 
+def _as_is(event: dict) -> dict:
+    """DataLoader collate that leaves events alone (the default turns numpy fields into tensors)."""
+    return event
+
+
 def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shards):
     """The main loop: events from reader workers -> device -> encode threads -> writers."""
     processed: list[dict] = []
@@ -485,7 +501,8 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
         return processed, failed
     device = purifier.device
     model_size = purifier.model.config.image_size
-    loader = DataLoader(_ShardEvents(tasks, cfg, model_size), batch_size=None, num_workers=cfg.workers,
+    loader = DataLoader(_ShardEvents(tasks, cfg, model_size), batch_size=None, collate_fn=_as_is,
+                        num_workers=cfg.workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)
     by_index = {t.index: t for t in tasks}
