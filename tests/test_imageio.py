@@ -159,7 +159,7 @@ def test_no_global_pil_state_changed():
 
     before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
     decode_image(_save(Image.fromarray(_noise(20, 20)), "PNG"), max_pixels=10**12)
-    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before
+    assert before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
 
 
 def test_16bit_gray_png_refused():
