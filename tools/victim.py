@@ -102,13 +102,17 @@ def load_labeled(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_beton(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a raw-RGB .beton in file order; ffcv is imported only when one is used."""
+    """Read a raw-RGB .beton in file order; ffcv is imported only when one is used.
+
+    One ffcv worker: raw RGB needs no decoding, and with more, ffcv's numba/OpenMP
+    threads keep spinning after the read and slow every later torch op many times over.
+    """
     if not path.is_file():
         raise ToolError(f"no such .beton file: {path}")
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    loader = Loader(str(path), batch_size=1024, num_workers=min(8, os.cpu_count() or 1),
+    loader = Loader(str(path), batch_size=1024, num_workers=1,
                     order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
     images, labels = zip(*((np.array(x), np.array(y).reshape(-1)) for x, y in loader))

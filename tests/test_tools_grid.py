@@ -1,0 +1,107 @@
+"""tools.grid end to end on CPU: one cell through the CLI, resumption, and an ECLIPSE cell."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import tools.grid as grid
+from tools.common import PROJECT_ROOT, ToolError, default_data_dir, read_json
+from tools.grid import GridConfig, markdown_table, run_grid
+from tools.paper import TABLE1, TABLE3_CLEAN
+
+DATA = default_data_dir()
+pytestmark = pytest.mark.skipif(not (DATA / "train.tar.gz").is_file(), reason=f"CIFAR-10 tars not at {DATA}")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--limit-per-class", "10", "--recipe", "fast", "--epochs", "1", "--width", "0.125", "--device", "cpu"]
+
+
+def _evaluate(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tools.evaluate", *args], cwd=PROJECT_ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_one_cell_grid_cli_end_to_end_and_rerun_skips(tmp_path):
+    work = tmp_path / "work"
+    proc = _evaluate("grid", "--poisons", "urp", "--defenses", "corruption", "--work-dir", str(work), *TINY)
+    assert proc.returncode == 0, proc.stderr
+    results_path = work / "results-fast.json"
+    assert proc.stdout.strip() == str(results_path)
+    results = read_json(results_path)
+    cell = results["cells"]["urp/corruption"]
+    assert results["complete"] and 0 <= cell["accuracy"] <= 100
+    for field in ("device", "torch", "git_commit", "seconds", "host", "settings"):
+        assert cell[field], field
+    assert cell["settings"]["defense"]["train_corruption"] and cell["settings"]["train_images"] == 100
+    assert cell["poison_norms"]["linf_max_255"] <= 8
+    md = results_path.with_suffix(".md").read_text()
+    assert "| corruption |" in md and f"({TABLE1['eclipse']['urp']:.2f})" in md
+    assert results_path.with_suffix(".png").stat().st_size > 1000
+
+    again = _evaluate("grid", "--poisons", "urp", "--defenses", "corruption", "--work-dir", str(work), *TINY)
+    assert again.returncode == 0, again.stderr
+    assert "== cell" not in again.stderr and "0 cell(s) left" in again.stderr
+    assert read_json(results_path)["cells"] == results["cells"]
+
+
+def test_cell_cut_short_resumes_from_checkpoint(tmp_path, monkeypatch):
+    """A cell whose training runs out of time is left out of the results and continues on the next call."""
+    cfg = GridConfig(poisons=["clean"], defenses=["none"], work_dir=tmp_path, limit_per_class=5, recipe="reference",
+                     epochs=2, width=0.125, device="cpu")
+    real_train = grid.train_victim
+
+    def out_of_time(config, log):
+        config.max_seconds = 0.0
+        return real_train(config, log)
+
+    monkeypatch.setattr(grid, "train_victim", out_of_time)
+    first = run_grid(cfg, log=lambda m: None)
+    assert not first["complete"] and first["cells"] == {}
+    assert (tmp_path / "checkpoints" / "reference" / "clean__none.pt").is_file()
+    monkeypatch.setattr(grid, "train_victim", real_train)
+    logs = []
+    second = run_grid(cfg, log=logs.append)
+    assert second["complete"] and second["cells"]["clean/none"]["epochs_done"] == 2
+    assert any(m.startswith("resumed") for m in logs)
+
+    with pytest.raises(ToolError, match="settings"):
+        run_grid(GridConfig(**{**cfg.__dict__, "epochs": 3}), log=lambda m: None)
+
+
+def test_markdown_table_lists_paper_numbers_without_ours():
+    md = markdown_table({"settings": {}, "cells": {}})
+    assert "not measured" not in md  # empty cells are dashes, never invented numbers
+    assert f"— ({TABLE3_CLEAN['eclipse']:.2f})" in md and f"— ({TABLE1['iss-jpeg10']['em']:.2f})" in md
+
+
+def test_eclipse_cells_need_a_denoiser(tmp_path):
+    with pytest.raises(ToolError, match="denoiser"):
+        run_grid(GridConfig(poisons=["urp"], defenses=["eclipse"], work_dir=tmp_path, limit_per_class=5,
+                            device="cpu"), log=lambda m: None)
+
+
+def test_eclipse_cell_end_to_end(tmp_path):
+    """Denoiser from `eclipse-stream train --preset tiny --iterations 2`, then an ECLIPSE cell (full 100 steps)."""
+    pytest.importorskip("eclipse_stream.corruption")
+    from tools.defenses import eclipse_stream_command
+    from tools.prepare import prepare
+
+    clean = tmp_path / "work" / "clean"
+    prepare(None, clean, limit_per_class=5, beton=False)
+    denoiser = tmp_path / "denoiser.safetensors"
+    train = subprocess.run([*eclipse_stream_command(), "train", str(clean / "sparse"), "-o", str(denoiser),
+                            "--preset", "tiny", "--iterations", "2", "--batch-size", "8", "--device", "cpu", "-q"],
+                           cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr
+    proc = _evaluate("grid", "--poisons", "urp", "--defenses", "eclipse", "--work-dir", str(tmp_path / "work"),
+                     "--denoiser", str(denoiser), *[a if a != "10" else "5" for a in TINY])
+    assert proc.returncode == 0, proc.stderr
+    cell = read_json(tmp_path / "work" / "results-fast.json")["cells"]["urp/eclipse"]
+    assert cell["settings"]["defense"]["purify"] and cell["settings"]["defense"]["train_corruption"]
+    assert cell["settings"]["train"].endswith(os.path.join("purified", "urp"))
+    manifest = json.loads((tmp_path / "work" / "purified" / "urp" / "manifest.json").read_text())
+    assert manifest["config"]["purifier"]["t_star"] == 100

@@ -1,0 +1,131 @@
+"""tools.victim and tools.defenses: the victim learns, resumes exactly, and defenses act where they should."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from tools.common import ToolError, default_data_dir
+from tools.defenses import get_defense, grayscale, jpeg, training_corruption
+from tools.evaluate import main
+from tools.prepare import prepare
+from tools.victim import VictimConfig, gpu_crop_flip, train_victim
+
+DATA = default_data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "train.tar.gz").is_file(), reason=f"CIFAR-10 tars not at {DATA}")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("victim-small") / "clean"
+    prepare(None, out, limit_per_class=20, shard_size=64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    out = tmp_path_factory.mktemp("victim-medium") / "clean"
+    prepare(None, out, limit_per_class=250, beton=False)
+    return out
+
+
+@needs_data
+def test_victim_learns_well_above_chance(medium):
+    """2,500 clean images, narrow ResNet18, 10 epochs on CPU: far above the 10% of chance."""
+    result = train_victim(VictimConfig(train=str(medium / "train"), test=str(medium / "test"), recipe="fast",
+                                       epochs=10, batch_size=64, width=0.125, device="cpu", seed=0),
+                          log=lambda m: None)
+    assert result["complete"] and result["settings"]["train_images"] == 2500
+    assert result["test_accuracy"] >= 35.0, result["test_accuracy"]
+    assert result["git_commit"] and result["torch"] == torch.__version__ and "cpu" in result["device"]
+
+
+@needs_data
+def test_resume_continues_exactly(small, tmp_path):
+    """Stopped by its time budget after epoch 1 and resumed, a run ends where an uninterrupted one does."""
+    def cfg(ckpt, **kw):
+        return VictimConfig(train=str(small / "train"), test=str(small / "test"), recipe="reference", epochs=2,
+                            batch_size=32, width=0.125, device="cpu", seed=3, workers=0, checkpoint=str(ckpt),
+                            defense="corruption", **kw)
+
+    straight = train_victim(cfg(tmp_path / "a.pt"), log=lambda m: None)
+    first = train_victim(cfg(tmp_path / "b.pt", max_seconds=0.0), log=lambda m: None)
+    assert not first["complete"] and first["epochs_done"] == 1 and "test_accuracy" not in first
+    resumed = train_victim(cfg(tmp_path / "b.pt", resume=True), log=lambda m: None)
+    assert resumed["complete"] and resumed["epochs_done"] == 2
+    a = torch.load(tmp_path / "a.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+
+
+@needs_data
+def test_resume_refuses_other_settings(small, tmp_path):
+    base = {"train": str(small / "train"), "test": None, "epochs": 1, "width": 0.125, "device": "cpu",
+            "workers": 0, "checkpoint": str(tmp_path / "c.pt")}
+    train_victim(VictimConfig(**base), log=lambda m: None)
+    with pytest.raises(ToolError, match="other settings"):
+        train_victim(VictimConfig(**base, seed=1, resume=True), log=lambda m: None)
+
+
+@needs_data
+def test_victim_cli_reads_beton_and_prints_json(small):
+    pytest.importorskip("ffcv")
+    res = CliRunner().invoke(main, ["victim", "--train", str(small / "train.beton"), "--test", str(small / "test"),
+                                    "--recipe", "fast", "--epochs", "1", "--width", "0.125", "--device", "cpu",
+                                    "--defense", "iss-gray"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["complete"] and result["settings"]["train_images"] == 200
+    assert result["settings"]["defense"]["test_once"] == "gray" and 0 <= result["test_accuracy"] <= 100
+
+
+def test_gpu_crop_flip_is_per_image_crop_and_flip():
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    out = gpu_crop_flip(x, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    dy, dx = torch.randint(0, 9, (6,), generator=g), torch.randint(0, 9, (6,), generator=g)
+    flip = torch.rand(6, generator=g) < 0.5
+    padded = F.pad(x, (4, 4, 4, 4))
+    for i in range(6):
+        ref = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        assert torch.equal(out[i], ref.flip(2) if flip[i] else ref)
+
+
+def test_defense_names_and_parts():
+    assert get_defense("none").to_dict()["train_once"] is None
+    assert get_defense("iss-gray").test_once == "gray"
+    assert get_defense("iss-jpeg10").train_once == "jpeg10" and get_defense("iss-jpeg10").test_once is None
+    assert get_defense("corruption").train_corruption and not get_defense("corruption").purify
+    eclipse = get_defense("eclipse-steps10")
+    assert eclipse.purify and eclipse.train_corruption and eclipse.purify_steps == 10
+    with pytest.raises(ToolError):
+        get_defense("eclipse-steps0")
+    with pytest.raises(ToolError):
+        get_defense("mixup")
+
+
+def test_once_only_transforms():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    gray = grayscale(images)
+    assert gray.dtype == np.uint8 and (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    squeezed = jpeg(images)
+    assert squeezed.shape == images.shape and not np.array_equal(squeezed, images)
+
+
+def test_training_corruption_is_the_package_module():
+    corruption = pytest.importorskip("eclipse_stream.corruption")
+    module = training_corruption(get_defense("eclipse"))
+    assert isinstance(module, corruption.RandomCorruption) and module.p == 0.4 and module.sigma == 0.05
+    assert training_corruption(get_defense("iss-jpeg10")) is None
+    x = torch.rand(8, 3, 32, 32)
+    torch.manual_seed(0)
+    a = module(x)
+    b = module(x)
+    assert a.shape == x.shape and not torch.equal(a, b)  # fresh draw per call
