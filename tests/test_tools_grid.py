@@ -87,7 +87,7 @@ def test_eclipse_cells_need_a_denoiser(tmp_path):
 def test_eclipse_cell_end_to_end(tmp_path):
     """Denoiser from `eclipse-stream train --preset tiny --iterations 2`, then an ECLIPSE cell (full 100 steps)."""
     pytest.importorskip("eclipse_stream.corruption")
-    from tools.defenses import eclipse_stream_command
+    from tools.defenses import PurifyTimeout, eclipse_stream_command, purify
     from tools.prepare import prepare
 
     clean = tmp_path / "work" / "clean"
@@ -97,6 +97,8 @@ def test_eclipse_cell_end_to_end(tmp_path):
                             "--preset", "tiny", "--iterations", "2", "--batch-size", "8", "--device", "cpu", "-q"],
                            cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stderr
+    with pytest.raises(PurifyTimeout):  # a call out of time stops the CLI; the grid below finishes the job
+        purify(clean / "train", tmp_path / "work" / "purified" / "urp-early", denoiser, device="cpu", timeout=0.5)
     proc = _evaluate("grid", "--poisons", "urp", "--defenses", "eclipse", "--work-dir", str(tmp_path / "work"),
                      "--denoiser", str(denoiser), *[a if a != "10" else "5" for a in TINY])
     assert proc.returncode == 0, proc.stderr

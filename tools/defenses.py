@@ -17,6 +17,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -137,12 +138,21 @@ def purify(in_dir: Path, out_dir: Path, denoiser: Path, steps: int | None = None
     if batch_size:
         cmd += ["--batch-size", str(batch_size)]
     cmd += list(extra_args)
+    # Own process group, so a timeout also stops the CLI's decode workers.
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as exc:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
         raise PurifyTimeout(f"purification of {in_dir} stopped after {timeout:.0f}s; rerun to resume") from exc
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        tail = (stderr or stdout).strip().splitlines()[-5:]
         raise ToolError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {' | '.join(tail)}")
     mark_complete(in_dir, out_dir)
     return out_dir

@@ -148,13 +148,13 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def reference_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, epoch_seed: int,
-                      workers: int):
+                      workers: int, pin_memory: bool = False):
     """One epoch of shuffled, per-image augmented uint8 batches through a DataLoader."""
     generator = torch.Generator().manual_seed(epoch_seed)
     drop_last = len(labels) % batch_size == 1  # a batch of one would break BatchNorm
     loader = DataLoader(_AugmentedImages(images, labels), batch_size=batch_size, shuffle=True,
                         generator=generator, num_workers=workers, drop_last=drop_last,
-                        worker_init_fn=_seed_worker if workers else None, persistent_workers=False)
+                        worker_init_fn=_seed_worker if workers else None, pin_memory=pin_memory)
     if not workers:
         torch.manual_seed(epoch_seed)  # the transforms draw from the global generator in-process
     yield from loader
@@ -291,7 +291,7 @@ def train_victim(cfg: VictimConfig, log=print) -> dict:
         epoch_seed = cfg.seed * 100_003 + epoch
         torch.manual_seed(epoch_seed)  # fresh, reproducible corruption noise for this epoch
         batches = (fast_batches(train_x, train_y, recipe.batch_size, epoch_seed) if recipe.gpu_data
-                   else reference_batches(train_x, train_y, recipe.batch_size, epoch_seed, workers))
+                   else reference_batches(train_x, train_y, recipe.batch_size, epoch_seed, workers, pin_memory=cuda))
         model.train()
         loss_sum, seen = 0.0, 0
         for x, y in batches:

@@ -58,7 +58,10 @@ def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_di
                                state_path=out_dir.with_name(out_dir.name + ".em-state.pt"), log=log, **options)
     if kind == "tap":
         settings = module.TAPSettings(**options.pop("settings", {}))
+        t0 = time.time()
         surrogate = _tap_surrogate(in_dir, out_dir, device, options, log)
+        if options.get("max_seconds") is not None:  # the surrogate used part of this call's budget
+            options["max_seconds"] = max(1.0, options["max_seconds"] - (time.time() - t0))
         return module.generate(clean, labels, seed=seed, device=device, surrogate=surrogate, settings=settings,
                                state_path=out_dir.with_name(out_dir.name + ".tap-state.pt"), log=log, **options)
     return module.generate(clean, labels, seed=seed, **options)
