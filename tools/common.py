@@ -29,6 +29,7 @@ from PIL import Image
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORK = PROJECT_ROOT / "runs" / "eval"  # git-ignored
 MANIFEST = "manifest.json"
 
 

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import click
 
-from .common import ToolError, read_json, write_json
-
-DEFAULT_WORK = Path("runs") / "eval"
+from .common import DEFAULT_WORK, ToolError, read_json, write_json
 
 
 def _echo(message: str) -> None:
@@ -56,7 +54,7 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 @click.option("--in", "in_dir", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "train",
               show_default=True, help="Clean training shard folder.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Poisoned shard folder [default: runs/eval/poisoned/KIND].")
+              help="Poisoned shard folder [default: <project>/runs/eval/poisoned/KIND].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="EM/TAP: torch device.")
 @click.option("--width", type=float, default=None, help="EM model / TAP surrogate width multiplier (default 1).")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import PROJECT_ROOT, ToolError, provenance, read_json, write_json
+from .common import DEFAULT_WORK, ToolError, provenance, read_json, write_json
 from .defenses import PurifyTimeout, get_defense, purify
 from .paper import PAPER_POISONS, TABLE1_AVG, paper_value
 from .poisons import POISONS
@@ -22,7 +22,6 @@ from .poisons.pgd import PoisonIncomplete
 from .prepare import prepare
 from .victim import VictimConfig, train_victim
 
-DEFAULT_WORK_DIR = PROJECT_ROOT / "runs" / "eval"
 SAFETY_SECONDS = 20  # left for writing results after the last epoch of a call
 
 
@@ -32,7 +31,7 @@ class GridConfig:
 
     poisons: list[str]
     defenses: list[str]
-    work_dir: Path = DEFAULT_WORK_DIR
+    work_dir: Path = DEFAULT_WORK
     results: Path | None = None
     data_dir: str | None = None
     limit_per_class: int | None = None

@@ -142,19 +142,17 @@ class _AugmentedImages(Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def _seed_worker(worker_id: int) -> None:
-    """DataLoader workers inherit a per-epoch base seed, so an epoch is reproducible after resume."""
-    torch.manual_seed(torch.initial_seed() % 2**32 + worker_id)
-
-
 def reference_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, epoch_seed: int,
                       workers: int, pin_memory: bool = False):
-    """One epoch of shuffled, per-image augmented uint8 batches through a DataLoader."""
+    """One epoch of shuffled, per-image augmented uint8 batches through a DataLoader.
+
+    The epoch's generator fixes the order and, through the per-worker seeds DataLoader
+    derives from it, the augmentation: an epoch replays identically after a resume.
+    """
     generator = torch.Generator().manual_seed(epoch_seed)
     drop_last = len(labels) % batch_size == 1  # a batch of one would break BatchNorm
     loader = DataLoader(_AugmentedImages(images, labels), batch_size=batch_size, shuffle=True,
-                        generator=generator, num_workers=workers, drop_last=drop_last,
-                        worker_init_fn=_seed_worker if workers else None, pin_memory=pin_memory)
+                        generator=generator, num_workers=workers, drop_last=drop_last, pin_memory=pin_memory)
     if not workers:
         torch.manual_seed(epoch_seed)  # the transforms draw from the global generator in-process
     yield from loader
