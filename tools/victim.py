@@ -252,6 +252,8 @@ def train_victim(cfg: VictimConfig, log=print) -> dict:
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     cuda = device.type == "cuda"
     amp = recipe.amp_bf16 and cuda
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     corruption = training_corruption(defense)
     if corruption is not None:
         corruption = corruption.to(device)

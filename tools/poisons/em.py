@@ -63,7 +63,9 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
     opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator(device=device).manual_seed(seed)
     delta = (torch.rand(x.shape, device=device, generator=gen) * 2 - 1) * s.eps
-    signature = {"kind": "em", "seed": seed, "n": len(y), "settings": asdict(s)}
+    # max_rounds only says when to stop, so a run may be resumed with a larger one.
+    signature = {"kind": "em", "seed": seed, "n": len(y),
+                 "settings": {k: v for k, v in asdict(s).items() if k != "max_rounds"}}
     first_round, cursor, done = 0, 0, False
     state = load_state(state_path, device, signature)
     if state is not None:
