@@ -243,102 +243,149 @@ def prepare_data(cfg: VictimConfig, defense: Defense):
     return nchw(train_x), torch.from_numpy(train_y[keep]), nchw(test_x), torch.from_numpy(test_y)
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class _Run:
+    """Everything one training run carries between epochs (and into its checkpoint)."""
+
+    cfg: VictimConfig
+    recipe: Recipe
+    defense: Defense
+    device: torch.device
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    signature: dict
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def amp(self) -> bool:
+        return self.recipe.amp_bf16 and self.cuda
+
+    def state(self) -> dict:
+        return {"signature": self.signature, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                "epoch": self.epoch, "history": self.history, "seconds": self.seconds}
+
+    def restore(self, path: Path, log) -> None:
+        """Continue from a checkpoint written by the same settings (anything else is refused)."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["signature"] != self.signature:
+            raise ToolError(f"checkpoint {path} was made with other settings; delete it or drop --resume")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        self.epoch, self.history, self.seconds = state["epoch"], state["history"], state["seconds"]
+        log(f"resumed {path} at epoch {self.epoch}/{self.recipe.epochs}")
+
+
+def _start(cfg: VictimConfig, n_train: int, log) -> _Run:
+    """Model, optimiser and schedule for a run, restored from its checkpoint when resuming."""
+    recipe, defense, device = cfg.resolved_recipe(), get_defense(cfg.defense), _device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    steps_per_epoch = (n_train // recipe.batch_size if recipe.gpu_data and n_train >= recipe.batch_size
+                       else math.ceil(n_train / recipe.batch_size))
+    torch.manual_seed(cfg.seed)
+    model = resnet18(width=cfg.width).to(device)
+    if recipe.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt, sched = _make_optimizer(model, recipe, steps_per_epoch)
+    run = _Run(cfg, recipe, defense, device, model, opt, sched, _signature(cfg, recipe, defense))
+    if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).is_file():
+        run.restore(Path(cfg.checkpoint), log)
+    return run
+
+
+def _train_epoch(run: _Run, step_model, batches, corruption, criterion) -> float:
+    """One pass over the batches; returns the mean training loss."""
+    run.model.train()
+    loss_sum, seen = 0.0, 0
+    for x, y in batches:
+        x = x.to(run.device, non_blocking=True).float().div_(255)
+        y = y.to(run.device, non_blocking=True)
+        if corruption is not None:
+            x = corruption(x)
+        if run.recipe.channels_last and run.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+            loss = criterion(step_model(x), y)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        if run.sched is not None:
+            run.sched.step()
+        loss_sum += loss.detach().float() * len(y)
+        seen += len(y)
+    return float(loss_sum) / max(seen, 1)
+
+
 def train_victim(cfg: VictimConfig, log=print) -> dict:
     """Train (or resume) one victim and return its result record; ``complete`` is False if time ran out."""
     t0 = time.time()
-    recipe = cfg.resolved_recipe()
     defense = get_defense(cfg.defense)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.device == "auto" else cfg.device))
-    cuda = device.type == "cuda"
-    amp = recipe.amp_bf16 and cuda
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     corruption = training_corruption(defense)
-    if corruption is not None:
-        corruption = corruption.to(device)
     train_x, train_y, test_x, test_y = prepare_data(cfg, defense)
-    if recipe.gpu_data:
-        train_x, train_y = train_x.to(device), train_y.to(device)
-    workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
-    steps_per_epoch = (len(train_y) // recipe.batch_size if recipe.gpu_data and len(train_y) >= recipe.batch_size
-                       else math.ceil(len(train_y) / recipe.batch_size))
-
-    torch.manual_seed(cfg.seed)
-    model = resnet18(width=cfg.width).to(device)
-    if recipe.channels_last and cuda:
-        model = model.to(memory_format=torch.channels_last)
-    opt, sched = _make_optimizer(model, recipe, steps_per_epoch)
-    signature = _signature(cfg, recipe, defense)
-    ckpt_path = Path(cfg.checkpoint) if cfg.checkpoint else None
-    start_epoch, history, trained_seconds = 0, [], 0.0
-    if cfg.resume and ckpt_path and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["signature"] != signature:
-            raise ToolError(f"checkpoint {ckpt_path} was made with other settings; delete it or drop --resume")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        start_epoch, history, trained_seconds = state["epoch"], state["history"], state["seconds"]
-        log(f"resumed {ckpt_path} at epoch {start_epoch}/{recipe.epochs}")
-    step_model = torch.compile(model) if cfg.compile else model
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    run = _start(cfg, len(train_y), log)
+    if corruption is not None:
+        corruption = corruption.to(run.device)
+    if run.recipe.gpu_data:
+        train_x, train_y = train_x.to(run.device), train_y.to(run.device)
+    workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if run.cuda else 0)
+    step_model = torch.compile(run.model) if cfg.compile else run.model
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=run.recipe.label_smoothing)
+    bs = run.recipe.batch_size
 
     complete = True
-    for epoch in range(start_epoch, recipe.epochs):
-        e0 = time.time()
-        epoch_seed = cfg.seed * 100_003 + epoch
+    while run.epoch < run.recipe.epochs:
+        e0, epoch_seed = time.time(), cfg.seed * 100_003 + run.epoch
         torch.manual_seed(epoch_seed)  # fresh, reproducible corruption noise for this epoch
-        batches = (fast_batches(train_x, train_y, recipe.batch_size, epoch_seed) if recipe.gpu_data
-                   else reference_batches(train_x, train_y, recipe.batch_size, epoch_seed, workers, pin_memory=cuda))
-        model.train()
-        loss_sum, seen = 0.0, 0
-        for x, y in batches:
-            x = x.to(device, non_blocking=True).float().div_(255)
-            y = y.to(device, non_blocking=True)
-            if corruption is not None:
-                x = corruption(x)
-            if recipe.channels_last and cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = criterion(step_model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            loss_sum += loss.detach().float() * len(y)
-            seen += len(y)
+        batches = (fast_batches(train_x, train_y, bs, epoch_seed) if run.recipe.gpu_data
+                   else reference_batches(train_x, train_y, bs, epoch_seed, workers, pin_memory=run.cuda))
+        loss = _train_epoch(run, step_model, batches, corruption, criterion)
         epoch_seconds = time.time() - e0
-        trained_seconds += epoch_seconds
-        history.append({"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
-                        "seconds": round(epoch_seconds, 3)})
-        log(f"epoch {epoch + 1}/{recipe.epochs} loss {history[-1]['train_loss']:.4f} ({epoch_seconds:.1f}s)")
-        if ckpt_path:
-            _save(ckpt_path, {"signature": signature, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict() if sched is not None else None,
-                              "epoch": epoch + 1, "history": history, "seconds": trained_seconds})
-        remaining = recipe.epochs - epoch - 1
-        if remaining and cfg.max_seconds is not None and time.time() - t0 + epoch_seconds > cfg.max_seconds:
+        run.epoch, run.seconds = run.epoch + 1, run.seconds + epoch_seconds
+        run.history.append({"epoch": run.epoch, "train_loss": loss, "seconds": round(epoch_seconds, 3)})
+        log(f"epoch {run.epoch}/{run.recipe.epochs} loss {loss:.4f} ({epoch_seconds:.1f}s)")
+        if cfg.checkpoint:
+            _save(Path(cfg.checkpoint), run.state())
+        if (run.epoch < run.recipe.epochs and cfg.max_seconds is not None
+                and time.time() - t0 + epoch_seconds > cfg.max_seconds):
             complete = False
-            log(f"stopping after epoch {epoch + 1}: the time budget ({cfg.max_seconds:.0f}s) would run out; "
+            log(f"stopping after epoch {run.epoch}: the time budget ({cfg.max_seconds:.0f}s) would run out; "
                 "rerun with resume to continue")
             break
+    return _result(run, complete, test_x, test_y, len(train_y), t0, log)
 
+
+def _result(run: _Run, complete: bool, test_x, test_y, n_train: int, t0: float, log) -> dict:
+    """The record a results file keeps: accuracy (when complete), all settings and provenance."""
+    cfg = run.cfg
     result = {
         "complete": complete,
-        "epochs_done": len(history),
-        "settings": {"train": str(cfg.train), "test": cfg.test and str(cfg.test), "defense": defense.to_dict(),
-                     "recipe": asdict(recipe), "width": cfg.width, "seed": cfg.seed, "limit": cfg.limit,
-                     "train_images": int(len(train_y)), "test_images": int(len(test_y)),
-                     "device": str(device), "compile": cfg.compile, **cfg.extra},
-        "train_seconds": round(trained_seconds, 2),
-        "history": history,
-        **provenance(device),
+        "epochs_done": len(run.history),
+        "settings": {"train": str(cfg.train), "test": cfg.test and str(cfg.test), "defense": run.defense.to_dict(),
+                     "recipe": asdict(run.recipe), "width": cfg.width, "seed": cfg.seed, "limit": cfg.limit,
+                     "train_images": int(n_train), "test_images": int(len(test_y)),
+                     "device": str(run.device), "compile": cfg.compile, **cfg.extra},
+        "train_seconds": round(run.seconds, 2),
+        "history": run.history,
+        **provenance(run.device),
     }
     if complete and len(test_y):
-        result["test_accuracy"] = round(evaluate(model, test_x, test_y, device, amp), 2)
+        result["test_accuracy"] = round(evaluate(run.model, test_x, test_y, run.device, run.amp), 2)
         log(f"test accuracy {result['test_accuracy']:.2f}%")
     result["seconds"] = round(time.time() - t0, 2)
     return result
