@@ -12,12 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from eclipse_stream.errors import InputError, SampleError, ShardError
-
-pytest.importorskip("ffcv")
-
 from ffcv.fields import (  # noqa: E402
     BytesField,
     FloatField,
@@ -29,7 +23,9 @@ from ffcv.fields import (  # noqa: E402
 )
 from ffcv.reader import Reader  # noqa: E402
 from ffcv.writer import DatasetWriter  # noqa: E402
+from PIL import Image
 
+from eclipse_stream.errors import InputError, SampleError, ShardError
 from eclipse_stream.formats.beton import BetonReader, BetonWriter, require_ffcv  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10"
@@ -42,7 +38,7 @@ def cifar() -> tuple[list[np.ndarray], list[int]]:
     """PER_CLASS images of each class from the CIFAR-10 train tar, streamed (not extracted)."""
     archive = CIFAR / "train.tar.gz"
     if not archive.is_file():
-        pytest.skip(f"CIFAR-10 data not found at {archive}")
+        raise FileNotFoundError(f"CIFAR-10 data not found at {archive} (see shared/data/cifar10/README.md)")
     images, labels = [], []
     with tarfile.open(archive, "r|gz") as tar:
         for member in tar:

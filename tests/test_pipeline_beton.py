@@ -47,7 +47,7 @@ def test_beton_round_trip_keeps_fields_order_and_values(cifar64, tiny_ckpt, tmp_
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor
 
-    loader = Loader(str(tmp_path / "out" / "train.beton"), batch_size=13, order=OrderOption.SEQUENTIAL,
+    loader = Loader(str(tmp_path / "out" / "train.beton"), batch_size=13, num_workers=1, order=OrderOption.SEQUENTIAL,
                     pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
                                "label": [IntDecoder(), ToTensor(), Squeeze()], "weight": None, "extra": None})
     (imgs, labels), = list(loader)

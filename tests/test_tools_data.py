@@ -15,7 +15,6 @@ from tools.common import CLASSES, PROJECT_ROOT, ToolError, default_data_dir, rea
 from tools.prepare import choose_sparse, prepare
 
 DATA = default_data_dir()
-needs_data = pytest.mark.skipif(not (DATA / "train.tar.gz").is_file(), reason=f"CIFAR-10 tars not at {DATA}")
 PER_CLASS = 6
 
 
@@ -26,7 +25,6 @@ def prepared(tmp_path_factory):
     return out
 
 
-@needs_data
 def test_shards_keys_labels_and_layout(prepared):
     keys, images, labels = read_split(prepared / "train")
     assert images.shape == (10 * PER_CLASS, 32, 32, 3) and images.dtype == np.uint8
@@ -40,7 +38,6 @@ def test_shards_keys_labels_and_layout(prepared):
     assert test_keys[0] == "test-airplane-0000" and np.bincount(test_labels).tolist() == [PER_CLASS] * 10
 
 
-@needs_data
 def test_pixels_are_the_decoded_jpeg(prepared):
     """Shards store the decoded JPEG pixels losslessly (the clean images of the protocol)."""
     from tools.common import decode_image
@@ -54,7 +51,6 @@ def test_pixels_are_the_decoded_jpeg(prepared):
     np.testing.assert_array_equal(images[0], expected)
 
 
-@needs_data
 def test_sparse_set_is_balanced_subset_of_train(prepared):
     keys, images, labels = read_split(prepared / "train")
     s_keys, s_images, s_labels = read_split(prepared / "sparse")
@@ -73,9 +69,7 @@ def test_choose_sparse_is_seeded_and_balanced():
     assert not np.array_equal(a, choose_sparse(labels, 200, seed=1))
 
 
-@needs_data
 def test_beton_matches_shards(prepared):
-    pytest.importorskip("ffcv")
     from tools.victim import load_labeled
 
     x_beton, y_beton = load_labeled(prepared / "train.beton")

@@ -15,7 +15,6 @@ from tools.poisons.driver import NORMS, poison_split
 from tools.prepare import prepare
 
 DATA = default_data_dir()
-pytestmark = pytest.mark.skipif(not (DATA / "train.tar.gz").is_file(), reason=f"CIFAR-10 tars not at {DATA}")
 PER_CLASS = 20
 
 
