@@ -221,3 +221,36 @@ def test_torchrun_two_processes_match_single_process(cifar64, tiny_ckpt, tmp_pat
     assert ranks == {0, 1}
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["totals"]["written"] == 30
+
+
+def _sized_samples(cifar64):
+    """Real CIFAR images resized to assorted sizes (as ImageNet-like sets have), as jpg and png."""
+    sizes = [(48, 40), (33, 65), (100, 60), (48, 40), (32, 32), (17, 90)]
+    out = []
+    for i, ((w, h), (name, label, jpg)) in enumerate(zip(sizes, cifar64)):
+        img = Image.open(io.BytesIO(jpg)).convert("RGB").resize((w, h), Image.BICUBIC)
+        buf = io.BytesIO()
+        fmt = "png" if i % 2 else "jpg"
+        img.save(buf, format="PNG" if fmt == "png" else "JPEG", quality=95)
+        out.append({"__key__": f"{i}-{name}", fmt: buf.getvalue(), "cls": str(label).encode()})
+    return out
+
+
+@pytest.mark.parametrize("resolution", ["native", "model"])
+def test_mixed_sizes_keep_aspect_ratio(cifar64, tiny_ckpt, tmp_path, resolution):
+    (tmp_path / "in").mkdir()
+    samples = _sized_samples(cifar64)
+    write_tar(tmp_path / "in" / "mixed.tar", samples)
+    res = purify_shards(tmp_path / "in", tmp_path / "out", tiny_ckpt, cfg(resolution=resolution, batch_size=2),
+                        progress=False)
+    assert res.processed[0]["written"] == len(samples)
+    data = dict(tar_members(tmp_path / "out" / "mixed.tar"))
+    for s in samples:
+        ext = "png" if "png" in s else "jpg"
+        w, h = Image.open(io.BytesIO(s[ext])).size
+        ow, oh = Image.open(io.BytesIO(data[f"{s['__key__']}.{ext}"])).size
+        if resolution == "native":
+            assert (ow, oh) == (w, h)
+        else:
+            assert min(ow, oh) == 32 and abs(ow / oh - w / h) < 0.05 * (w / h)
+        assert data[f"{s['__key__']}.cls"] == s["cls"]
