@@ -31,9 +31,11 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,7 +48,7 @@ from . import __version__
 from .checkpoint import Denoiser, load_denoiser
 from .errors import EclipseError, InputError, SampleError, ShardError
 from .fsutil import write_json
-from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_image, find_image_key
+from .imageio import DEFAULT_MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, encode_image, find_image_key
 from .purifier import Purifier, PurifierConfig
 from .sources import expand_shards, iter_tar_samples
 
@@ -178,11 +180,21 @@ class _Task:
         return "beton" if self.name.endswith(".beton") else "tar"
 
 
-def _tar_records(task: _Task, cfg: PurifyConfig):
-    """(index, key, passthrough sample, image key, DecodedImage or error reason) for each sample."""
+class _Record(NamedTuple):
+    """One input sample as read: either an image to purify (rgb) or the reason it is rejected."""
+
+    index: int
+    key: str
+    sample: dict | None = None  # the fields written back unchanged (image field removed)
+    image_key: str | None = None
+    rgb: np.ndarray | None = None
+    decoded: DecodedImage | None = None  # tar only: how to encode the result like the source
+    error: str | None = None
+
+
+def _tar_records(task: _Task, cfg: PurifyConfig) -> Iterator[_Record]:
     for index, sample in enumerate(iter_tar_samples(task.path)):
         key = sample["__key__"]
-        passthrough = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
         try:
             image_key = find_image_key(sample, cfg.image_key)
             if image_key is None:
@@ -190,16 +202,16 @@ def _tar_records(task: _Task, cfg: PurifyConfig):
                 raise ImageDecodeError(f"no image field (fields: {fields})")
             decoded = decode_image(sample[image_key], max_pixels=cfg.max_pixels)
         except (ImageDecodeError, ValueError) as e:
-            yield index, key, None, None, None, str(e)
+            yield _Record(index, key, error=str(e))
             continue
-        del passthrough[image_key]
-        yield index, key, passthrough, image_key, decoded, None
+        passthrough = {k: v for k, v in sample.items() if k != image_key and (k == "__key__" or k[:2] != "__")}
+        rgb, decoded.rgb = decoded.rgb, None  # the pixels travel in the batch tensor, not twice
+        yield _Record(index, key, passthrough, image_key, rgb, decoded)
 
 
-def _beton_records(task: _Task, cfg: PurifyConfig):
+def _beton_records(task: _Task, cfg: PurifyConfig) -> Iterator[_Record]:
     from .formats.beton import BetonReader
     reader = BetonReader(task.path, image_field=cfg.image_key)
-    image_key = reader.image_field
     it = iter(reader)
     index = 0
     while True:
@@ -207,17 +219,17 @@ def _beton_records(task: _Task, cfg: PurifyConfig):
             sample = next(it)
         except StopIteration:
             return
-        except SampleError as e:
-            yield index, e.key, None, None, None, e.reason
+        except SampleError as e:  # one undecodable image: the reader goes on with the next
+            yield _Record(index, e.key, error=e.reason)
             index += 1
             continue
-        rgb = np.ascontiguousarray(sample.pop(image_key))
+        rgb = np.ascontiguousarray(sample.pop(reader.image_field))
         h, w = rgb.shape[:2]
         if h * w > cfg.max_pixels:
-            yield index, sample["__key__"], None, None, None, (
-                f"image is {w} x {h} = {h * w} pixels, over the limit of {cfg.max_pixels}")
+            yield _Record(index, sample["__key__"],
+                          error=f"image is {w} x {h} = {h * w} pixels, over the limit of {cfg.max_pixels}")
         else:
-            yield index, sample["__key__"], sample, image_key, rgb, None
+            yield _Record(index, sample["__key__"], sample, reader.image_field, rgb)
         index += 1
 
 
@@ -237,18 +249,15 @@ def read_shard(task: _Task, cfg: PurifyConfig, model_size: int):
     count = 0
     records = _tar_records(task, cfg) if task.kind == "tar" else _beton_records(task, cfg)
     try:
-        for index, key, passthrough, image_key, decoded, error in records:
-            count = index + 1
-            if error is not None:
-                yield {"type": "reject", "shard": task.index, "index": index, "key": key, "reason": error}
+        for rec in records:
+            count = rec.index + 1
+            if rec.error is not None:
+                yield {"type": "reject", "shard": task.index, "index": rec.index, "key": rec.key,
+                       "reason": rec.error}
                 continue
-            rgb = decoded if isinstance(decoded, np.ndarray) else decoded.rgb
-            if cfg.resolution == "model":
-                rgb = _resize_for_model(rgb, model_size)
-            if not isinstance(decoded, np.ndarray):
-                decoded.rgb = None  # the pixels travel in the batch tensor, not twice
-            item = {"index": index, "key": key, "sample": passthrough, "image_key": image_key,
-                    "decoded": None if isinstance(decoded, np.ndarray) else decoded, "size": rgb.shape[:2]}
+            rgb = _resize_for_model(rec.rgb, model_size) if cfg.resolution == "model" else rec.rgb
+            item = {"index": rec.index, "key": rec.key, "sample": rec.sample, "image_key": rec.image_key,
+                    "decoded": rec.decoded, "size": rgb.shape[:2]}
             for items, pixels in bucketer.add(item, rgb):
                 yield batch_event(items, pixels)
         for items, pixels in bucketer.flush():
