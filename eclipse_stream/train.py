@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .unet import UNet, preset_config
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
+LOSS_WINDOW = 50  # steps averaged for the reported loss (and between host syncs)
 
 
 @dataclass(frozen=True)
@@ -166,10 +168,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         save_train_state(state_path, model=model, ema=ema, optimizer=opt, diffusion_config=diff_cfg,
                          step=step, train_args=args, train_files_sha256=files_hash)
         save_denoiser(cfg.out, ema, diff_cfg, train_args=args, train_files_sha256=files_hash, step=step,
-                      extra={"train_images": len(data), "final_loss": loss})
+                      extra={"train_images": len(data), "final_loss": loss,
+                             "final_loss_definition": f"mean hybrid loss over the last <= {LOSS_WINDOW} steps"})
 
     model.train()
-    smoothed = None
+    window_sum, window_steps, last_loss = torch.zeros((), device=device), 0, None
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="train",
                unit="it", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -177,21 +180,25 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         x = data[sampler.batch(step).to(device)].float() / 127.5 - 1.0
         t = diffusion.sample_timesteps(len(x), device)
         with autocast:
-            losses = diffusion.training_losses(model, x, t)
-        loss = losses["loss"].mean()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss became {loss.item()} at step {step}; lower --lr or use --precision fp32")
+            loss = diffusion.training_losses(model, x, t)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
-        value = loss.item()
-        smoothed = value if smoothed is None else 0.98 * smoothed + 0.02 * value
-        bar.set_postfix(loss=f"{smoothed:.4f}")
+        window_sum += loss.detach()
+        window_steps += 1
         done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            checkpoint(done, smoothed)
+        checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.iterations
+        if window_steps == LOSS_WINDOW or checkpoint_now:  # one host sync per window, not per step
+            last_loss = (window_sum / window_steps).item()
+            window_sum.zero_()
+            window_steps = 0
+            if not math.isfinite(last_loss):
+                raise RuntimeError(f"loss became {last_loss} by step {done}; lower --lr or use --precision fp32")
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+        if checkpoint_now:
+            checkpoint(done, last_loss)
     bar.close()
     return {"out": cfg.out, "state": state_path, "steps": cfg.iterations, "resumed_from": start,
-            "images": len(data), "final_loss": smoothed,
+            "images": len(data), "final_loss": last_loss,
             "parameters": model.num_parameters()}
