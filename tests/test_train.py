@@ -125,3 +125,12 @@ def test_train_state_with_wrong_kind_is_refused(tmp_path, image_folder):
     with pytest.raises(CheckpointError, match="different UNet config"):
         train(tiny_cfg(image_folder, tmp_path / "o.safetensors", state=str(tmp_path / "s.safetensors"),
                        resume=True), progress=False)
+
+
+def test_bf16_training_keeps_fp32_weights(image_folder, tmp_path):
+    summary = train(tiny_cfg(image_folder, tmp_path / "bf.safetensors", iterations=2, precision="bf16"),
+                    progress=False)
+    assert summary["final_loss"] is not None and 0 < summary["final_loss"] < 10
+    den = load_denoiser(tmp_path / "bf.safetensors")
+    assert all(p.dtype == torch.float32 for p in den.model.parameters())
+    assert den.metadata["train_args"]["precision"] == "bf16"
