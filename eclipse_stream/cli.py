@@ -121,7 +121,8 @@ def _resolve_denoiser(path):
 @click.option("--bucket-multiple", type=int, default=32, help="Batch images padded to multiples of this.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
               help="fail: stop at the first bad sample; skip: record it in the shard's rejects and go on.")
-@click.option("--workers", type=int, default=2, help="Decode worker processes (each reads whole shards).")
+@click.option("--workers", type=int, default=None,
+              help="Decode worker processes, each reading whole shards; default one per core, at most 8.")
 @click.option("--encode-threads", type=int, default=2, help="Threads encoding and writing outputs.")
 @click.option("--overwrite", is_flag=True, help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -140,6 +141,8 @@ def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_
 
     pcfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, corruption=corruption,
                           gray_p=gray_p, noise_sigma=noise_sigma)
+    if kwargs["workers"] is None:
+        kwargs.pop("workers")
     cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, **kwargs)
     result = purify_shards(list(inputs), out, _resolve_denoiser(denoiser), cfg, progress=not quiet)
     summary = {

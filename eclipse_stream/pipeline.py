@@ -59,6 +59,11 @@ MANIFEST = "manifest.json"
 RESOLUTIONS = ("native", "model")
 
 
+def default_workers() -> int:
+    """Decode worker processes: one per core, at most 8 (output does not depend on it)."""
+    return min(8, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class PurifyConfig:
     """Options of ``eclipse-stream purify``; everything that decides the output bytes is recorded."""
@@ -74,7 +79,7 @@ class PurifyConfig:
     max_batch_pixels: int = 64 * 256 * 256
     on_error: str = "fail"
     # execution only (do not change the output):
-    workers: int = 2
+    workers: int = field(default_factory=lambda: default_workers())
     encode_threads: int = 2
     device: str | None = None
     overwrite: bool = False
