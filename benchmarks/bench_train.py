@@ -19,7 +19,8 @@ import copy
 import torch
 
 from eclipse_stream.diffusion import DiffusionConfig, GaussianDiffusion
-from eclipse_stream.train import ema_decay_at, update_ema
+from eclipse_stream.train import ema_decay_at
+from eclipse_stream.train import train_step as eclipse_train_step
 from eclipse_stream.unet import UNet, preset_config
 
 from . import common
@@ -38,14 +39,8 @@ def train_step(model, ema, opt, diffusion, data, batch_size: int, precision: str
     step = [0]
 
     def run():
-        x = data[torch.randint(0, len(data), (batch_size,), device=device)].float() / 127.5 - 1.0
-        t = diffusion.sample_timesteps(len(x), device)
-        with autocast:
-            loss = diffusion.training_losses(model, x, t)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        update_ema(ema, model, ema_decay_at(step[0], 0.9999))
+        batch = data[torch.randint(0, len(data), (batch_size,), device=device)]
+        loss = eclipse_train_step(model, ema, opt, diffusion, batch, autocast, ema_decay_at(step[0], 0.9999))
         step[0] += 1
         return loss.item()
 

@@ -120,6 +120,20 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         eb.copy_(mb)
 
 
+def train_step(model, ema, opt, diffusion: GaussianDiffusion, batch: torch.Tensor, autocast,
+               ema_decay: float) -> torch.Tensor:
+    """One optimizer step on a uint8 batch (N, 3, S, S) and the EMA update; returns the loss (on device)."""
+    x = batch.float() / 127.5 - 1.0
+    t = diffusion.sample_timesteps(len(x), x.device)
+    with autocast:
+        loss = diffusion.training_losses(model, x, t)["loss"].mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    update_ema(ema, model, ema_decay)
+    return loss.detach()
+
+
 def _check_resume(meta: dict, cfg: TrainConfig, files_hash: str, path: str) -> None:
     saved = meta.get("train_args", {})
     for key in ("preset", "image_size", "batch_size", "replicate", "seed", "diffusion_steps", "lr",
@@ -177,15 +191,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                unit="it", disable=not progress, dynamic_ncols=True)
     for step in bar:
         torch.manual_seed(cfg.seed * 1_000_003 + step + 1)  # timesteps, noise and dropout of this step
-        x = data[sampler.batch(step).to(device)].float() / 127.5 - 1.0
-        t = diffusion.sample_timesteps(len(x), device)
-        with autocast:
-            loss = diffusion.training_losses(model, x, t)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
-        window_sum += loss.detach()
+        batch = data[sampler.batch(step).to(device)]
+        loss = train_step(model, ema, opt, diffusion, batch, autocast, ema_decay_at(step, cfg.ema_decay))
+        window_sum += loss
         window_steps += 1
         done = step + 1
         checkpoint_now = done % cfg.checkpoint_every == 0 or done == cfg.iterations
