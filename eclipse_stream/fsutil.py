@@ -27,7 +27,7 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Atomically write ``obj`` as indented, key-sorted JSON."""
+def write_json(path: str | os.PathLike, obj, sort_keys: bool = True) -> None:
+    """Atomically write ``obj`` as indented JSON (keys sorted unless ``sort_keys=False``)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")

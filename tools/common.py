@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import heapq
-import io
 import json
 import os
 import platform
@@ -24,7 +23,9 @@ import click
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+
+from eclipse_stream.fsutil import write_json as _write_json
+from eclipse_stream.imageio import decode_image as _decode
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
@@ -81,9 +82,8 @@ def iter_cifar_tar(tar_path: Path, limit_per_class: int | None = None) -> list[t
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Decode JPEG/PNG bytes to uint8 HWC RGB: the decoded pixels are the clean image."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    """Decode JPEG/PNG bytes to uint8 HWC RGB (the library's decoder): the decoded pixels are the clean image."""
+    return _decode(data).rgb
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -154,12 +154,8 @@ def read_split(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def write_json(path: Path, obj) -> None:
-    """Atomic JSON write: a reader (or a resumed run) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Atomic JSON write (a reader or a resumed run never sees half a file), keys in insertion order."""
+    _write_json(path, obj, sort_keys=False)
 
 
 def read_json(path: Path):
