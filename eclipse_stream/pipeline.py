@@ -470,10 +470,12 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser, cfg: 
     cfg = cfg or PurifyConfig()
     rank, world = _dist_info()
     dist = None
+    owns_group = False
     if world > 1:
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            owns_group = True
     device = cfg.resolved_device()
     shards = expand_shards(inputs)
     out_dir = Path(out_dir)
@@ -499,6 +501,11 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser, cfg: 
         manifest = str(_write_manifest(shards, out_dir, den.path, ckpt_sha, fingerprint, world))
     if dist is not None:
         dist.barrier()
+        if owns_group:
+            # A process group left for interpreter exit can abort the process ("terminate called without an
+            # active exception": gloo's threads outlive Python). Only on success: after an error the other
+            # ranks may still be in a collective, and torchrun tears them down anyway.
+            dist.destroy_process_group()
     return RunResult(processed, done, failed, manifest)
 
 

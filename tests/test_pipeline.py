@@ -212,9 +212,9 @@ def test_torchrun_two_processes_match_single_process(cifar64, tiny_ckpt, tmp_pat
     subprocess.run([sys.executable, "-m", "eclipse_stream.cli", *single], check=True, env=cli_env(),
                    capture_output=True)
     multi = [a.replace("OUT", str(tmp_path / "two")) for a in common]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29533", "-m", "eclipse_stream.cli", *multi],
-                       env=cli_env(), capture_output=True, text=True)
+    # --standalone: torchrun picks a free port, so a busy fixed port cannot fail the run
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "eclipse_stream.cli", *multi], env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
     ranks = {json.loads(p.read_text())["rank"] for p in (tmp_path / "two").glob("*.stats.json")}
