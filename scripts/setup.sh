@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
-  for pkg in python3-venv pkg-config libopencv-dev libturbojpeg0-dev; do
+  for pkg in python3-venv python3-dev build-essential pkg-config libopencv-dev libturbojpeg0-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if [ "${#missing[@]}" -gt 0 ]; then
