@@ -67,12 +67,18 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
     A truncated or corrupt tar raises :class:`ShardError` naming the file.
     """
     path = str(path)
+    last_key = None
     try:
         with open(path, "rb") as stream:
             files = ({**f, "__url__": path} for f in tar_file_iterator(stream))
-            yield from group_by_keys(files, lcase=False)
+            for sample in group_by_keys(files, lcase=False):
+                last_key = sample["__key__"]
+                yield sample
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise ShardError(path, f"corrupt or truncated tar: {e}") from e
+        # webdataset appends " @ <stream repr>" to the message; the file is named by ShardError already
+        reason = str(e.args[0]).split(" @ <", 1)[0] if e.args else type(e).__name__
+        where = f"after sample {last_key!r}" if last_key is not None else "before its first sample"
+        raise ShardError(path, f"corrupt or truncated tar ({where}): {reason}") from e
 
 
 def validate_tar(path: str | os.PathLike) -> None:

@@ -151,8 +151,9 @@ def test_truncated_and_corrupt_tars(shard_dir, tiny_ckpt, tmp_path):
     (tmp_path / "in" / "b-garbage.tar").write_bytes(b"\x00garbage" * 200)
     (tmp_path / "in" / "c-empty.tar").write_bytes(b"")
     (tmp_path / "in" / "d-good.tar").write_bytes((shard_dir / "part-002.tar").read_bytes())
-    with pytest.raises(ShardError, match="a-trunc.tar"):
+    with pytest.raises(ShardError, match=r"a-trunc\.tar.*\(after sample '[^']+'\)") as caught:
         purify_shards(tmp_path / "in", tmp_path / "o1", tiny_ckpt, cfg(), progress=False)
+    assert " @ <" not in str(caught.value)  # webdataset's stream repr is dropped; the path is named once
     assert not list((tmp_path / "o1").glob("*.tar")) and not list((tmp_path / "o1").glob(".*"))
     res = purify_shards(tmp_path / "in", tmp_path / "o2", tiny_ckpt, cfg(on_error="skip"), progress=False)
     assert sorted(f["shard"] for f in res.failed) == ["a-trunc.tar", "b-garbage.tar", "c-empty.tar"]
