@@ -46,6 +46,7 @@ from webdataset import TarWriter
 
 from . import __version__
 from .checkpoint import Denoiser, load_denoiser
+from .devices import resolve_device
 from .errors import EclipseError, InputError, SampleError, ShardError
 from .fsutil import write_json
 from .imageio import DEFAULT_MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, encode_image, find_image_key
@@ -100,11 +101,7 @@ class PurifyConfig:
                 raise ValueError(msg)
 
     def resolved_device(self) -> torch.device:
-        if self.device:
-            return torch.device(self.device)
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        return resolve_device(self.device)
 
     def fingerprint(self, checkpoint_sha256: str, device_type: str) -> dict:
         """What decides the output bytes: a rerun with a different fingerprint must not mix outputs."""

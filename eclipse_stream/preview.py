@@ -17,6 +17,7 @@ from torchvision.utils import make_grid
 
 from .checkpoint import load_denoiser
 from .corruption import corrupt
+from .devices import resolve_device
 from .errors import InputError
 from .fsutil import atomic_path
 from .imageio import ImageDecodeError, decode_image, find_image_key
@@ -54,7 +55,7 @@ def _first_images(shard: Path, n: int, image_key: str | None, size: int) -> np.n
 def preview(shard, denoiser, out, *, n: int = 8, config: PurifierConfig | None = None, seed: int = 0,
             image_key: str | None = None, device: str | None = None, scale: int = 4) -> Path:
     """Write a PNG grid (rows: samples; columns: COLUMNS) to ``out`` and return its path."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     den = load_denoiser(denoiser, device=device)
     cfg = config or PurifierConfig()
     purifier = Purifier(den, cfg)

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_train_state, save_denoiser, save_train_state
+from .devices import resolve_device
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .errors import CheckpointError, InputError
 from .sources import load_training_images
@@ -76,7 +77,7 @@ class TrainConfig:
         return self.state or f"{self.out}.state.safetensors"
 
     def resolved_device(self) -> torch.device:
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return resolve_device(self.device)
 
     def portable_args(self) -> dict:
         """Arguments recorded in checkpoints (everything but where files live)."""

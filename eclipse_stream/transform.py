@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import Denoiser, load_denoiser
+from .devices import resolve_device
 from .purifier import Purifier, PurifierConfig
 
 __all__ = ["EclipseTransform"]
@@ -68,7 +69,7 @@ class EclipseTransform:
                  image_key: str = DEFAULT_IMAGE_KEYS, seed: int = 0):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         if denoiser is None:
             from .defaults import default_denoiser_path
             denoiser = default_denoiser_path()

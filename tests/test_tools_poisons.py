@@ -158,3 +158,11 @@ def test_em_resumes_from_state(clean, tmp_path):
     delta = em.generate(images, labels, device="cpu", settings=settings, state_path=state, log=logs.append)
     assert logs[0].startswith("EM: resumed after round 1") and len(logs) == 3
     assert np.abs(delta).max() <= 8 / 255 + 1e-6
+
+
+def test_default_auto_device_runs_and_is_recorded(clean, tmp_path):
+    # "auto" is the CLI default of `evaluate poison` and `grid`; it once crashed after the shards were written
+    record = poison_split("urp", clean, tmp_path / "urp", device="auto", log=lambda m: None)
+    expected = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu ("
+    assert record["device"].startswith(expected)
+    assert (tmp_path / "urp" / NORMS).is_file()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from eclipse_stream.devices import resolve_device
 from eclipse_stream.fsutil import write_json as _write_json
 from eclipse_stream.imageio import decode_image as _decode
 
@@ -176,8 +177,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_name(device: torch.device | str) -> str:
-    device = torch.device(device)
+def device_name(device: torch.device | str | None) -> str:
+    device = resolve_device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
@@ -189,7 +190,3 @@ def provenance(device: torch.device | str) -> dict:
             "python": platform.python_version(), "git_commit": git_commit()}
 
 
-def pick_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

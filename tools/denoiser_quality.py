@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from eclipse_stream.checkpoint import load_denoiser
+from eclipse_stream.devices import resolve_device
 from eclipse_stream.purifier import Purifier, PurifierConfig
 
-from .common import decode_image, iter_cifar_tar, pick_device, provenance, resolve_data_dir
+from .common import decode_image, iter_cifar_tar, provenance, resolve_data_dir
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -60,7 +61,7 @@ def main(denoiser, data_dir, per_class, t_star, steps, batch_size, device):
     """Print PSNR of noised and purified CIFAR-10 test images against the clean ones, as JSON."""
     items = iter_cifar_tar(resolve_data_dir(data_dir) / "test.tar.gz", per_class)
     images = np.stack([decode_image(data) for _, _, data in items])
-    dev = pick_device(device)
+    dev = resolve_device(device)
     result = measure(denoiser, images, t_star, steps, batch_size, dev)
     click.echo(json.dumps({**result, "provenance": provenance(dev)}, indent=2))
 

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
+from eclipse_stream.devices import resolve_device
+
 from .common import ToolError, provenance, read_split
 from .defenses import Defense, apply_once, get_defense, training_corruption
 from .models import resnet18
@@ -243,12 +245,6 @@ def prepare_data(cfg: VictimConfig, defense: Defense):
     return nchw(train_x), torch.from_numpy(train_y[keep]), nchw(test_x), torch.from_numpy(test_y)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
 class _Run:
     """Everything one training run carries between epochs (and into its checkpoint)."""
@@ -293,7 +289,7 @@ class _Run:
 
 def _start(cfg: VictimConfig, n_train: int, log) -> _Run:
     """Model, optimiser and schedule for a run, restored from its checkpoint when resuming."""
-    recipe, defense, device = cfg.resolved_recipe(), get_defense(cfg.defense), _device(cfg.device)
+    recipe, defense, device = cfg.resolved_recipe(), get_defense(cfg.defense), resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     steps_per_epoch = (n_train // recipe.batch_size if recipe.gpu_data and n_train >= recipe.batch_size

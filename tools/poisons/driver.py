@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from eclipse_stream.devices import resolve_device
+
 from ..common import MANIFEST, ToolError, provenance, read_json, read_split, write_json, write_split
 from . import POISONS
 from .base import measure, quantize, within
@@ -42,7 +44,7 @@ def poison_split(kind: str, in_dir: Path, out_dir: Path, seed: int = 0, device: 
     write_split(out_dir, source["prefix"], keys, poisoned, labels, source["shard_size"],
                 {"poison": kind, "seed": seed, "source": str(in_dir)})
     record = {"poison": kind, "budget": module.BUDGET.to_dict(), "seed": seed, "options": options or {},
-              "source": str(in_dir), **norms, "seconds": round(time.time() - t0, 2), **provenance(device or "cpu")}
+              "source": str(in_dir), **norms, "seconds": round(time.time() - t0, 2), **provenance(device)}
     write_json(out_dir / NORMS, record)
     log(f"{kind}: wrote {len(keys)} poisoned images to {out_dir} (L-inf {norms['linf_max_255']}/255, "
         f"L2 mean {norms['l2_mean']:.3f} max {norms['l2_max']:.3f})")
@@ -69,7 +71,6 @@ def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_di
 
 def _tap_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
     """Load the given surrogate checkpoint, or train one on the clean split with the victim trainer."""
-    from ..common import pick_device
     from ..victim import VictimConfig, train_victim
     from .pgd import PoisonIncomplete
     from .tap import load_surrogate
@@ -85,4 +86,4 @@ def _tap_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
                                            max_seconds=options.get("max_seconds")), log=log)
         if not result["complete"]:
             raise PoisonIncomplete("TAP surrogate training stopped (time budget); rerun to resume")
-    return load_surrogate(Path(ckpt), width, pick_device(device))
+    return load_surrogate(Path(ckpt), width, resolve_device(device))

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..common import pick_device
+from eclipse_stream.devices import resolve_device
+
 from ..models import resnet18
 from .base import LINF_8, Budget
 from .pgd import Budget as TimeBudget
@@ -54,7 +55,7 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
              settings: EMSettings = EMSettings(), state_path: Path | None = None,
              max_seconds: float | None = None, log=print) -> np.ndarray:
     """Float NHWC delta of sample-wise error-minimising noise."""
-    device = pick_device(device)
+    device = resolve_device(device)
     amp = device.type == "cuda"
     s = settings
     torch.manual_seed(seed)

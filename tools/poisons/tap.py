@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..common import pick_device
+from eclipse_stream.devices import resolve_device
+
 from ..models import resnet18
 from .base import LINF_8, Budget
 from .pgd import Budget as TimeBudget
@@ -59,7 +60,7 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
     """Float NHWC delta: class-targeted L-inf PGD against ``surrogate`` (an nn.Module)."""
     if surrogate is None:
         raise ValueError("TAP needs a trained surrogate model")
-    device = pick_device(device)
+    device = resolve_device(device)
     amp = device.type == "cuda"
     s = settings
     model = surrogate.to(device).eval().requires_grad_(False)
