@@ -466,14 +466,17 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser, cfg: 
     """
     cfg = cfg or PurifyConfig()
     rank, world = _dist_info()
+    device = cfg.resolved_device()
+    if device.type == "cuda":
+        # cuda:LOCAL_RANK must also be the current device: NCCL collectives and default streams use it
+        torch.cuda.set_device(device)
     dist = None
     owns_group = False
     if world > 1:
         import torch.distributed as dist
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # --device cpu on a GPU box: gloo
             owns_group = True
-    device = cfg.resolved_device()
     shards = expand_shards(inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -622,7 +625,7 @@ def _to_host(out: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
     host.copy_(out, non_blocking=True)
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(out.device))  # the stream the copy was queued on
     return host, ready
 
 
