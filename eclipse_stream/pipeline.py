@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -213,7 +214,7 @@ def _tar_records(task: _Task, cfg: PurifyConfig) -> Iterator[_Record]:
 
 def _beton_records(task: _Task, cfg: PurifyConfig) -> Iterator[_Record]:
     from .formats.beton import BetonReader
-    reader = BetonReader(task.path, image_field=cfg.image_key)
+    reader = BetonReader(task.path, image_field=cfg.image_key, max_pixels=cfg.max_pixels)
     it = iter(reader)
     index = 0
     while True:
@@ -226,12 +227,7 @@ def _beton_records(task: _Task, cfg: PurifyConfig) -> Iterator[_Record]:
             index += 1
             continue
         rgb = np.ascontiguousarray(sample.pop(reader.image_field))
-        h, w = rgb.shape[:2]
-        if h * w > cfg.max_pixels:
-            yield _Record(index, sample["__key__"],
-                          error=f"image is {w} x {h} = {h * w} pixels, over the limit of {cfg.max_pixels}")
-        else:
-            yield _Record(index, sample["__key__"], sample, reader.image_field, rgb)
+        yield _Record(index, sample["__key__"], sample, reader.image_field, rgb)
         index += 1
 
 
@@ -310,12 +306,15 @@ class _ShardWriter:
 
     def _open(self):
         self.tmp.unlink(missing_ok=True)
-        if self.task.kind == "tar":
-            self.sink = TarWriter(str(self.tmp), encoder=False, mtime=0.0)
-        else:
-            from .formats.beton import BetonReader, BetonWriter
-            self.sink = BetonWriter(str(self.tmp), like=BetonReader(self.task.path, image_field=self.cfg.image_key),
-                                    jpeg_quality=self.cfg.jpeg_quality, spool_dir=str(self.tmp.parent))
+        # A .beton sink needs the input's field layout, and the input may turn out unreadable (a shard_error
+        # from the reader worker): it is opened at the first sample that survives, never for an all-bad shard.
+        self.sink = TarWriter(str(self.tmp), encoder=False, mtime=0.0) if self.task.kind == "tar" else None
+
+    def _beton_sink(self):
+        from .formats.beton import BetonReader, BetonWriter
+        return BetonWriter(str(self.tmp), like=BetonReader(self.task.path, image_field=self.cfg.image_key),
+                           jpeg_quality=self.cfg.jpeg_quality, spool_dir=str(self.tmp.parent),
+                           seed=stream_seed(self.cfg.seed, self.task.name, "beton") % 2**32)
 
     def make_sample(self, item: dict, rgb: np.ndarray) -> dict:
         """The output sample: passthrough fields unchanged, the image re-encoded (tar) or as pixels (beton)."""
@@ -338,6 +337,8 @@ class _ShardWriter:
             while self.next_index in self.ready:
                 s = self.ready.pop(self.next_index)
                 if s is not None:
+                    if self.sink is None:
+                        self.sink = self._beton_sink()
                     self.sink.write(s)
                     self.written += 1
                 self.next_index += 1
@@ -353,15 +354,13 @@ class _ShardWriter:
 
     def finish(self, fingerprint: dict, rank: int) -> dict:
         """Close, check counts, rename into place, then write the stats file that marks it done."""
-        self.closed = True
         n_rejected = len(self.rejects)
         if self.written + n_rejected != self.expected:
             raise EclipseError(f"{self.task.path}: internal count mismatch: {self.expected} in, "
                                f"{self.written} written + {n_rejected} rejected")
-        if self.written == 0 and self.task.kind == "beton":
-            # ffcv cannot write an empty .beton: the stats file alone records that nothing survived
-            self.sink.abort()
-            self.tmp.unlink(missing_ok=True)
+        if self.sink is None:
+            # a .beton none of whose samples survived: ffcv cannot write an empty one, so the stats file
+            # alone records the shard
             output = None
         else:
             self.sink.close()
@@ -384,14 +383,16 @@ class _ShardWriter:
             "rank": rank,
         }
         write_json(stats_path(self.final), stats)
+        self.closed = True  # only now: if anything above fails, the run's error path still aborts this shard
         return stats
 
     def abort(self) -> None:
         """Drop the partial output; samples still in flight for this shard are ignored."""
         with self.lock:
             self.closed = self.aborted = True
-            with contextlib.suppress(Exception):  # best effort: we are already failing
-                self.sink.close() if self.task.kind == "tar" else self.sink.abort()
+            if self.sink is not None:
+                with contextlib.suppress(Exception):  # best effort: we are already failing
+                    self.sink.close() if self.task.kind == "tar" else self.sink.abort()
             self.tmp.unlink(missing_ok=True)
 
 
@@ -407,10 +408,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def stream_seed(*parts) -> int:
+    """A 63-bit seed that depends on ``parts`` only (not on process, worker or rank)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def batch_generator(seed: int, shard_name: str, batch_no: int, device: torch.device) -> torch.Generator:
     """The noise source of one batch: a function of (seed, shard file name, batch number) only."""
-    digest = hashlib.sha256(f"{seed}:{shard_name}:{batch_no}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, shard_name, batch_no))
 
 
 # ---------------------------------------------------------------------------------------
@@ -486,9 +492,9 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser, cfg: 
     fingerprint = cfg.fingerprint(ckpt_sha, device.type)
     todo, done = _plan(shards, out_dir, fingerprint, cfg.overwrite)
     mine = [t for t in todo if t.index % world == rank]
-    for t in mine:  # stale partial files of a killed run
+    for t in mine:  # stale partial files (and .beton spool folders) of a killed run
         for stale in out_dir.glob(f".{t.name}.partial-*"):
-            stale.unlink(missing_ok=True)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
 
     processed, failed = _run(mine, out_dir, purifier, cfg, fingerprint, rank, progress, len(shards))
 

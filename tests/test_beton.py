@@ -4,6 +4,7 @@ Fixtures are written with ffcv's own DatasetWriter; outputs are checked with Bet
 ffcv's own Reader and Loader.
 """
 
+import errno
 import io
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from ffcv.reader import Reader  # noqa: E402
 from ffcv.writer import DatasetWriter  # noqa: E402
 from PIL import Image
 
-from eclipse_stream.errors import InputError, SampleError, ShardError
+from eclipse_stream.errors import EclipseError, InputError, SampleError, ShardError
 from eclipse_stream.formats.beton import BetonReader, BetonWriter, require_ffcv  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10"
@@ -86,7 +87,7 @@ def copy_through(reader: BetonReader, path: Path, edit=lambda image: image, **op
 
 
 def no_spool_left(folder: Path) -> bool:
-    return not list(folder.glob(".beton-spool-*"))
+    return not list(folder.glob(".*.spool-*"))
 
 
 def test_raw_round_trip_is_exact(cifar, tmp_path):
@@ -223,6 +224,28 @@ def test_ffcv_loader_reads_our_output(cifar, tmp_path):
     assert np.array_equal(loaded, np.stack([s["image"] for s in jpg]))  # same decoder, same pixels
 
 
+def test_proportion_output_does_not_depend_on_the_global_random_state(cifar, tmp_path):
+    np.random.seed(0)
+    reader = BetonReader(labelled(tmp_path / "in.beton", cifar, "proportion", compress_probability=0.5))
+    outputs = []
+    for state in (1, 2):
+        np.random.seed(state)  # what a caller did before is not the writer's business
+        copy_through(reader, tmp_path / f"out{state}.beton", seed=7)
+        outputs.append((tmp_path / f"out{state}.beton").read_bytes())
+    assert outputs[0] == outputs[1]
+    modes = BetonReader(tmp_path / "out1.beton").image_info()
+    assert modes["num_raw"] and modes["num_jpg"]  # both storage modes drawn: the seed decided which
+
+
+def test_pixel_limit_is_checked_before_decoding(cifar, tmp_path):
+    path = labelled(tmp_path / "in.beton", cifar, "jpg")
+    samples = iter(BetonReader(path, max_pixels=32 * 32 - 1))
+    with pytest.raises(SampleError, match=r"32 x 32 = 1024 pixels, over the limit of 1023") as caught:
+        next(samples)
+    assert caught.value.key == "000000000"
+    assert len(list(BetonReader(path, max_pixels=32 * 32))) == 20
+
+
 @pytest.fixture
 def small_beton(cifar, tmp_path) -> Path:
     return labelled(tmp_path / "small.beton", cifar)
@@ -345,3 +368,21 @@ def test_require_ffcv_says_how_to_install(monkeypatch, tmp_path):
 def test_module_imports_without_ffcv():
     code = "import sys; sys.modules['ffcv'] = None; import eclipse_stream.formats.beton"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_disk_full_while_spooling_names_the_output(small_beton, tmp_path):
+    reader = BetonReader(small_beton)
+    writer = BetonWriter(tmp_path / "o.beton", like=reader)
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    writer._spool._records = FullDisk()
+    with pytest.raises(EclipseError, match=r"o\.beton: cannot spool a sample to .*: No space left on device"):
+        writer.write(next(iter(reader)))
+    writer.abort()
+    assert list(tmp_path.iterdir()) == [small_beton]

@@ -77,3 +77,25 @@ def test_beton_with_every_sample_rejected_is_recorded_and_not_redone(cifar64, ti
     assert not (tmp_path / "out" / "all-bad.beton").exists() and res.manifest
     again = purify_shards(tmp_path / "in", tmp_path / "out", tiny_ckpt, cfg, progress=False)
     assert again.skipped == ["all-bad.beton"] and not again.processed
+
+
+def test_unreadable_beton_is_skipped_and_the_run_goes_on(cifar64, tiny_ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    good = make_beton(tmp_path / "in" / "b-good.beton", [rgb_array(s["png"]) for s in cifar_samples(cifar64[:3])])
+    (tmp_path / "in" / "a-bad.beton").write_bytes(good.read_bytes()[:200])
+    cfg = PurifyConfig(purifier=CFG.purifier, batch_size=4, workers=0, on_error="skip")
+    res = purify_shards(tmp_path / "in", tmp_path / "out", tiny_ckpt, cfg, progress=False)
+    assert [f["shard"] for f in res.failed] == ["a-bad.beton"]
+    assert [p["shard"] for p in res.processed] == ["b-good.beton"] and res.processed[0]["written"] == 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b-good.beton", "b-good.beton.stats.json"]
+
+
+def test_rerun_removes_the_spool_of_a_killed_run(cifar64, tiny_ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    make_beton(tmp_path / "in" / "x.beton", [rgb_array(s["png"]) for s in cifar_samples(cifar64[:2])])
+    spool = tmp_path / "out" / ".x.beton.partial-4242.spool-abc123"  # as a SIGKILLed writer leaves it
+    spool.mkdir(parents=True)
+    (spool / "records").write_bytes(b"\0" * 1000)
+    res = purify_shards(tmp_path / "in", tmp_path / "out", tiny_ckpt, CFG, progress=False)
+    assert res.processed[0]["written"] == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "x.beton", "x.beton.stats.json"]

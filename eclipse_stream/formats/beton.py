@@ -10,7 +10,10 @@ Writing. ffcv's ``DatasetWriter`` needs the sample count up front and cannot app
 :class:`BetonWriter` spools each sample (pickled, pixels raw) to an append-only file with an
 (offset, length) index, and :meth:`BetonWriter.close` runs ``DatasetWriter`` over an indexed dataset
 that reads one record at a time back from the spool. The spool needs about as much free disk as the
-samples' raw pixels; spooling pixels rather than JPEG bytes avoids compressing twice.
+samples' raw pixels; spooling pixels rather than JPEG bytes avoids compressing twice. It is a hidden
+folder named after the output (``.<output name>.spool-*``), so a rerun can find and remove the spool
+of a killed run. ffcv's ``proportion`` mode picks the images to compress with numpy's global RNG in
+its writer process; the writer seeds it there with its ``seed``, so the output bytes are repeatable.
 
 Image storage. A ``.beton`` keeps none of ``RGBImageField``'s arguments (its ``to_binary`` is all
 zeros), only each sample's storage mode (raw or jpg) and size. :meth:`BetonReader.image_info` infers
@@ -47,7 +50,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..errors import InputError, SampleError, ShardError
+from ..errors import EclipseError, InputError, SampleError, ShardError
 
 INSTALL_HINT = ("install it with: apt-get install pkg-config libopencv-dev libturbojpeg0-dev"
                 " && pip install 'eclipse-stream[ffcv]'")
@@ -74,8 +77,9 @@ class BetonReader:
     as an array of its dtype and shape, BytesField as a uint8 array, JSONField as the decoded object.
     """
 
-    def __init__(self, path: str | os.PathLike, image_field: str | None = None):
+    def __init__(self, path: str | os.PathLike, image_field: str | None = None, max_pixels: int | None = None):
         self.path = str(path)
+        self.max_pixels = max_pixels  # images over it raise SampleError from the metadata, before any decode
         require_ffcv(self.path)
         self._reader = _open_reader(self.path)
         self.field_names: list[str] = list(self._reader.field_names)
@@ -160,6 +164,9 @@ class BetonReader:
         mode, height, width, ptr = (int(meta[f]) for f in ("mode", "height", "width", "data_ptr"))
         if height == 0 or width == 0:
             raise SampleError(self.path, key, f"empty image ({width} x {height})")
+        if self.max_pixels is not None and height * width > self.max_pixels:
+            raise SampleError(self.path, key, f"image is {width} x {height} = {height * width} pixels, over the "
+                                              f"limit of {self.max_pixels} (raise --max-pixels to allow it)")
         if mode == self._raw_mode:
             return self._bytes(data, ptr, height * width * 3, key).reshape(height, width, 3)
         if mode != self._jpg_mode:
@@ -222,8 +229,9 @@ class BetonWriter:
     """
 
     def __init__(self, path: str | os.PathLike, like: BetonReader, *, jpeg_quality: int = 95,
-                 spool_dir: str | None = None):
+                 spool_dir: str | None = None, seed: int = 0):
         self.path = str(path)
+        self.seed = seed  # numpy's global RNG in the writer process: which images 'proportion' compresses
         require_ffcv(self.path)
         if not 1 <= jpeg_quality <= 100:
             raise InputError(f"{self.path}: jpeg_quality must be between 1 and 100, not {jpeg_quality}")
@@ -324,15 +332,19 @@ class BetonWriter:
             page_size *= 2
         writer = DatasetWriter(self.path, self._fields, page_size=page_size, num_workers=1)
         self._output_started = True
-        writer.from_indexed_dataset(self._spool.dataset())
+        writer.from_indexed_dataset(self._spool.dataset(self.seed))
 
 
 class _Spool:
     """Append-only on-disk store of pickled samples: a records file and an (offset, length) index."""
 
     def __init__(self, parent: str, owner: str):
+        # named after the file it feeds (".<name>.spool-*"), so whoever cleans up after <name> finds it too
+        base = os.path.basename(owner)
+        self.owner = owner
         try:
-            self.directory = tempfile.mkdtemp(prefix=".beton-spool-", dir=parent)
+            self.directory = tempfile.mkdtemp(prefix=f"{'' if base.startswith('.') else '.'}{base}.spool-",
+                                              dir=parent)
         except OSError as exc:
             raise InputError(f"{parent}: cannot create the spool for {owner}: {exc.strerror or exc}") from exc
         self._records_path = os.path.join(self.directory, "records")
@@ -343,15 +355,19 @@ class _Spool:
         self.count = 0
 
     def append(self, payload: bytes) -> None:
-        self._records.write(payload)
-        self._index.write(_SPOOL_ENTRY.pack(self._offset, len(payload)))
+        try:
+            self._records.write(payload)
+            self._index.write(_SPOOL_ENTRY.pack(self._offset, len(payload)))
+        except OSError as exc:  # most likely the disk is full: the spool holds about the raw pixels
+            raise EclipseError(f"{self.owner}: cannot spool a sample to {self.directory}: "
+                               f"{exc.strerror or exc}") from exc
         self._offset += len(payload)
         self.count += 1
 
-    def dataset(self) -> _SpoolDataset:
+    def dataset(self, seed: int) -> _SpoolDataset:
         """The spooled samples as an indexable dataset (the files are flushed and closed first)."""
         self._close_files()
-        return _SpoolDataset(self._records_path, self._index_path, self.count)
+        return _SpoolDataset(self._records_path, self._index_path, self.count, seed)
 
     def remove(self) -> None:
         self._close_files()
@@ -364,19 +380,24 @@ class _Spool:
 
 class _SpoolDataset:
     """A finished spool as the indexable dataset DatasetWriter wants: item ``i`` is read from disk
-    when asked for. Files open on first use, so the object also pickles into a spawned worker."""
+    when asked for. Files open on first use in each process, so the object also pickles into a
+    spawned worker. That first use also seeds numpy's global RNG, which ffcv's 'proportion' image
+    mode draws from in the worker: the output does not depend on the parent's random state."""
 
-    def __init__(self, records_path: str, index_path: str, count: int):
-        self._records_path, self._index_path, self._count = records_path, index_path, count
+    def __init__(self, records_path: str, index_path: str, count: int, seed: int):
+        self._records_path, self._index_path, self._count, self._seed = records_path, index_path, count, seed
         self._records = self._index = None
+        self._pid = None
 
     def __len__(self) -> int:
         return self._count
 
     def __getitem__(self, i) -> tuple:
-        if self._records is None:
+        if self._pid != os.getpid():
             self._records = open(self._records_path, "rb")
             self._index = open(self._index_path, "rb")
+            self._pid = os.getpid()
+            np.random.seed(self._seed)
         self._index.seek(int(i) * _SPOOL_ENTRY.size)
         offset, length = _SPOOL_ENTRY.unpack(self._index.read(_SPOOL_ENTRY.size))
         self._records.seek(offset)
