@@ -62,8 +62,9 @@ def preview(shard, denoiser, out, *, n: int = 8, config: PurifierConfig | None =
     images = _first_images(Path(shard), n, image_key, den.image_size)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device)
     g = torch.Generator(device=device).manual_seed(seed)
-    noised = ((purifier.noise_to_tstar(x * 2 - 1, g) + 1) / 2).clamp(0, 1)
-    purified = (purifier.purify(x * 2 - 1, g) + 1) / 2
+    x_t = purifier.noise_to_tstar(x * 2 - 1, g)
+    noised = ((x_t + 1) / 2).clamp(0, 1)
+    purified = (purifier.denoise(x_t, g) + 1) / 2  # from the very image in the "noised" column
     corrupted = corrupt(purified, cfg.gray_p, cfg.noise_sigma, g)
     rows = torch.stack([x, noised, purified, corrupted], dim=1).flatten(0, 1).cpu()
     grid = make_grid(rows, nrow=len(COLUMNS), padding=2, pad_value=1.0)

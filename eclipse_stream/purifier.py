@@ -97,14 +97,27 @@ class Purifier(nn.Module):
     def purify(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Purify a float batch in [-1, 1]; returns float32 in [-1, 1] (no corruption)."""
         x, (h, w) = self._pad(x.float())
-        x = self.noise_to_tstar(x, generator)
+        x = self._reverse(self.noise_to_tstar(x, generator), generator)
+        return x[..., :h, :w].clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def denoise(self, x_t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The reverse chain alone: ``x_t`` from :meth:`noise_to_tstar` back to [-1, 1].
+
+        ``purify(x)`` is ``noise_to_tstar`` then this, so a caller that shows or measures the noised
+        image can denoise that very image.
+        """
+        x, (h, w) = self._pad(x_t.float())
+        return self._reverse(x, generator)[..., :h, :w].clamp(-1.0, 1.0)
+
+    def _reverse(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         with self._autocast(x.device):
             for i in reversed(range(self.chain.num_timesteps)):
                 t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
                 noise = (torch.randn(x.shape, device=x.device, generator=generator) if i > 0
                          else torch.zeros((), device=x.device))  # no noise at the last step
                 x = self.chain.p_sample(self.model, x, t, noise=noise)
-        return x[..., :h, :w].clamp(-1.0, 1.0)
+        return x
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -101,3 +101,14 @@ def test_corrupt_samples_stage_in_webdataset_pipeline():
     assert [s["__key__"] for s in out] == [f"k{i}" for i in range(5)] and [s["cls"] for s in out] == list(range(5))
     arr = np.asarray(out[0]["png"])
     assert (arr[..., 0] == arr[..., 1]).all()
+
+
+def test_purify_is_noise_to_tstar_then_denoise(den):
+    # what preview and tools.denoiser_quality rely on to show/measure the image that is then denoised
+    p = Purifier(den, steps=3)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    whole = p.purify(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    split = p.denoise(p.noise_to_tstar(x, g), g)
+    assert torch.equal(split, whole)
+    assert not torch.equal(p.denoise(p.noise_to_tstar(x, g), g), whole)  # a later draw is another image

@@ -39,8 +39,9 @@ def measure(denoiser: str, images: np.ndarray, t_star: int, steps: int | None, b
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().div(255).to(device)
         g = torch.Generator(device=device).manual_seed(seed + start)
-        noised = ((purifier.noise_to_tstar(x * 2 - 1, g) + 1) / 2).clamp(0, 1)
-        purified = purifier(x, generator=g)
+        x_t = purifier.noise_to_tstar(x * 2 - 1, g)
+        noised = ((x_t + 1) / 2).clamp(0, 1)
+        purified = (purifier.denoise(x_t, g) + 1) / 2  # the same noised images, not a second draw
         noised_psnr.append(psnr(noised, x) * len(x))
         purified_psnr.append(psnr(purified, x) * len(x))
     n = len(images)
