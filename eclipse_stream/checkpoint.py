@@ -14,7 +14,6 @@ leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,13 +26,12 @@ from safetensors.torch import save_file
 from . import __version__
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .errors import CheckpointError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, file_sha256
 from .unet import UNet, UNetConfig
 
 __all__ = [
     "METADATA_KEY",
     "Denoiser",
-    "file_sha256",
     "load_denoiser",
     "load_train_state",
     "save_denoiser",
@@ -42,14 +40,6 @@ __all__ = [
 
 METADATA_KEY = "eclipse_stream"
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.PathLike) -> None:
@@ -97,16 +87,10 @@ def _configs(path, meta) -> tuple[UNetConfig, DiffusionConfig]:
 
 
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path, what: str) -> None:
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: {what} weights do not match the stored config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise CheckpointError(f"{path}: {what} tensor {k} has shape {tuple(v.shape)}, "
-                                  f"expected {tuple(own[k].shape)}")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)  # strict: lists missing and unexpected keys and shape mismatches
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: {what} weights do not match the stored config: {e}") from None
 
 
 @dataclass
@@ -147,14 +131,34 @@ def save_denoiser(path, model: UNet, diffusion_config: DiffusionConfig, *, train
     _atomic_save(model.state_dict(), meta, path)
 
 
+def _identity(path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def load_denoiser(path, device: str | torch.device = "cpu") -> Denoiser:
-    """Load a denoiser written by :func:`save_denoiser`; raise CheckpointError if it is anything else."""
-    tensors, meta = _read(path, "denoiser")
+    """Load a denoiser written by :func:`save_denoiser`; raise CheckpointError if it is anything else.
+
+    The recorded sha256 is of the very file the weights came from: ``train`` replaces its output
+    (atomic rename) while it runs, so a file replaced between reading and hashing is read again.
+    """
+    for _ in range(3):
+        before = _identity(path)
+        tensors, meta = _read(path, "denoiser")
+        sha256 = file_sha256(path)
+        if _identity(path) == before:
+            break
+    else:
+        raise CheckpointError(f"{path}: the file was replaced three times while being read; "
+                              "load it once its writer has finished")
     unet_cfg, diff_cfg = _configs(path, meta)
     model = UNet(unet_cfg)
     _load_state(model, tensors, path, "denoiser")
     model.eval().requires_grad_(False).to(device)
-    return Denoiser(model, GaussianDiffusion.from_config(diff_cfg), meta, str(path), file_sha256(path))
+    return Denoiser(model, GaussianDiffusion.from_config(diff_cfg), meta, str(path), sha256)
 
 
 def save_train_state(path, *, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer,

@@ -6,6 +6,7 @@ never a half-written file under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -21,10 +22,21 @@ def atomic_path(path: str | os.PathLike):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        with open(tmp, "rb") as f:  # the bytes reach the disk before the name does (power loss, kernel crash)
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_json(path: str | os.PathLike, obj, sort_keys: bool = True) -> None:

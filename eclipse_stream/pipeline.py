@@ -49,7 +49,7 @@ from . import __version__
 from .checkpoint import Denoiser, load_denoiser
 from .devices import resolve_device
 from .errors import EclipseError, InputError, SampleError, ShardError
-from .fsutil import write_json
+from .fsutil import file_sha256, write_json
 from .imageio import DEFAULT_MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, encode_image, find_image_key
 from .purifier import Purifier, PurifierConfig
 from .sources import expand_shards, iter_tar_samples
@@ -81,7 +81,7 @@ class PurifyConfig:
     max_batch_pixels: int = 64 * 256 * 256
     on_error: str = "fail"
     # execution only (do not change the output):
-    workers: int = field(default_factory=lambda: default_workers())
+    workers: int = field(default_factory=default_workers)
     encode_threads: int = 2
     device: str | None = None
     overwrite: bool = False
@@ -377,7 +377,7 @@ class _ShardWriter:
             "rejected": len(self.rejects),
             "rejects": sorted(self.rejects, key=lambda r: r["index"]),
             "seconds": round(time.time() - self.started, 3),
-            "output_sha256": _sha256(self.final) if output else None,
+            "output_sha256": file_sha256(self.final) if output else None,
             "config": fingerprint,
             "package_version": __version__,
             "rank": rank,
@@ -398,14 +398,6 @@ class _ShardWriter:
 
 def stats_path(shard: Path) -> Path:
     return shard.with_name(shard.name + STATS_SUFFIX)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stream_seed(*parts) -> int:

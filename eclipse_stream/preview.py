@@ -37,12 +37,12 @@ def _first_images(shard: Path, n: int, image_key: str | None, size: int) -> np.n
         from .sources import iter_tar_samples
         arrays = []
         for sample in iter_tar_samples(shard):
-            key = find_image_key(sample, image_key)
-            if key is None:
-                continue
             try:
+                key = find_image_key(sample, image_key)
+                if key is None:
+                    continue
                 arrays.append(decode_image(sample[key]).rgb)
-            except ImageDecodeError as e:
+            except (ImageDecodeError, ValueError) as e:  # ValueError: no field named --image-key
                 raise InputError(f"{shard}: sample {sample['__key__']!r}: {e}")
             if len(arrays) == n:
                 break

@@ -68,7 +68,6 @@ class Purifier(nn.Module):
         self.config = config
         self.model = denoiser.model.eval().requires_grad_(False)
         self.chain = full.respace(purification_timesteps(config.t_star, config.num_steps))
-        self.metadata = denoiser.metadata
 
     @property
     def device(self) -> torch.device:

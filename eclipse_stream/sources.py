@@ -48,6 +48,8 @@ def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         names = sorted(set(braceexpand(item)))
         if len(names) == 1 and any(c in item for c in "*?["):
             names = sorted(glob.glob(item))
+            if not names:  # never drop a pattern silently, even when other inputs do name shards
+                raise InputError(f"{item}: no files match this pattern")
         for name in names:
             q = Path(name)
             if not q.is_file():
@@ -79,15 +81,6 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
         reason = str(e.args[0]).split(" @ <", 1)[0] if e.args else type(e).__name__
         where = f"after sample {last_key!r}" if last_key is not None else "before its first sample"
         raise ShardError(path, f"corrupt or truncated tar ({where}): {reason}") from e
-
-
-def validate_tar(path: str | os.PathLike) -> None:
-    """Raise ShardError unless ``path`` opens as a tar (cheap check of the first header)."""
-    try:
-        with tarfile.open(path, mode="r|*") as tf:
-            tf.next()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardError(str(path), f"not a readable tar: {e}") from e
 
 
 def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:

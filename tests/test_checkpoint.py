@@ -79,3 +79,14 @@ def test_train_state_round_trip_and_kind_check(tmp_path):
     assert torch.equal(s1[0]["exp_avg_sq"], s2[0]["exp_avg_sq"]) and float(s1[0]["step"]) == float(s2[0]["step"])
     with pytest.raises(CheckpointError, match="training state"):
         load_denoiser(path)
+
+
+def test_a_file_replaced_during_every_read_is_refused(tiny_ckpt, monkeypatch):
+    import itertools
+
+    import eclipse_stream.checkpoint as ckpt
+
+    counter = itertools.count()
+    monkeypatch.setattr(ckpt, "_identity", lambda path: next(counter))  # a new file under the name each time
+    with pytest.raises(CheckpointError, match="replaced three times while being read"):
+        load_denoiser(tiny_ckpt)

@@ -208,7 +208,9 @@ def test_sigkill_then_resume_gives_identical_output(cifar64, tiny_ckpt, tmp_path
 
 def test_torchrun_two_processes_match_single_process(cifar64, tiny_ckpt, tmp_path):
     src = _many_shards(cifar64, tmp_path / "in", n=5)
-    common = ["purify", str(src), "OUT", "--denoiser", str(tiny_ckpt), "--steps", "2", "--workers", "0", "-q"]
+    # --device cpu: the gloo path this test is about, also on a machine with one GPU (rank 1 has no cuda:1)
+    common = ["purify", str(src), "OUT", "--denoiser", str(tiny_ckpt), "--steps", "2", "--workers", "0", "-q",
+              "--device", "cpu"]
     single = [a.replace("OUT", str(tmp_path / "one")) for a in common]
     subprocess.run([sys.executable, "-m", "eclipse_stream.cli", *single], check=True, env=cli_env(),
                    capture_output=True)
@@ -270,3 +272,12 @@ def test_image_key_chooses_the_field_and_other_images_pass_through(cifar64, tiny
         assert png[f"{k}.jpg"] == s["jpg"] and png[f"{k}.png"] != s["png"]
     with pytest.raises(SampleError, match="webp"):
         purify_shards(tmp_path / "in", tmp_path / "none", tiny_ckpt, cfg(image_key="webp"), progress=False)
+
+
+def test_a_pattern_that_matches_nothing_is_an_error_even_beside_real_shards(shard_dir):
+    from eclipse_stream.errors import InputError
+    from eclipse_stream.sources import expand_shards
+
+    with pytest.raises(InputError, match=r"part-9\*\.tar: no files match this pattern"):
+        expand_shards([shard_dir / "part-000.tar", str(shard_dir / "part-9*.tar")])
+    assert len(expand_shards([str(shard_dir / "part-00*.tar")])) >= 1

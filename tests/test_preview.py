@@ -31,3 +31,12 @@ def test_preview_of_corrupt_shard_fails_cleanly(tmp_path, tiny_ckpt):
                         str(tiny_ckpt), "-o", str(tmp_path / "g.png")], capture_output=True, text=True, env=cli_env())
     assert r.returncode != 0 and "bad.tar" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "g.png").exists()
+
+
+def test_preview_with_a_missing_image_key_names_shard_and_sample(shard_dir, tiny_ckpt, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "eclipse_stream.cli", "preview", str(shard_dir / "part-000.tar"),
+                        "--denoiser", str(tiny_ckpt), "-o", str(tmp_path / "g.png"), "--image-key", "webp"],
+                       capture_output=True, text=True, env=cli_env())
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "part-000.tar: sample '" in r.stderr and "no field 'webp'" in r.stderr
+    assert not (tmp_path / "g.png").exists()
