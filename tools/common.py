@@ -25,6 +25,7 @@ import torch
 import webdataset as wds
 
 from eclipse_stream.devices import resolve_device
+from eclipse_stream.fsutil import atomic_path
 from eclipse_stream.fsutil import write_json as _write_json
 from eclipse_stream.imageio import decode_image as _decode
 
@@ -104,11 +105,9 @@ def write_split(out_dir: Path, prefix: str, keys: list[str], images: np.ndarray,
     shards = []
     for start in range(0, len(keys), shard_size):
         name = shard_name(prefix, start // shard_size)
-        tmp = out_dir / (name + ".tmp")
-        with wds.TarWriter(str(tmp)) as sink:
+        with atomic_path(out_dir / name) as tmp, wds.TarWriter(str(tmp)) as sink:
             for i in range(start, min(start + shard_size, len(keys))):
                 sink.write({"__key__": keys[i], "png": images[i], "cls": int(labels[i])})
-        os.replace(tmp, out_dir / name)
         shards.append(name)
     manifest = {"prefix": prefix, "count": len(keys), "shard_size": shard_size, "shards": shards,
                 "classes": list(CLASSES), **(extra or {})}

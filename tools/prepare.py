@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from eclipse_stream.fsutil import atomic_path
+
 from .common import CLASS_INDEX, decode_image, is_complete, iter_cifar_tar, resolve_data_dir, write_split
 
 DEFAULT_SHARD_SIZE = 2500
@@ -49,11 +51,10 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         def __getitem__(self, i):
             return images[i], int(labels[i])
 
-    tmp = path.with_name(path.name + ".tmp")
-    writer = DatasetWriter(str(tmp), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-                           num_workers=1)
-    writer.from_indexed_dataset(_Pairs())
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        writer = DatasetWriter(str(tmp), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                               num_workers=1)
+        writer.from_indexed_dataset(_Pairs())
 
 
 def prepare(data_dir, out_dir: Path, limit_per_class: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,

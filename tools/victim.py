@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from eclipse_stream.devices import resolve_device
+from eclipse_stream.fsutil import atomic_path
 
 from .common import ToolError, provenance, read_split
 from .defenses import Defense, apply_once, get_defense, training_corruption
@@ -222,10 +223,8 @@ def _signature(cfg: VictimConfig, recipe: Recipe, defense: Defense) -> dict:
 
 def _save(path: Path, state: dict) -> None:
     """Atomic checkpoint: a call killed mid-write leaves the previous epoch intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def prepare_data(cfg: VictimConfig, defense: Defense):
@@ -276,7 +275,7 @@ class _Run:
 
     def restore(self, path: Path, log) -> None:
         """Continue from a checkpoint written by the same settings (anything else is refused)."""
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location=self.device, weights_only=True)  # tensors and plain containers only
         if state["signature"] != self.signature:
             raise ToolError(f"checkpoint {path} was made with other settings; delete it or drop --resume")
         self.model.load_state_dict(state["model"])

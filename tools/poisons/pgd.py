@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from eclipse_stream.fsutil import atomic_path
 
 from ..common import ToolError
 
@@ -51,18 +52,15 @@ def save_state(path: Path | None, state: dict) -> None:
     """Atomic torch.save of resumable progress."""
     if path is None:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state(path: Path | None, device: torch.device, signature: dict) -> dict | None:
     """Saved progress if it was made with the same settings, else None (a stale file is an error)."""
     if path is None or not Path(path).is_file():
         return None
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = torch.load(path, map_location=device, weights_only=True)  # tensors and plain containers only
     if state.get("signature") != signature:
         raise ToolError(f"{path} holds progress made with other settings; delete it to start over")
     return state

@@ -47,7 +47,7 @@ def derangement(num_classes: int, seed: int) -> np.ndarray:
 
 def load_surrogate(checkpoint: Path, width: float, device: torch.device):
     """A ResNet18 from a victim-trainer checkpoint, in eval mode with frozen weights."""
-    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    state = torch.load(checkpoint, map_location=device, weights_only=True)  # tensors and plain containers only
     model = resnet18(width=width).to(device)
     model.load_state_dict(state["model"])
     model.eval().requires_grad_(False)
