@@ -114,7 +114,8 @@ def _resolve_denoiser(path):
               help="baked: store one fixed corruption draw; none: leave it to training time.")
 @click.option("--jpeg-quality", type=int, default=95, help="Quality for re-encoded JPEG/WebP fields.")
 @click.option("--image-key", default=None, help="Field to purify; default first of jpg/jpeg/png/webp/...")
-@click.option("--max-pixels", type=int, default=None, help="Reject images with more pixels (bombs).")
+@click.option("--max-pixels", type=int, default=None,
+              help="Reject images with more pixels (decompression bombs); default 178,956,970 (Pillow's error limit).")
 @click.option("--resolution", type=click.Choice(["native", "model"]), default="native",
               help="native: purify and store at each image's size; model: shorter side to the "
                    "denoiser's size (aspect kept), stored at that size.")
@@ -143,7 +144,7 @@ def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_
                           gray_p=gray_p, noise_sigma=noise_sigma)
     if kwargs["workers"] is None:
         kwargs.pop("workers")
-    cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, **kwargs)
+    cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, **kwargs)
     result = purify_shards(list(inputs), out, _resolve_denoiser(denoiser), cfg, progress=not quiet)
     summary = {
         "processed": len(result.processed), "already_done": len(result.skipped),
