@@ -144,7 +144,8 @@ def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_
                           gray_p=gray_p, noise_sigma=noise_sigma)
     if kwargs["workers"] is None:
         kwargs.pop("workers")
-    cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, **kwargs)
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels, **kwargs)
     result = purify_shards(list(inputs), out, _resolve_denoiser(denoiser), cfg, progress=not quiet)
     summary = {
         "processed": len(result.processed), "already_done": len(result.skipped),

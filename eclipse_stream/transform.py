@@ -9,7 +9,9 @@ purified on the device in one call per group. Works in ``wds.DataPipeline(...)``
 FFCV pipeline after ``ToDevice``/``ToTorchImage``).
 
 Image values may be PIL images, HWC numpy arrays (uint8 or float in [0, 1]) or CHW
-torch tensors (uint8 or float in [0, 1]); each comes back as the same type.
+torch tensors (uint8 or float in [0, 1]); each comes back as the same type. A PIL image
+in L/LA/RGBA mode comes back in that mode with its alpha channel unchanged (the denoiser
+sees RGB; other modes such as P or CMYK come back as RGB).
 """
 
 from __future__ import annotations
@@ -31,27 +33,33 @@ DEFAULT_IMAGE_KEYS = "jpg;jpeg;png;webp;ppm;bmp"
 
 
 def _to_tensor(value) -> tuple[torch.Tensor, str]:
-    """A CHW float [0, 1] tensor and a tag saying how to convert back."""
+    """A CHW tensor (uint8 for 8-bit inputs, so 4x fewer bytes go to the device; float in [0, 1]
+    otherwise) and a tag saying how to convert back."""
     if isinstance(value, Image.Image):
-        return torch.from_numpy(np.asarray(value.convert("RGB")).copy()).permute(2, 0, 1).float() / 255, "pil"
+        return torch.from_numpy(np.asarray(value.convert("RGB")).copy()).permute(2, 0, 1), "pil"
     if isinstance(value, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
-        return (t.float() / 255, "np8") if value.dtype == np.uint8 else (t.float(), f"np:{value.dtype}")
+        return (t, "np8") if value.dtype == np.uint8 else (t.float(), f"np:{value.dtype}")
     if torch.is_tensor(value):
-        return (value.float() / 255, "t8") if value.dtype == torch.uint8 else (value.float(), f"t:{value.dtype}")
+        return (value, "t8") if value.dtype == torch.uint8 else (value.float(), f"t:{value.dtype}")
     raise TypeError(f"cannot purify a {type(value).__name__}: decode images first (e.g. .decode('pil'))")
 
 
 def _from_tensor(x: torch.Tensor, tag: str, like):
-    u8 = lambda: (x * 255).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
     if tag == "pil":
-        return Image.fromarray(u8().permute(1, 2, 0).numpy())
+        # as eclipse_stream.imageio does for stored images: gray stays gray, alpha is re-attached unchanged
+        img = Image.fromarray(x.permute(1, 2, 0).numpy())
+        if like.mode in ("L", "LA"):
+            img = img.convert("L")
+        if "A" in like.getbands():
+            img.putalpha(like.getchannel("A"))
+        return img
     if tag == "np8":
-        return u8().permute(1, 2, 0).numpy()
+        return x.permute(1, 2, 0).numpy()
     if tag.startswith("np:"):
         return x.permute(1, 2, 0).numpy().astype(like.dtype)
     if tag == "t8":
-        return u8().to(like.device)
+        return x.to(like.device)
     return x.to(device=like.device, dtype=like.dtype)
 
 
@@ -91,9 +99,9 @@ class EclipseTransform:
             if key is not None:
                 tensor, tag = _to_tensor(sample[key])
                 slots.append((i, key, tensor, tag, sample[key]))
-        by_size: dict[tuple, list[int]] = {}
+        by_size: dict[tuple, list[int]] = {}  # uint8 and float images are purified in separate calls
         for n, slot in enumerate(slots):
-            by_size.setdefault(tuple(slot[2].shape), []).append(n)
+            by_size.setdefault((tuple(slot[2].shape), slot[2].dtype), []).append(n)
         results: dict[int, torch.Tensor] = {}
         for members in by_size.values():
             for n, out in zip(members, self._purify_group([slots[n][2] for n in members])):

@@ -85,3 +85,22 @@ def test_transform_keeps_types_order_and_passes_samples_without_images(tiny_ckpt
     assert np.array_equal(again[0]["jpg"], out[0]["jpg"])
     with pytest.raises(TypeError, match="decode images first"):
         list(t(iter([{"__key__": "x", "jpg": b"raw bytes"}])))
+
+
+def test_pil_modes_come_back_with_gray_and_alpha_kept(tiny_ckpt):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    alpha = Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8))
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    la = rgb.convert("L")
+    la.putalpha(alpha)
+    samples = [{"__key__": k, "png": im} for k, im in
+               [("rgb", rgb), ("rgba", rgba), ("l", rgb.convert("L")), ("la", la)]]
+    out = {s["__key__"]: s["png"] for s in EclipseTransform(tiny_ckpt, steps=2, batch_size=4, device="cpu")(samples)}
+    assert {k: im.mode for k, im in out.items()} == {"rgb": "RGB", "rgba": "RGBA", "l": "L", "la": "LA"}
+    for k in ("rgba", "la"):
+        assert np.array_equal(np.asarray(out[k].getchannel("A")), np.asarray(alpha))
+    assert not np.array_equal(np.asarray(out["rgba"])[..., :3], np.asarray(rgb))  # the colours were purified
