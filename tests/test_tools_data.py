@@ -99,3 +99,9 @@ def test_missing_data_dir_cli_exits_nonzero(tmp_path):
     assert proc.returncode != 0
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
     assert not Path(tmp_path / "out").exists()
+
+
+def test_reusing_splits_made_with_other_settings_is_refused(prepared):
+    with pytest.raises(ToolError, match=r"prepared with other settings \(limit_per_class=6 there, 7 asked\)"):
+        prepare(None, prepared, limit_per_class=PER_CLASS + 1, shard_size=16, sparse_per_class=2)
+    assert prepare(None, prepared, limit_per_class=PER_CLASS, shard_size=16, sparse_per_class=2) == {}  # same: reused

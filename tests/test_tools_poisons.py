@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tools.common import default_data_dir, read_json, read_split
+from tools.common import ToolError, default_data_dir, read_json, read_split
 from tools.poisons import POISONS
 from tools.poisons.base import LSP_L2, Budget, measure, quantize, within
 from tools.poisons.driver import NORMS, poison_split
@@ -166,3 +166,9 @@ def test_default_auto_device_runs_and_is_recorded(clean, tmp_path):
     expected = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu ("
     assert record["device"].startswith(expected)
     assert (tmp_path / "urp" / NORMS).is_file()
+
+
+def test_reusing_a_split_poisoned_with_another_seed_is_refused(clean, tmp_path):
+    poison_split("urp", clean, tmp_path / "urp", seed=0, log=lambda m: None)
+    with pytest.raises(ToolError, match="poisoned with seed=0"):
+        poison_split("urp", clean, tmp_path / "urp", seed=1, log=lambda m: None)

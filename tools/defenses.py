@@ -120,14 +120,14 @@ def eclipse_stream_command() -> list[str]:
 
 def purify(in_dir: Path, out_dir: Path, denoiser: Path, steps: int | None = None, device: str | None = None,
            batch_size: int | None = None, timeout: float | None = None, extra_args: tuple[str, ...] = ()) -> Path:
-    """Run ``eclipse-stream purify IN OUT --denoiser CKPT`` as a user would; skip if OUT is complete.
+    """Run ``eclipse-stream purify IN OUT --denoiser CKPT`` as a user would.
 
     A subprocess keeps the harness honest (it measures the shipped CLI) and lets a
-    time limit stop a long purification, which the CLI can then resume.
+    time limit stop a long purification, which the CLI can then resume. A finished OUT is
+    not skipped here: the CLI skips its done shards itself, after checking they were made
+    with this denoiser and these settings.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    if is_complete(out_dir):
-        return out_dir
     if not Path(denoiser).is_file():
         raise ToolError(f"denoiser checkpoint not found: {denoiser} (train one with `eclipse-stream train`)")
     cmd = [*eclipse_stream_command(), "purify", str(in_dir), str(out_dir), "--denoiser", str(denoiser)]
@@ -154,22 +154,11 @@ def purify(in_dir: Path, out_dir: Path, denoiser: Path, steps: int | None = None
     if proc.returncode != 0:
         tail = (stderr or stdout).strip().splitlines()[-5:]
         raise ToolError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {' | '.join(tail)}")
-    mark_complete(in_dir, out_dir)
+    if not is_complete(out_dir):  # the CLI writes manifest.json whenever it exits 0
+        raise ToolError(f"`{' '.join(cmd)}` exited 0 but wrote no {out_dir}/manifest.json")
     return out_dir
 
 
 class PurifyTimeout(ToolError):
     """Purification ran past this call's time budget; its partial output stays for a resumed run."""
 
-
-def mark_complete(in_dir: Path, out_dir: Path) -> None:
-    """Give the purified folder the harness's done-marker unless the CLI wrote one itself."""
-    from .common import MANIFEST, read_json, write_json
-
-    if is_complete(out_dir):
-        return
-    source = read_json(in_dir / MANIFEST) if is_complete(in_dir) else {}
-    shards = sorted(p.name for p in out_dir.glob("*.tar"))
-    if not shards:
-        raise ToolError(f"purification wrote no .tar shards to {out_dir}")
-    write_json(out_dir / MANIFEST, {**source, "shards": shards, "purified_from": str(in_dir)})

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eclipse_stream.fsutil import file_sha256
+
 from .common import DEFAULT_WORK, ToolError, provenance, read_json, write_json
 from .defenses import PurifyTimeout, get_defense, purify
 from .paper import PAPER_POISONS, TABLE1_AVG, paper_value
@@ -52,7 +54,10 @@ class GridConfig:
     def settings(self) -> dict:
         """What must agree between calls that fill the same results file."""
         return {"recipe": self.recipe, "epochs": self.epochs, "width": self.width, "seed": self.seed,
-                "limit_per_class": self.limit_per_class, "poison_options": self.poison_options}
+                "limit_per_class": self.limit_per_class, "poison_options": self.poison_options,
+                "denoiser_sha256": file_sha256(self.denoiser) if self.denoiser and Path(self.denoiser).is_file()
+                else None,
+                "purify_args": list(self.purify_args)}
 
 
 def cell_key(poison: str, defense: str) -> str:

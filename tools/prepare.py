@@ -13,7 +13,17 @@ import numpy as np
 
 from eclipse_stream.fsutil import atomic_path
 
-from .common import CLASS_INDEX, decode_image, is_complete, iter_cifar_tar, resolve_data_dir, write_split
+from .common import (
+    CLASS_INDEX,
+    MANIFEST,
+    ToolError,
+    decode_image,
+    is_complete,
+    iter_cifar_tar,
+    read_json,
+    resolve_data_dir,
+    write_split,
+)
 
 DEFAULT_SHARD_SIZE = 2500
 SPARSE_PER_CLASS = 200  # 2,000 images = 4% of CIFAR-10's training split, as in the paper
@@ -57,12 +67,28 @@ def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         writer.from_indexed_dataset(_Pairs())
 
 
+def _check_reusable(out_dir: Path, settings: dict) -> None:
+    """Refuse to reuse splits written with other settings (a 10-per-class test grid must not feed a full one)."""
+    for split in ("train", "sparse", "test"):
+        manifest = out_dir / split / MANIFEST
+        if not manifest.is_file():
+            continue
+        saved = read_json(manifest)
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            said = ", ".join(f"{k}={old!r} there, {new!r} asked" for k, (old, new) in changed.items())
+            raise ToolError(f"{out_dir / split} was prepared with other settings ({said}); "
+                            "use --force or another work dir")
+
+
 def prepare(data_dir, out_dir: Path, limit_per_class: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
             sparse_per_class: int = SPARSE_PER_CLASS, beton: bool = True, force: bool = False) -> dict:
     """Write ``train/``, ``test/``, ``sparse/`` shard folders and ``train.beton``; skip finished parts."""
     data_dir = resolve_data_dir(data_dir)
     out_dir = Path(out_dir)
     settings = {"limit_per_class": limit_per_class, "shard_size": shard_size}
+    if not force:
+        _check_reusable(out_dir, settings)
     done = {}
     train = None
     if force or not all(is_complete(out_dir / s) for s in ("train", "sparse")) or (

@@ -30,8 +30,12 @@ def poison_split(kind: str, in_dir: Path, out_dir: Path, seed: int = 0, device: 
         raise ToolError(f"unknown poison {kind!r}; choose one of {', '.join(POISONS)}")
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if is_poisoned(out_dir):
+        record = read_json(out_dir / NORMS)
+        if (record.get("seed"), record.get("options")) != (seed, options or {}):
+            raise ToolError(f"{out_dir} was poisoned with seed={record.get('seed')} options={record.get('options')}, "
+                            f"not seed={seed} options={options or {}}; delete it or use another work dir")
         log(f"{out_dir} already poisoned; skipping")
-        return read_json(out_dir / NORMS)
+        return record
     t0 = time.time()
     module = POISONS[kind]
     keys, clean, labels = read_split(in_dir)
