@@ -93,24 +93,32 @@ def ema_decay_at(step: int, max_decay: float) -> float:
 
 
 class ReplicatedSampler:
-    """Batch indices for step s: the (M x N)-long epoch order, reshuffled each epoch from (seed, epoch)."""
+    """Batch indices for step s: the (M x N)-long epoch order, reshuffled each epoch from (seed, epoch).
 
-    def __init__(self, n: int, replicate: int, batch_size: int, seed: int):
+    The order is drawn on the CPU (the same on every device) and moved to ``device`` once per
+    epoch; a batch is then one or two slices of it, with no host-to-device copy per step.
+    """
+
+    def __init__(self, n: int, replicate: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
         self.n, self.epoch_len, self.batch_size, self.seed = n, n * replicate, batch_size, seed
+        self.device = torch.device(device)
         self._epoch, self._perm = -1, None
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.epoch_len, generator=g) % self.n, epoch
+            self._perm = (torch.randperm(self.epoch_len, generator=g) % self.n).to(self.device)
+            self._epoch = epoch
         return self._perm
 
     def batch(self, step: int) -> torch.Tensor:
-        out = []
-        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
+        pos, end, parts = step * self.batch_size, (step + 1) * self.batch_size, []
+        while pos < end:  # a batch that crosses an epoch boundary takes the next epoch's first indices
             epoch, offset = divmod(pos, self.epoch_len)
-            out.append(self._order(epoch)[offset])
-        return torch.stack(out)
+            take = min(end - pos, self.epoch_len - offset)
+            parts.append(self._order(epoch)[offset:offset + take])
+            pos += take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.no_grad()
@@ -137,8 +145,10 @@ def train_step(model, ema, opt, diffusion: GaussianDiffusion, batch: torch.Tenso
 
 def _check_resume(meta: dict, cfg: TrainConfig, files_hash: str, path: str) -> None:
     saved = meta.get("train_args", {})
+    # everything that shapes the run but iterations/checkpoint_every (which may grow) and source (hashed below);
+    # AdamW's load_state_dict would silently bring back the saved lr and weight decay
     for key in ("preset", "image_size", "batch_size", "replicate", "seed", "diffusion_steps", "lr",
-                "ema_decay", "precision"):
+                "weight_decay", "ema_decay", "precision"):
         if key in saved and saved[key] != getattr(cfg, key):
             raise CheckpointError(f"{path}: cannot resume: {key} was {saved[key]!r}, now {getattr(cfg, key)!r}")
     if meta.get("train_files_sha256") != files_hash:
@@ -174,7 +184,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         raise InputError(f"{state_path}: already at step {start} >= --iterations {cfg.iterations}")
 
     data = data.to(device)
-    sampler = ReplicatedSampler(len(data), cfg.replicate, cfg.batch_size, cfg.seed)
+    sampler = ReplicatedSampler(len(data), cfg.replicate, cfg.batch_size, cfg.seed, device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     args = cfg.portable_args()
@@ -192,7 +202,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                unit="it", disable=not progress, dynamic_ncols=True)
     for step in bar:
         torch.manual_seed(cfg.seed * 1_000_003 + step + 1)  # timesteps, noise and dropout of this step
-        batch = data[sampler.batch(step).to(device)]
+        batch = data[sampler.batch(step)]
         loss = train_step(model, ema, opt, diffusion, batch, autocast, ema_decay_at(step, cfg.ema_decay))
         window_sum += loss
         window_steps += 1

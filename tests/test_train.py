@@ -59,6 +59,9 @@ def test_resume_refuses_changed_settings_and_missing_state(image_folder, tmp_pat
     with pytest.raises(CheckpointError, match="batch_size"):
         train(tiny_cfg(image_folder, tmp_path / "a.safetensors", iterations=4, batch_size=8, resume=True),
               progress=False)
+    with pytest.raises(CheckpointError, match="weight_decay was 0.0, now 0.1"):  # AdamW would restore 0.0
+        train(tiny_cfg(image_folder, tmp_path / "a.safetensors", iterations=4, weight_decay=0.1, resume=True),
+              progress=False)
     with pytest.raises(CheckpointError, match="no training state"):
         train(tiny_cfg(image_folder, tmp_path / "zz.safetensors", resume=True), progress=False)
 
@@ -111,6 +114,11 @@ def test_replicated_sampler_and_ema_warmup():
     seen = torch.cat([s.batch(i) for i in range(5)])  # exactly one epoch = 20 positions
     assert torch.bincount(seen, minlength=5).tolist() == [4] * 5
     assert not torch.equal(torch.cat([s.batch(i) for i in range(5, 10)]), seen)  # reshuffled next epoch
+    # batches of 3 over epochs of 20 cross epoch boundaries: still position p of the run is epoch p // 20's
+    # order at p % 20, as the one-index-at-a-time definition says
+    s3 = ReplicatedSampler(n=5, replicate=4, batch_size=3, seed=1)
+    run = torch.cat([s3.batch(i) for i in range(14)])
+    assert run.tolist() == [s3._order(p // 20)[p % 20].item() for p in range(42)]
     assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
     assert ema_decay_at(10**7, 0.9999) == 0.9999
 
