@@ -32,6 +32,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -400,6 +401,15 @@ def stats_path(shard: Path) -> Path:
     return shard.with_name(shard.name + STATS_SUFFIX)
 
 
+def _weights_sha256(model: torch.nn.Module) -> str:
+    """A hash of a model's tensors (names and bytes), so two in-memory denoisers never share outputs on resume."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "weights:" + h.hexdigest()
+
+
 def stream_seed(*parts) -> int:
     """A 63-bit seed that depends on ``parts`` only (not on process, worker or rank)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
@@ -426,7 +436,7 @@ class RunResult:
 def _plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool):
     """Which shards still need work; refuse to mix outputs made with different settings."""
     names = [s.name for s in shards]
-    dup = {n for n in names if names.count(n) > 1}
+    dup = {n for n, c in Counter(names).items() if c > 1}
     if dup:
         raise InputError(f"two input shards share the output name(s) {sorted(dup)}: outputs would collide")
     todo, done = [], []
@@ -480,7 +490,7 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser, cfg: 
     out_dir.mkdir(parents=True, exist_ok=True)
     den = denoiser.to(device) if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
     purifier = Purifier(den, cfg.purifier)
-    ckpt_sha = den.sha256 or "in-memory"
+    ckpt_sha = den.sha256 or _weights_sha256(den.model)  # in memory: the weights stand for the file
     fingerprint = cfg.fingerprint(ckpt_sha, device.type)
     todo, done = _plan(shards, out_dir, fingerprint, cfg.overwrite)
     mine = [t for t in todo if t.index % world == rank]

@@ -281,3 +281,17 @@ def test_a_pattern_that_matches_nothing_is_an_error_even_beside_real_shards(shar
     with pytest.raises(InputError, match=r"part-9\*\.tar: no files match this pattern"):
         expand_shards([shard_dir / "part-000.tar", str(shard_dir / "part-9*.tar")])
     assert len(expand_shards([str(shard_dir / "part-00*.tar")])) >= 1
+
+
+def test_in_memory_denoisers_are_told_apart_on_resume(shard_dir, tmp_path):
+    from conftest import make_denoiser
+    from eclipse_stream.checkpoint import load_denoiser
+    from eclipse_stream.errors import InputError
+
+    a = load_denoiser(make_denoiser(tmp_path / "a.safetensors", seed=0))
+    b = load_denoiser(make_denoiser(tmp_path / "b.safetensors", seed=1))
+    a.sha256 = b.sha256 = None  # as built in memory, with no file behind them
+    purify_shards(shard_dir / "part-000.tar", tmp_path / "out", a, cfg(), progress=False)
+    with pytest.raises(InputError, match="different settings .*checkpoint_sha256"):
+        purify_shards(shard_dir / "part-000.tar", tmp_path / "out", b, cfg(), progress=False)
+    assert purify_shards(shard_dir / "part-000.tar", tmp_path / "out", a, cfg(), progress=False).skipped
