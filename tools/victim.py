@@ -82,7 +82,6 @@ class VictimConfig:
     resume: bool = False
     max_seconds: float | None = None
     compile: bool = False
-    extra: dict = field(default_factory=dict)
 
     def resolved_recipe(self) -> Recipe:
         if self.recipe not in RECIPES:
@@ -374,7 +373,7 @@ def _result(run: _Run, complete: bool, test_x, test_y, n_train: int, t0: float, 
         "settings": {"train": str(cfg.train), "test": cfg.test and str(cfg.test), "defense": run.defense.to_dict(),
                      "recipe": asdict(run.recipe), "width": cfg.width, "seed": cfg.seed, "limit": cfg.limit,
                      "train_images": int(n_train), "test_images": int(len(test_y)),
-                     "device": str(run.device), "compile": cfg.compile, **cfg.extra},
+                     "device": str(run.device), "compile": cfg.compile},
         "train_seconds": round(run.seconds, 2),
         "history": run.history,
         **provenance(run.device),
