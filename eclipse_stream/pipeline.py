@@ -486,9 +486,9 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser, cfg: 
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # --device cpu on a GPU box: gloo
             owns_group = True
     shards = expand_shards(inputs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     den = denoiser.to(device) if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once inputs and checkpoint are known good
     purifier = Purifier(den, cfg.purifier)
     ckpt_sha = den.sha256 or _weights_sha256(den.model)  # in memory: the weights stand for the file
     fingerprint = cfg.fingerprint(ckpt_sha, device.type)

@@ -295,3 +295,12 @@ def test_in_memory_denoisers_are_told_apart_on_resume(shard_dir, tmp_path):
     with pytest.raises(InputError, match="different settings .*checkpoint_sha256"):
         purify_shards(shard_dir / "part-000.tar", tmp_path / "out", b, cfg(), progress=False)
     assert purify_shards(shard_dir / "part-000.tar", tmp_path / "out", a, cfg(), progress=False).skipped
+
+
+def test_a_bad_checkpoint_leaves_no_output_folder(shard_dir, tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(tiny_ckpt.read_bytes()[:5000])
+    r = subprocess.run([sys.executable, "-m", "eclipse_stream.cli", "purify", str(shard_dir), str(tmp_path / "out"),
+                        "-d", str(bad), "-q"], capture_output=True, text=True, env=cli_env())
+    assert r.returncode == 3 and "bad.safetensors: not a readable safetensors checkpoint" in r.stderr
+    assert not (tmp_path / "out").exists()
