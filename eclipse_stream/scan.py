@@ -1,0 +1,760 @@
+"""``eclipse-stream scan``: does a labelled image dataset look poisoned by an availability attack?
+
+Why it works
+------------
+Availability poisons ("unlearnable examples": URP, LSP, AR, OPS, EM, TAP, ...) plant a
+*shortcut*: a small, class-correlated perturbation that a network fits far more easily than
+the image content. The shortcut is so simple that a *quick probe* -- a linear classifier on
+raw pixels, or a three-layer CNN, trained for a few epochs on a few hundred images --
+predicts the labels of **held-out images of the same set** almost perfectly and almost at
+once, whereas on clean natural images the same probes stay far from perfect. This is the
+simple-network detection of Zhu, Yu & Gao ("Detection and Defense of Unlearnable Examples",
+AAAI 2024), which trains a simple network on part of the set and compares its accuracy on
+the rest with a bound.
+
+What a scan does
+----------------
+1. **Sample**: up to ``per_class`` images of every class, chosen uniformly over the whole
+   input with a seeded reservoir (one pass, never the whole dataset in memory; only the
+   chosen images are decoded, with the same decoder and bad-input errors as ``purify``).
+   Images are resized (shorter side) and centre-cropped to ``probe_size`` (32).
+2. **Split** every class 75 / 25 (seeded) into probe-training and held-out images.
+3. **Probes**: ``linear`` (a linear classifier on standardised raw pixels) and ``cnn``
+   (3 conv layers with batch norm, global average pooling), each trained ``epochs``
+   epochs with Adam; after every epoch, the balanced accuracy (mean per-class recall) on
+   the held-out images is recorded: the *learning curve*.
+4. **Score** of a probe: the mean over epochs of ``(acc - 1/K) / (1 - 1/K)`` -- 0 at chance
+   (K classes), 1 for a probe that is perfect from the first epoch on. Being the area under
+   the held-out learning curve, it rewards learning *fast*, not only well.
+   The dataset's score is the largest probe score.
+5. **Verdict** (no reference): ``likely poisoned`` if score >= ``threshold``, ``no sign of
+   poisoning`` if score < ``clean_below``, ``inconclusive`` in between (or when there are
+   too few images). With a clean ``reference`` (e.g. the sparse clean set ECLIPSE's denoiser
+   is trained on), both are scanned at the same per-class count and seeds, and the score is
+   the largest probe's excess over the reference (``relative_threshold`` /
+   ``relative_clean_below``).
+
+The thresholds are calibrated on CIFAR-10 (docs/evaluation.md, "Poison scan"). They are for
+natural photos: a dataset whose clean images a linear probe already separates nearly
+perfectly (digits, synthetic renders, two very different classes) scores high without any
+poison; give it a clean ``reference``. What a scan cannot see: poisons that plant no
+shortcut (clean-label targeted/backdoor attacks on a few samples, label flipping of a small
+fraction), shortcuts that vanish at ``probe_size`` (high-frequency patterns on large images
+that are downsampled for the probe), and poisons designed to be hard for simple networks.
+
+API: :func:`scan_shards` (tar / .beton shards, as ``purify`` takes them), :func:`scan_samples`
+(an iterable of WebDataset sample dicts, raw or decoded), :func:`scan_arrays` (NHWC uint8
+images + labels). Each returns a :class:`ScanResult` (``verdict``, ``score``, ``exit_code``,
+``to_dict()``, ``write_json()``, ``plot()``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .devices import resolve_device
+from .errors import InputError, SampleError
+from .fsutil import atomic_path
+from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, find_image_key
+from .sources import expand_shards, iter_tar_samples, resize_center_crop
+
+__all__ = [
+    "LIKELY_POISONED", "NO_SIGN", "INCONCLUSIVE", "EXIT_CODES", "LABEL_KEYS",
+    "ScanConfig", "ScanResult", "scan_shards", "scan_samples", "scan_arrays",
+]
+
+LIKELY_POISONED = "likely poisoned"
+NO_SIGN = "no sign of poisoning"
+INCONCLUSIVE = "inconclusive"
+#: Exit status of ``eclipse-stream scan`` per verdict; errors keep 1 (other), 2 (bad input/usage), 3 (checkpoint).
+EXIT_CODES = {NO_SIGN: 0, LIKELY_POISONED: 10, INCONCLUSIVE: 11}
+#: Label fields tried in order when none is named (tar field extensions, or .beton field names).
+LABEL_KEYS = ("cls", "class", "label", "target")
+MIN_PER_CLASS = 4  # a class with fewer sampled images is left out (it cannot be split 3:1)
+PROBES = ("linear", "cnn")
+
+
+@dataclass
+class ScanConfig:
+    """How a scan samples and probes. Defaults are the calibrated setting (docs/evaluation.md)."""
+
+    per_class: int = 100            # images sampled per class (fewer if a class has fewer)
+    epochs: int = 8                 # probe training epochs (one learning-curve point each)
+    probes: tuple = PROBES          # which probes run; the score is the largest
+    probe_size: int = 32            # images resized (shorter side) + centre-cropped to this
+    holdout: float = 0.25           # fraction of each class held out for the learning curve
+    batch_size: int = 64
+    seed: int = 0                   # sampling, split, probe initialisation and batch order
+    device: str | None = None       # None / "auto": cuda when present, else cpu
+    label_key: str | None = None    # None: first of LABEL_KEYS present
+    image_key: str | None = None    # None: first image field, as purify
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    on_error: str = "fail"          # fail | skip (a bad sampled image is recorded and left out)
+    null: bool = True               # also train each probe on shuffled labels (the no-signal curve)
+    threshold: float = 0.6          # score >= threshold: likely poisoned
+    clean_below: float = 0.45       # score < clean_below: no sign of poisoning
+    relative_threshold: float = 0.3     # with a reference: excess >= this: likely poisoned
+    relative_clean_below: float = 0.15  # with a reference: excess < this: no sign
+    min_per_class: int = 20         # fewer sampled images per class (median): inconclusive
+
+    def __post_init__(self) -> None:
+        if self.per_class < MIN_PER_CLASS:
+            raise ValueError(f"per_class must be at least {MIN_PER_CLASS}, not {self.per_class}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, not {self.epochs}")
+        self.probes = tuple(self.probes)
+        unknown = [p for p in self.probes if p not in PROBES]
+        if unknown or not self.probes:
+            raise ValueError(f"probes must be some of {', '.join(PROBES)}, not {list(self.probes)}")
+        if not 0.05 <= self.holdout <= 0.5:
+            raise ValueError(f"holdout must be between 0.05 and 0.5, not {self.holdout}")
+        if self.probe_size < 8:
+            raise ValueError(f"probe_size must be at least 8, not {self.probe_size}")
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', not {self.on_error!r}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, not {self.max_pixels}")
+        if not self.clean_below <= self.threshold or not self.relative_clean_below <= self.relative_threshold:
+            raise ValueError("the 'clean below' bounds must not exceed the thresholds")
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class _Sampled:
+    """The chosen images of one input, as probe-ready arrays."""
+
+    images: np.ndarray          # (N, S, S, 3) uint8
+    labels: np.ndarray          # (N,) int64 class indices into `classes`
+    classes: list[str]          # class names (label values as text), sorted
+    seen: dict[str, int]        # images per class in the whole input
+    skipped: list[dict] = field(default_factory=list)  # {shard, key, reason} under on_error=skip
+    sources: list[str] = field(default_factory=list)
+
+
+class _Reservoir:
+    """Uniform sample of up to ``n`` items per label from one pass over a stream (algorithm R)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.rng = np.random.default_rng(seed)
+        self.buckets: dict = {}
+        self.counts: dict = {}
+
+    def add(self, label, item) -> None:
+        count = self.counts.get(label, 0) + 1
+        self.counts[label] = count
+        bucket = self.buckets.setdefault(label, [])
+        if len(bucket) < self.n:
+            bucket.append(item)
+        else:
+            j = int(self.rng.integers(count))
+            if j < self.n:
+                bucket[j] = item
+
+
+def _label_value(value, where: tuple[str, str], field_name: str):
+    """A class label from a field value: int when it reads as one, else its text."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else None
+    elif isinstance(value, np.ndarray):
+        value = value.item() if value.size == 1 else None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            value = bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            value = None
+    if isinstance(value, (bool, np.bool_)):
+        value = int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str) and value:
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    raise SampleError(*where, f"label field {field_name!r} holds {type(value).__name__} {str(value)[:40]!r}, "
+                              "not a class label (an integer or a class name)")
+
+
+def _label_key(sample: dict, label_key: str | None, where: tuple[str, str]) -> str:
+    fields = sorted(k for k in sample if not str(k).startswith("__"))
+    if label_key is not None:
+        if label_key not in sample:
+            raise SampleError(*where, f"no label field {label_key!r} (--label-key); its fields are: "
+                                      f"{', '.join(fields) or '(none)'}")
+        return label_key
+    for key in LABEL_KEYS:
+        if key in sample:
+            return key
+    raise SampleError(*where, f"no label field (looked for {', '.join(LABEL_KEYS)}; name one with "
+                              f"--label-key); its fields are: {', '.join(fields) or '(none)'}")
+
+
+def _image_key(sample: dict, image_key: str | None, where: tuple[str, str]) -> str:
+    try:
+        key = find_image_key(sample, image_key)
+    except ValueError as e:  # an explicit --image-key that the sample lacks
+        raise SampleError(*where, str(e)) from None
+    if key is None:
+        fields = sorted(k for k in sample if not str(k).startswith("__"))
+        raise SampleError(*where, f"no image field (fields: {fields})")
+    return key
+
+
+def _to_rgb(value, where: tuple[str, str], max_pixels: int) -> np.ndarray:
+    """uint8 H x W x 3 from encoded bytes (purify's decoder), a PIL image, an array or a tensor."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return decode_image(bytes(value), max_pixels=max_pixels).rgb
+        except ImageDecodeError as e:
+            raise SampleError(*where, str(e)) from None
+    if hasattr(value, "convert") and hasattr(value, "size"):  # PIL image
+        return np.asarray(value.convert("RGB"))
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.ndim == 3 and value.shape[0] in (1, 3) and value.shape[-1] not in (1, 3):
+            value = value.permute(1, 2, 0)  # CHW (torchrgb) -> HWC
+        value = value.numpy()
+    if isinstance(value, np.ndarray):
+        arr = value
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise SampleError(*where, f"image array of shape {value.shape} is not H x W x (1, 3 or 4)")
+        arr = arr[..., :3] if arr.shape[2] >= 3 else np.repeat(arr, 3, axis=2)
+        if arr.dtype != np.uint8:
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise SampleError(*where, f"image array of dtype {arr.dtype} (expected uint8, or float in [0, 1])")
+            arr = np.clip(np.rint(arr.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(arr)
+    raise SampleError(*where, f"image field holds {type(value).__name__}, not image bytes, a PIL image or an array")
+
+
+def _sort_labels(labels) -> list:
+    return sorted(labels, key=lambda v: (isinstance(v, str), v))
+
+
+def _finish(reservoir: _Reservoir, load, cfg: ScanConfig, sources: list[str], skipped: list[dict]) -> _Sampled:
+    """Decode the chosen items (``load(item) -> rgb``, raising SampleError) into probe-ready arrays."""
+    labels_sorted = _sort_labels(reservoir.buckets)
+    images, labels, classes = [], [], []
+    for label in labels_sorted:
+        decoded = []
+        for item in reservoir.buckets[label]:
+            try:
+                rgb = load(item)
+            except SampleError as e:
+                if cfg.on_error == "fail":
+                    raise
+                skipped.append({"shard": e.shard, "key": e.key, "reason": e.reason})
+                continue
+            decoded.append(resize_center_crop(rgb, cfg.probe_size))
+        if len(decoded) < MIN_PER_CLASS:
+            continue
+        classes.append(str(label))
+        images += decoded
+        labels += [len(classes) - 1] * len(decoded)
+    seen = {str(label): reservoir.counts[label] for label in labels_sorted}
+    if len(classes) < 2:
+        raise InputError(f"{', '.join(sources[:3]) + (' ...' if len(sources) > 3 else '')}: a scan needs at "
+                         f"least 2 classes with {MIN_PER_CLASS}+ readable images each; images per class "
+                         f"found: {seen or '(none)'}")
+    return _Sampled(np.stack(images), np.asarray(labels, dtype=np.int64), classes, seen, skipped, sources)
+
+
+def sample_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike], cfg: ScanConfig) -> _Sampled:
+    """Choose up to ``cfg.per_class`` images per class from tar / .beton shards (one pass each)."""
+    shards = expand_shards(inputs)
+    reservoir = _Reservoir(cfg.per_class, cfg.seed)
+    skipped: list[dict] = []
+    handles: dict[str, object] = {}
+    for shard in shards:
+        if shard.suffix == ".beton":
+            _reserve_beton(shard, cfg, reservoir, skipped, handles)
+            continue
+        for sample in iter_tar_samples(shard):
+            where = (str(shard), sample["__key__"])
+            try:
+                key = _label_key(sample, cfg.label_key, where)
+                label = _label_value(sample[key], where, key)
+                image = sample[_image_key(sample, cfg.image_key, where)]
+            except SampleError as e:
+                if cfg.on_error == "fail":
+                    raise
+                skipped.append({"shard": e.shard, "key": e.key, "reason": e.reason})
+                continue
+            reservoir.add(label, ("tar", where, image))
+
+    def load(item):
+        kind, where, payload = item
+        if kind == "tar":
+            return _to_rgb(payload, where, cfg.max_pixels)
+        reader, data = handles[where[0]]
+        index = payload
+        return reader._sample(data, index)[reader.image_field]  # SampleError for a bad image
+
+    return _finish(reservoir, load, cfg, [str(s) for s in shards], skipped)
+
+
+def _reserve_beton(shard: Path, cfg: ScanConfig, reservoir: _Reservoir, skipped: list, handles: dict) -> None:
+    """Labels of a .beton come from its metadata column (no image decoded); images are read when chosen."""
+    from .formats.beton import BetonReader, require_ffcv
+
+    require_ffcv(shard)
+    reader = BetonReader(shard, image_field=cfg.image_key, max_pixels=cfg.max_pixels)
+    names = reader.field_names
+    if cfg.label_key is not None:
+        if cfg.label_key not in names:
+            raise InputError(f"{shard}: no label field {cfg.label_key!r} (--label-key); fields: {names}")
+        label_field = cfg.label_key
+    else:
+        found = [k for k in LABEL_KEYS if k in names]
+        ints = [n for n in names if reader._field_types[n].__name__ == "IntField"]
+        if not found and not ints:
+            raise InputError(f"{shard}: no label field (looked for {', '.join(LABEL_KEYS)} or an IntField; "
+                             f"name one with --label-key); fields: {names}")
+        label_field = found[0] if found else ints[0]
+    kind = reader._field_types[label_field].__name__
+    data = np.memmap(reader.path, dtype=np.uint8, mode="r")
+    handles[str(shard)] = (reader, data)
+    if kind in ("IntField", "FloatField"):
+        metadata = reader._reader.metadata
+        column = np.asarray(metadata[metadata.dtype.names[names.index(label_field)]])
+        values = (_label_value(v, (str(shard), f"{i:09d}"), label_field) for i, v in enumerate(column.tolist()))
+    else:
+        values = (_label_value(s[label_field], (str(shard), s["__key__"]), label_field) for s in reader)
+    for index, label in enumerate(values):
+        reservoir.add(label, ("beton", (str(shard), f"{index:09d}"), index))
+
+
+def sample_samples(samples: Iterable[dict], cfg: ScanConfig) -> _Sampled:
+    """Choose up to ``cfg.per_class`` images per class from WebDataset sample dicts (raw or decoded)."""
+    reservoir = _Reservoir(cfg.per_class, cfg.seed)
+    skipped: list[dict] = []
+    urls: dict[str, None] = {}
+    for number, sample in enumerate(samples):
+        url = str(sample.get("__url__", "<samples>"))
+        urls.setdefault(url)
+        where = (url, str(sample.get("__key__", f"#{number}")))
+        try:
+            key = _label_key(sample, cfg.label_key, where)
+            label = _label_value(sample[key], where, key)
+            image = sample[_image_key(sample, cfg.image_key, where)]
+        except SampleError as e:
+            if cfg.on_error == "fail":
+                raise
+            skipped.append({"shard": e.shard, "key": e.key, "reason": e.reason})
+            continue
+        reservoir.add(label, (where, image))
+    return _finish(reservoir, lambda item: _to_rgb(item[1], item[0], cfg.max_pixels), cfg, list(urls), skipped)
+
+
+def _subsample(sampled: _Sampled, per_class: int, seed: int) -> _Sampled:
+    """At most ``per_class`` images of each class (seeded), to match a reference's size."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in range(len(sampled.classes)):
+        members = np.flatnonzero(sampled.labels == c)
+        keep.append(np.sort(rng.choice(members, size=min(per_class, len(members)), replace=False)))
+    keep = np.concatenate(keep)
+    return _Sampled(sampled.images[keep], sampled.labels[keep], sampled.classes, sampled.seen,
+                    sampled.skipped, sampled.sources)
+
+
+# --------------------------------------------------------------------------------------------- probes
+
+
+class _TinyCNN(nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128))
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def _split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class shuffled split: round(holdout * n) held out (at least 1), the rest for training."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        k = min(len(members) - 1, max(1, round(holdout * len(members))))
+        test.append(members[:k])
+        train.append(members[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _balanced(pred: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, list[float]]:
+    recalls = []
+    for c in range(k):
+        mask = y == c
+        recalls.append(float((pred[mask] == c).float().mean()) if bool(mask.any()) else float("nan"))
+    valid = [r for r in recalls if not math.isnan(r)]
+    return float(np.mean(valid)), recalls
+
+
+def _train_probe(kind: str, x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor,
+                 k: int, cfg: ScanConfig, seed: int, device: torch.device) -> dict:
+    """Train one probe; return its held-out learning curve (balanced accuracy per epoch) and final recalls."""
+    if kind == "linear":
+        flat_tr, flat_te = x_tr.flatten(1), x_te.flatten(1)
+        mean, std = flat_tr.mean(0), flat_tr.std(0).clamp_min(1 / 255)
+        inputs_tr, inputs_te = (flat_tr - mean) / std, (flat_te - mean) / std
+    else:
+        mean = x_tr.mean(dim=(0, 2, 3), keepdim=True)
+        std = x_tr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1 / 255)
+        inputs_tr, inputs_te = (x_tr - mean) / std, (x_te - mean) / std
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Linear(inputs_tr.shape[1], k) if kind == "linear" else _TinyCNN(k)
+    model = model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3 if kind == "linear" else 2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    curve, train_curve, recalls = [], [], []
+    n = len(y_tr)
+    for _ in range(cfg.epochs):
+        model.train()
+        correct = 0
+        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            idx = idx.to(device)
+            logits = model(inputs_tr[idx])
+            loss = F.cross_entropy(logits, y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == y_tr[idx]).sum())
+        train_curve.append(correct / n)
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model(chunk).argmax(1) for chunk in inputs_te.split(512)])
+        acc, recalls = _balanced(pred, y_te, k)
+        curve.append(acc)
+    chance = 1 / k
+    score = float(np.mean([(a - chance) / (1 - chance) for a in curve]))
+    return {"heldout_accuracy": curve, "train_accuracy": train_curve, "final_class_recall": recalls,
+            "score": score}
+
+
+def _probe_all(sampled: _Sampled, cfg: ScanConfig, device: torch.device, null: bool) -> dict:
+    k = len(sampled.classes)
+    tr, te = _split(sampled.labels, cfg.holdout, cfg.seed)
+    x = torch.from_numpy(sampled.images).permute(0, 3, 1, 2).float().div(255).to(device)
+    y = torch.from_numpy(sampled.labels).to(device)
+    out = {"train_images": int(len(tr)), "heldout_images": int(len(te)), "probes": {}, "null": {}}
+    for i, kind in enumerate(cfg.probes):
+        out["probes"][kind] = _train_probe(kind, x[tr], y[tr], x[te], y[te], k, cfg, cfg.seed * 1000 + i, device)
+    if null:
+        perm = torch.from_numpy(np.random.default_rng(cfg.seed + 1).permutation(len(y))).to(device)
+        y_null = y[perm]  # the same images with their labels shuffled: no signal to learn
+        for i, kind in enumerate(cfg.probes):
+            out["null"][kind] = _train_probe(kind, x[tr], y_null[tr], x[te], y_null[te], k, cfg,
+                                             cfg.seed * 1000 + i, device)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- result
+
+
+@dataclass
+class ScanResult:
+    """What a scan found. ``verdict`` is one of LIKELY_POISONED, NO_SIGN, INCONCLUSIVE."""
+
+    verdict: str
+    score: float
+    threshold: float
+    clean_below: float
+    mode: str                   # "absolute" or "relative" (against a clean reference)
+    reason: str
+    classes: list[str]
+    per_class_sampled: dict[str, int]
+    seen: dict[str, int]
+    probes: dict                # probe -> curves, score (see _train_probe)
+    null: dict                  # probe -> curves on shuffled labels (empty if not run)
+    reference: dict | None      # the reference's probes, classes and sources, if one was given
+    skipped: list[dict]
+    sources: list[str]
+    config: dict
+    device: str
+    seconds: dict
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    @property
+    def best_probe(self) -> str:
+        return max(self.probes, key=lambda p: self._probe_score(p))
+
+    def _probe_score(self, probe: str) -> float:
+        s = self.probes[probe]["score"]
+        return s - self.reference["probes"][probe]["score"] if self.reference else s
+
+    def to_dict(self) -> dict:
+        from . import __version__
+
+        d = asdict(self)
+        d["exit_code"] = self.exit_code
+        d["best_probe"] = self.best_probe
+        d["version"] = __version__
+        d["sources"] = self.sources if len(self.sources) <= 100 else self.sources[:100] + ["..."]
+        return d
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def summary(self) -> str:
+        """A few lines for a terminal."""
+        unit = "excess over the clean reference" if self.mode == "relative" else "score"
+        lines = [f"verdict: {self.verdict} ({unit} {self.score:.3f}; likely poisoned from {self.threshold:.2f}, "
+                 f"no sign below {self.clean_below:.2f})", f"  {self.reason}"]
+        for name, p in self.probes.items():
+            curve = " ".join(f"{a:.2f}" for a in p["heldout_accuracy"])
+            line = f"  {name:6s} score {p['score']:.3f}  held-out accuracy per epoch: {curve}"
+            if self.reference:
+                line += f"  (clean reference score {self.reference['probes'][name]['score']:.3f})"
+            lines.append(line)
+        n = sum(self.per_class_sampled.values())
+        lines.append(f"  {n} images sampled from {len(self.classes)} classes "
+                     f"({min(self.per_class_sampled.values())}-{max(self.per_class_sampled.values())} per class), "
+                     f"{len(self.skipped)} skipped, {self.seconds['total']:.1f} s on {self.device}")
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """A PNG: held-out learning curves (and the reference / shuffled-label curves), per-class recall."""
+        path = Path(path)
+        image = _draw_plot(self)
+        with atomic_path(path) as tmp:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            tmp.write_bytes(buf.getvalue())
+        return path
+
+
+def _verdict(cfg: ScanConfig, sampled: _Sampled, found: dict, ref: dict | None) -> tuple[str, float, str]:
+    counts = np.bincount(sampled.labels, minlength=len(sampled.classes))
+    scores = {p: r["score"] for p, r in found["probes"].items()}
+    best = max(scores, key=scores.get)
+    if ref is not None:
+        excess = {p: scores[p] - ref["probes"][p]["score"] for p in scores}
+        best = max(excess, key=excess.get)
+        score, hi, lo = excess[best], cfg.relative_threshold, cfg.relative_clean_below
+        what = (f"the {best} probe learns these labels {score:+.2f} better than on the clean reference "
+                f"({scores[best]:.2f} vs {ref['probes'][best]['score']:.2f})")
+    else:
+        score, hi, lo = scores[best], cfg.threshold, cfg.clean_below
+        what = (f"the {best} probe reaches {score:.2f} of the way from chance to perfect held-out accuracy, "
+                f"averaged over its {cfg.epochs} epochs")
+    if float(np.median(counts)) < cfg.min_per_class:
+        return INCONCLUSIVE, score, (f"too few images per class to judge (median {int(np.median(counts))}, "
+                                     f"need {cfg.min_per_class}); {what}")
+    if score >= hi:
+        return LIKELY_POISONED, score, what + ": the labels are learnable from a shortcut"
+    if score < lo:
+        return NO_SIGN, score, what + ": no shortcut a quick probe can find"
+    return INCONCLUSIVE, score, what + ": between the bounds"
+
+
+def scan_arrays(images: np.ndarray, labels: Sequence, cfg: ScanConfig | None = None, *,
+                reference: tuple[np.ndarray, Sequence] | None = None) -> ScanResult:
+    """Scan in-memory images (N x H x W x 3 uint8, one size) and their labels (ints or names).
+
+    Up to ``cfg.per_class`` images per class are used (a seeded random choice).
+    """
+    cfg = cfg or ScanConfig()
+    sampled = _from_arrays(images, labels, cfg)
+    ref = _from_arrays(*reference, cfg) if reference is not None else None
+    return _scan(sampled, cfg, ref, time.perf_counter(), 0.0)
+
+
+def _from_arrays(images, labels, cfg: ScanConfig) -> _Sampled:
+    images = np.asarray(images)
+    labels = list(np.asarray(labels).tolist())
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) != len(labels):
+        raise ValueError(f"expected N x H x W x 3 uint8 images and N labels, got {images.dtype} {images.shape} "
+                         f"and {len(labels)} labels")
+    reservoir = _Reservoir(cfg.per_class, cfg.seed)
+    for i, label in enumerate(labels):
+        reservoir.add(_label_value(label, ("<arrays>", str(i)), "labels"), i)
+    return _finish(reservoir, lambda i: images[i], cfg, ["<arrays>"], [])
+
+
+def scan_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike], cfg: ScanConfig | None = None, *,
+                reference: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> ScanResult:
+    """Scan tar / .beton shards (a folder, brace pattern, file, or a list of these), as purify reads them.
+
+    ``reference``: optional shards of clean images of the same classes (e.g. the sparse clean set).
+    """
+    cfg = cfg or ScanConfig()
+    t0 = time.perf_counter()
+    sampled = sample_shards(inputs, cfg)
+    ref = sample_shards(reference, cfg) if reference is not None else None
+    return _scan(sampled, cfg, ref, t0, time.perf_counter() - t0)
+
+
+def scan_samples(samples: Iterable[dict], cfg: ScanConfig | None = None, *,
+                 reference: Iterable[dict] | None = None) -> ScanResult:
+    """Scan an iterable of WebDataset samples: raw (bytes fields) or decoded (PIL, arrays, tensors).
+
+    E.g. ``scan_samples(wds.WebDataset(urls).decode("pil"), ScanConfig(label_key="cls"))``.
+    """
+    cfg = cfg or ScanConfig()
+    t0 = time.perf_counter()
+    sampled = sample_samples(samples, cfg)
+    ref = sample_samples(reference, cfg) if reference is not None else None
+    return _scan(sampled, cfg, ref, t0, time.perf_counter() - t0)
+
+
+def _scan(sampled: _Sampled, cfg: ScanConfig, ref_sampled: _Sampled | None, t0: float, t_read: float) -> ScanResult:
+    device = resolve_device(cfg.device)
+    reference = None
+    if ref_sampled is not None:  # scan both at the same per-class count
+        n = int(min(np.bincount(sampled.labels).min(), np.bincount(ref_sampled.labels).min()))
+        sampled, ref_sampled = _subsample(sampled, n, cfg.seed), _subsample(ref_sampled, n, cfg.seed)
+    t1 = time.perf_counter()
+    found = _probe_all(sampled, cfg, device, null=cfg.null and ref_sampled is None)
+    if ref_sampled is not None:
+        ref_found = _probe_all(ref_sampled, cfg, device, null=False)
+        reference = {"probes": ref_found["probes"], "classes": ref_sampled.classes,
+                     "per_class_sampled": _per_class(ref_sampled), "sources": ref_sampled.sources[:100],
+                     "skipped": ref_sampled.skipped}
+        if ref_sampled.classes != sampled.classes:
+            reference["warning"] = "the reference's classes differ from the data's"
+    verdict, score, reason = _verdict(cfg, sampled, found, reference)
+    relative = reference is not None
+    cfg_dict = {k: v for k, v in asdict(cfg).items()}
+    cfg_dict["probes"] = list(cfg.probes)
+    return ScanResult(
+        verdict=verdict, score=score,
+        threshold=cfg.relative_threshold if relative else cfg.threshold,
+        clean_below=cfg.relative_clean_below if relative else cfg.clean_below,
+        mode="relative" if relative else "absolute", reason=reason, classes=sampled.classes,
+        per_class_sampled=_per_class(sampled), seen=sampled.seen, probes=found["probes"], null=found["null"],
+        reference=reference, skipped=sampled.skipped, sources=sampled.sources, config=cfg_dict,
+        device=str(device),
+        seconds={"read": round(t_read, 3), "probes": round(time.perf_counter() - t1, 3),
+                 "total": round(time.perf_counter() - t0, 3)},
+    )
+
+
+def _per_class(sampled: _Sampled) -> dict[str, int]:
+    counts = np.bincount(sampled.labels, minlength=len(sampled.classes))
+    return {name: int(c) for name, c in zip(sampled.classes, counts)}
+
+
+# --------------------------------------------------------------------------------------------- plot
+
+_COLOURS = {"linear": (31, 119, 180), "cnn": (214, 39, 40)}
+
+
+def _draw_plot(result: ScanResult):
+    """Two panels drawn with PIL (no plotting library needed): learning curves, per-class recall."""
+    from PIL import Image, ImageDraw
+
+    w, h = 1100, 460
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    colour = {LIKELY_POISONED: (200, 0, 0), NO_SIGN: (0, 130, 0), INCONCLUSIVE: (200, 120, 0)}[result.verdict]
+    d.text((12, 8), f"{result.verdict.upper()}   score {result.score:.3f} "
+                    f"({'excess over clean reference' if result.mode == 'relative' else 'absolute'}); "
+                    f"likely poisoned >= {result.threshold:.2f}, no sign < {result.clean_below:.2f}", fill=colour)
+    d.text((12, 24), result.reason[:180], fill=(60, 60, 60))
+    k = len(result.classes)
+    chance = 1 / k
+
+    # panel 1: held-out balanced accuracy per epoch
+    x0, y0, x1, y1 = 60, 60, 560, 400
+    d.rectangle((x0, y0, x1, y1), outline="black")
+    epochs = len(next(iter(result.probes.values()))["heldout_accuracy"])
+
+    def px(e, a):
+        fx = x0 + (x1 - x0) * (e / max(1, epochs - 1)) if epochs > 1 else (x0 + x1) / 2
+        return fx, y1 - (y1 - y0) * a
+
+    for a in (0, 0.25, 0.5, 0.75, 1.0):
+        d.line((x0 - 4, px(0, a)[1], x0, px(0, a)[1]), fill="black")
+        d.text((x0 - 34, px(0, a)[1] - 6), f"{a:.2f}", fill="black")
+    for e in range(epochs):
+        d.text((px(e, 0)[0] - 3, y1 + 4), str(e + 1), fill="black")
+    d.text(((x0 + x1) / 2 - 20, y1 + 18), "epoch", fill="black")
+    d.text((x0, y0 - 14), "held-out balanced accuracy", fill="black")
+    _dashed(d, [px(0, chance), px(epochs - 1, chance)], (120, 120, 120))
+    d.text((x1 - 60, px(0, chance)[1] - 12), "chance", fill=(120, 120, 120))
+    if result.mode == "absolute":
+        level = chance + result.threshold * (1 - chance)
+        _dashed(d, [px(0, level), px(epochs - 1, level)], (200, 0, 0))
+        d.text((x1 - 150, px(0, level)[1] - 12), "threshold (mean over epochs)", fill=(200, 0, 0))
+    legend_y = y0 + 6
+    for name, p in result.probes.items():
+        c = _COLOURS.get(name, (0, 0, 0))
+        d.line([px(e, a) for e, a in enumerate(p["heldout_accuracy"])], fill=c, width=3)
+        d.text((x0 + 8, legend_y), f"{name} (this data) {p['score']:.2f}", fill=c)
+        legend_y += 14
+        other = (result.reference or {}).get("probes", {}).get(name) or result.null.get(name)
+        if other:
+            what = "clean reference" if result.reference else "same images, shuffled labels"
+            _dashed(d, [px(e, a) for e, a in enumerate(other["heldout_accuracy"])], c)
+            d.text((x0 + 8, legend_y), f"{name} ({what}) {other['score']:.2f}", fill=c)
+            legend_y += 14
+
+    # panel 2: per-class held-out recall of the best probe, last epoch
+    best = result.best_probe
+    recalls = result.probes[best]["final_class_recall"]
+    ref_recalls = (result.reference or {}).get("probes", {}).get(best, {}).get("final_class_recall")
+    bx0, by0, bx1, by1 = 620, 60, 1080, 400
+    d.rectangle((bx0, by0, bx1, by1), outline="black")
+    d.text((bx0, by0 - 14), f"per-class held-out recall, {best} probe, last epoch"
+                            + (" (grey: reference)" if ref_recalls else ""), fill="black")
+    slot = (bx1 - bx0) / max(1, k)
+    for i, r in enumerate(recalls):
+        r = 0.0 if math.isnan(r) else r
+        left = bx0 + i * slot + slot * 0.15
+        right = bx0 + (i + 1) * slot - slot * 0.15
+        if ref_recalls:
+            mid = (left + right) / 2
+            rr = 0.0 if math.isnan(ref_recalls[i]) else ref_recalls[i]
+            d.rectangle((mid, by1 - (by1 - by0) * rr, right, by1), fill=(170, 170, 170))
+            right = mid
+        d.rectangle((left, by1 - (by1 - by0) * r, right, by1), fill=_COLOURS.get(best, (0, 0, 0)))
+        if k <= 20:
+            d.text((bx0 + i * slot + 2, by1 + 4), result.classes[i][:max(1, int(slot / 6))], fill="black")
+    cy = by1 - (by1 - by0) * chance
+    _dashed(d, [(bx0, cy), (bx1, cy)], (120, 120, 120))
+    n = sum(result.per_class_sampled.values())
+    d.text((12, h - 22), f"{n} images, {k} classes, {result.config['epochs']} epochs, seed {result.config['seed']}, "
+                         f"device {result.device}; {len(result.skipped)} skipped", fill=(60, 60, 60))
+    return img
+
+
+def _dashed(d, points, fill, dash: float = 6.0) -> None:
+    for (ax, ay), (bx, by) in zip(points, points[1:]):
+        length = math.hypot(bx - ax, by - ay)
+        steps = max(1, int(length / dash))
+        for s in range(0, steps, 2):
+            t0, t1 = s / steps, min(1.0, (s + 1) / steps)
+            d.line((ax + (bx - ax) * t0, ay + (by - ay) * t0, ax + (bx - ax) * t1, ay + (by - ay) * t1),
+                   fill=fill, width=2)
