@@ -102,7 +102,10 @@ def _purifier_options(fn):
 def _resolve_denoiser(path):
     from .defaults import default_denoiser_path
 
-    return path or str(default_denoiser_path())
+    if path is not None and not path.strip():  # an unset shell variable must not mean "the shipped model"
+        raise click.BadParameter("empty path; leave the option out to use the shipped denoiser",
+                                 param_hint="'--denoiser'")
+    return path if path is not None else str(default_denoiser_path())
 
 
 @main.command()

@@ -108,7 +108,8 @@ class PurifyConfig:
     def fingerprint(self, checkpoint_sha256: str, device_type: str) -> dict:
         """What decides the output bytes: a rerun with a different fingerprint must not mix outputs."""
         d = asdict(self)
-        for k in ("workers", "encode_threads", "device", "overwrite"):
+        # on_error decides which runs stop, not the bytes of a finished shard: resuming with the other mode is fine
+        for k in ("workers", "encode_threads", "device", "overwrite", "on_error"):
             d.pop(k)
         d.update(checkpoint_sha256=checkpoint_sha256, device_type=device_type, package_version=__version__)
         return d
@@ -462,6 +463,24 @@ def _plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool)
     return todo, done
 
 
+def _check_no_overlap(inputs, shards: list[Path], out_dir) -> None:
+    """Refuse an OUT that is, contains or lies inside a folder holding input shards (or named as input).
+
+    Outputs keep their input's file name, so OUT equal to an input folder would replace the input in place;
+    nested folders are refused too, as a slip of the same kind (a rerun would read its own output).
+    """
+    out = Path(os.path.realpath(out_dir))
+    folders = {Path(os.path.realpath(s)).parent for s in shards}  # where the bytes really are
+    folders |= {Path(os.path.realpath(s.parent)) for s in shards}  # where the user put them (links)
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    folders |= {Path(os.path.realpath(i)) for i in items if Path(i).is_dir()}
+    for folder in sorted(folders):
+        if out == folder or folder in out.parents or out in folder.parents:
+            where = "is" if out == folder else "is inside" if folder in out.parents else "contains"
+            raise InputError(f"output folder {out} overlaps the input: it {where} the input folder {folder}; "
+                             "purify never writes into, below or above its input; choose another output folder")
+
+
 def _dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -486,6 +505,7 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser, cfg: 
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # --device cpu on a GPU box: gloo
             owns_group = True
     shards = expand_shards(inputs)
+    _check_no_overlap(inputs, shards, out_dir)
     den = denoiser.to(device) if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once inputs and checkpoint are known good
@@ -597,6 +617,7 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
                 if cfg.on_error == "fail":
                     raise SampleError(task.path, ev["key"], ev["reason"])
                 log.warning("%s: skipping sample %r: %s", task.path, ev["key"], ev["reason"])
+                bar.update(1)  # a rejected sample is done too: the bar reaches the shard's sample count
                 if writers[shard].put(ev["index"], None, ev["key"], ev["reason"]):
                     completed.put(shard)
             elif kind == "shard_error":

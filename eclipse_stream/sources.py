@@ -40,7 +40,8 @@ def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         item = str(item)
         p = Path(item)
         if p.is_dir():
-            shards = sorted(q for q in p.iterdir() if q.suffix in SHARD_SUFFIXES and q.is_file())
+            # every entry named like a shard is one: a broken link or unreadable file is an error, never skipped
+            shards = sorted(_checked_shard(q) for q in p.iterdir() if q.suffix in SHARD_SUFFIXES)
             if not shards:
                 raise InputError(f"{p}: no .tar or .beton shards in this folder")
             found += shards
@@ -52,14 +53,28 @@ def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
                 raise InputError(f"{item}: no files match this pattern")
         for name in names:
             q = Path(name)
-            if not q.is_file():
+            if not q.is_file() and not q.is_symlink():
                 raise InputError(f"{q}: no such shard")
             if q.suffix not in SHARD_SUFFIXES:
                 raise InputError(f"{q}: not a shard (expected a {' or '.join(SHARD_SUFFIXES)} file)")
-            found.append(q)
+            found.append(_checked_shard(q))
     if not found:
         raise InputError(f"no shards found in {list(map(str, inputs))}")
     return list(dict.fromkeys(found))
+
+
+def _checked_shard(q: Path) -> Path:
+    """``q`` if it is a readable regular file; otherwise an InputError naming it and saying why."""
+    if q.is_symlink() and not q.exists():
+        raise InputError(f"{q}: broken symbolic link (-> {os.readlink(q)}); fix or remove it")
+    if not q.is_file():
+        raise InputError(f"{q}: not a regular file")
+    try:
+        with open(q, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise InputError(f"{q}: cannot read: {e.strerror or e}") from e
+    return q
 
 
 def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
