@@ -33,3 +33,21 @@ class ShardError(InputError):
     def __init__(self, shard: str, reason: str):
         super().__init__(f"{shard}: {reason}")
         self.shard, self.reason = shard, reason
+
+
+class OutputError(EclipseError):
+    """The output cannot be written: an unwritable or read-only folder, a full disk, an OUT in use."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM (or SIGINT) asked the run to stop; finished shards are kept, a rerun resumes.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way swallows it.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.exit_code = 128 + signum  # the shell's convention for "killed by this signal"

@@ -6,12 +6,18 @@ never a half-written file under the final name.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import uuid
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import OutputError
 
 
 @contextmanager
@@ -43,3 +49,74 @@ def write_json(path: str | os.PathLike, obj, sort_keys: bool = True) -> None:
     """Atomically write ``obj`` as indented JSON (keys sorted unless ``sort_keys=False``)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+LOCK_NAME = ".eclipse-stream.lock"
+
+
+class DirLock:
+    """An exclusive ``flock`` on ``<folder>/.eclipse-stream.lock``, released (and the file removed) on exit.
+
+    The kernel drops the lock when its holder dies, even by SIGKILL, so a stale lock file never blocks a
+    rerun. A second holder gets :class:`OutputError` naming the PID (and host) written in the file.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> DirLock:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(f"{self.folder}: cannot write to this output folder ({self.path}): "
+                                  f"{e.strerror or e}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise OutputError(f"{self.path}: cannot lock the output folder: {e.strerror or e}") from e
+                raise OutputError(f"{self.folder}: output folder in use by {holder} (another eclipse-stream "
+                                  "purify writes to it); wait for it to finish or stop it, then rerun") from None
+            try:  # the previous holder may have removed the file between our open and our lock: lock the new one
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            self.fd = fd
+            return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still holding it: a waiter then retries on a fresh file
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> DirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    """'PID 1234 on host' from a lock file's text, or 'another process' if it says nothing usable."""
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+    except OSError:
+        text = []
+    if text and text[0].isdigit():
+        return f"PID {text[0]}" + (f" on {text[1]}" if len(text) > 1 else "")
+    return "another process"

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -49,8 +50,8 @@ from webdataset import TarWriter
 from . import __version__
 from .checkpoint import Denoiser, load_denoiser
 from .devices import resolve_device
-from .errors import EclipseError, InputError, SampleError, ShardError
-from .fsutil import file_sha256, write_json
+from .errors import EclipseError, InputError, OutputError, SampleError, ShardError
+from .fsutil import DirLock, file_sha256, write_json
 from .imageio import DEFAULT_MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, encode_image, find_image_key
 from .purifier import Purifier, PurifierConfig
 from .sources import expand_shards, iter_tar_samples
@@ -307,10 +308,11 @@ class _ShardWriter:
         self._open()
 
     def _open(self):
-        self.tmp.unlink(missing_ok=True)
         # A .beton sink needs the input's field layout, and the input may turn out unreadable (a shard_error
         # from the reader worker): it is opened at the first sample that survives, never for an all-bad shard.
-        self.sink = TarWriter(str(self.tmp), encoder=False, mtime=0.0) if self.task.kind == "tar" else None
+        with _writing(self.tmp, "create"):
+            self.tmp.unlink(missing_ok=True)
+            self.sink = TarWriter(str(self.tmp), encoder=False, mtime=0.0) if self.task.kind == "tar" else None
 
     def _beton_sink(self):
         from .formats.beton import BetonReader, BetonWriter
@@ -339,9 +341,10 @@ class _ShardWriter:
             while self.next_index in self.ready:
                 s = self.ready.pop(self.next_index)
                 if s is not None:
-                    if self.sink is None:
-                        self.sink = self._beton_sink()
-                    self.sink.write(s)
+                    with _writing(self.tmp):
+                        if self.sink is None:
+                            self.sink = self._beton_sink()
+                        self.sink.write(s)
                     self.written += 1
                 self.next_index += 1
             return self._complete()
@@ -360,15 +363,22 @@ class _ShardWriter:
         if self.written + n_rejected != self.expected:
             raise EclipseError(f"{self.task.path}: internal count mismatch: {self.expected} in, "
                                f"{self.written} written + {n_rejected} rejected")
+        # An older stats file (--overwrite, or input changed) must not outlive the output it describes: a kill
+        # between the rename below and the new stats file then leaves an unrecorded shard, which a rerun redoes.
+        with _writing(stats_path(self.final), "remove the old stats file"):
+            stats_path(self.final).unlink(missing_ok=True)
         if self.sink is None:
             # a .beton none of whose samples survived: ffcv cannot write an empty one, so the stats file
             # alone records the shard
             output = None
+            with _writing(self.final, "remove the old output"):
+                self.final.unlink(missing_ok=True)
         else:
-            self.sink.close()
-            with open(self.tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(self.tmp, self.final)
+            with _writing(self.final):
+                self.sink.close()
+                with open(self.tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(self.tmp, self.final)
             output = str(self.final)
         stats = {
             "shard": self.task.name,
@@ -384,7 +394,8 @@ class _ShardWriter:
             "package_version": __version__,
             "rank": rank,
         }
-        write_json(stats_path(self.final), stats)
+        with _writing(stats_path(self.final)):
+            write_json(stats_path(self.final), stats)
         self.closed = True  # only now: if anything above fails, the run's error path still aborts this shard
         return stats
 
@@ -508,33 +519,88 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser, cfg: 
     _check_no_overlap(inputs, shards, out_dir)
     den = denoiser.to(device) if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)  # only once inputs and checkpoint are known good
     purifier = Purifier(den, cfg.purifier)
     ckpt_sha = den.sha256 or _weights_sha256(den.model)  # in memory: the weights stand for the file
     fingerprint = cfg.fingerprint(ckpt_sha, device.type)
-    todo, done = _plan(shards, out_dir, fingerprint, cfg.overwrite)
-    mine = [t for t in todo if t.index % world == rank]
-    for t in mine:  # stale partial files (and .beton spool folders) of a killed run
-        for stale in out_dir.glob(f".{t.name}.partial-*"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
 
-    processed, failed = _run(mine, out_dir, purifier, cfg, fingerprint, rank, progress, len(shards))
+    # The lock on OUT belongs to the job: rank 0 takes it, tidies OUT and tells the other ranks whether to go on.
+    lock = DirLock(out_dir) if rank == 0 else None
+    try:
+        problem = error = None
+        if rank == 0:
+            try:
+                _prepare_out(out_dir, lock, shards, fingerprint, cfg.overwrite)
+            except EclipseError as e:
+                problem, error = (e.exit_code, str(e)), e
+        if dist is not None:
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if error is not None:
+            raise error
+        if problem is not None:
+            raise _RankZeroError(*problem)
 
-    manifest = None
-    if dist is not None:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, failed)
-        failed = [f for part in gathered for f in part]
-    if rank == 0 and not failed:
-        manifest = str(_write_manifest(shards, out_dir, den.path, ckpt_sha, fingerprint, world))
-    if dist is not None:
-        dist.barrier()
-        if owns_group:
-            # A process group left for interpreter exit can abort the process ("terminate called without an
-            # active exception": gloo's threads outlive Python). Only on success: after an error the other
-            # ranks may still be in a collective, and torchrun tears them down anyway.
-            dist.destroy_process_group()
+        todo, done = _plan(shards, out_dir, fingerprint, cfg.overwrite)
+        mine = [t for t in todo if t.index % world == rank]
+        processed, failed = _run(mine, out_dir, purifier, cfg, fingerprint, rank, progress, len(shards))
+
+        manifest = None
+        if dist is not None:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, failed)
+            failed = [f for part in gathered for f in part]
+        if rank == 0 and not failed:
+            with _writing(out_dir / MANIFEST):
+                manifest = str(_write_manifest(shards, out_dir, den.path, ckpt_sha, fingerprint, world))
+        if dist is not None:
+            dist.barrier()  # every rank is done with OUT: rank 0 may release the lock
+    finally:
+        if lock is not None:
+            lock.release()
+    if dist is not None and owns_group:
+        # A process group left for interpreter exit can abort the process ("terminate called without an
+        # active exception": gloo's threads outlive Python). Only on success: after an error the other
+        # ranks may still be in a collective, and torchrun tears them down anyway.
+        dist.destroy_process_group()
     return RunResult(processed, done, failed, manifest)
+
+
+class _RankZeroError(EclipseError):
+    """Rank 0's refusal (OUT in use, unwritable, other settings), raised on the other ranks too."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+#: Temporary names this tool creates in OUT (partial shards, .beton spools, atomic JSON writes) and its lock.
+_TEMPORARY = re.compile(r"^\..+\.partial-\d+(\.spool-.+)?$"
+                        r"|^\.(.+\.stats\.json|manifest\.json)\.\d+\.[0-9a-f]{8}\.tmp$")
+
+
+def _prepare_out(out_dir: Path, lock: DirLock, shards, fingerprint: dict, overwrite: bool) -> None:
+    """Rank 0, before any rank writes: create and lock OUT, remove what killed runs left, check the plan,
+    and invalidate the manifest (it is rewritten when every shard is done)."""
+    with _writing(out_dir, "create the output folder"):
+        out_dir.mkdir(parents=True, exist_ok=True)  # only once inputs and checkpoint are known good
+    lock.acquire()
+    for p in sorted(out_dir.iterdir()):  # with OUT locked, no live run owns any of these
+        if _TEMPORARY.match(p.name):
+            with _writing(p, "remove a leftover temporary file"):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    _plan(shards, out_dir, fingerprint, overwrite)  # refuses other settings before the manifest goes
+    with _writing(out_dir / MANIFEST, "remove the old manifest"):
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _writing(path, what: str = "write"):
+    """Turn an OSError (no permission, read-only file system, disk full) into one clear line naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"{path}: cannot {what}: {e.strerror or e}") from e
 
 
 def _as_is(event: dict) -> dict:

@@ -113,3 +113,179 @@ def test_the_progress_bar_reaches_100_percent_when_samples_are_skipped(cifar64, 
     err = capsys.readouterr().err
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     assert "12/12" in last and "100%" in last, last
+
+
+# --- 6. a rerun invalidates the manifest it will rewrite; a redone shard never sits beside old stats -------
+
+def _many(cifar64, d: Path, n: int = 6, per: int = 6) -> Path:
+    d.mkdir()
+    for i in range(n):
+        write_tar(d / f"s-{i:03d}.tar", cifar_samples(cifar64[i * per:(i + 1) * per]))
+    return d
+
+
+def _wait_for(pred, timeout=120):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_an_interrupted_overwrite_leaves_no_stale_manifest(cifar64, tiny_ckpt, tmp_path):
+    import signal
+    src, out = _many(cifar64, tmp_path / "in"), tmp_path / "out"
+    args = ["purify", src, out, "-d", tiny_ckpt, "--steps", "12", "--batch-size", "2", "--workers", "1", "-q"]
+    assert cli(*args).returncode == 0 and (out / "manifest.json").is_file()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.stats.json")}
+    proc = subprocess.Popen([sys.executable, "-m", "eclipse_stream.cli", *map(str, args), "--overwrite",
+                             "--seed", "3"], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    changed = lambda: any(p.stat().st_mtime_ns != mtimes.get(p.name) for p in out.glob("*.stats.json"))  # noqa: E731
+    assert _wait_for(changed)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_failed_overwrite_never_leaves_new_bytes_under_old_stats(shard_dir, tiny_ckpt, tmp_path, monkeypatch):
+    from eclipse_stream import pipeline
+
+    src, out = shard_dir / "part-000.tar", tmp_path / "out"
+    purify_shards(src, out, tiny_ckpt, cfg(), progress=False)
+    original = (out / "part-000.tar").read_bytes()
+    real = pipeline.write_json
+
+    def crash_on_stats(path, obj, **kw):
+        if str(path).endswith(".stats.json"):
+            raise KeyboardInterrupt  # as a kill between the rename of the output and its stats file
+        return real(path, obj, **kw)
+
+    monkeypatch.setattr(pipeline, "write_json", crash_on_stats)
+    with pytest.raises(KeyboardInterrupt):
+        purify_shards(src, out, tiny_ckpt, cfg(seed=7, overwrite=True), progress=False)
+    monkeypatch.setattr(pipeline, "write_json", real)
+    again = purify_shards(src, out, tiny_ckpt, cfg(), progress=False)  # the old settings: must not trust it
+    assert [s["shard"] for s in again.processed] == ["part-000.tar"]
+    assert (out / "part-000.tar").read_bytes() == original
+
+
+# --- 8. one purify per OUT; the ranks of one torchrun job share it ------------------------------------------
+
+def test_a_second_purify_into_the_same_out_is_refused_and_the_first_finishes(cifar64, tiny_ckpt, tmp_path):
+    src, out = _many(cifar64, tmp_path / "in"), tmp_path / "out"
+    args = ["purify", src, out, "-d", tiny_ckpt, "--steps", "12", "--batch-size", "2", "--workers", "1", "-q"]
+    first = subprocess.Popen([sys.executable, "-m", "eclipse_stream.cli", *map(str, args)], env=cli_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: list(out.glob(".*.partial-*")))
+    second = cli(*args)
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    assert f"in use by PID {first.pid}" in second.stderr and str(out) in second.stderr, second.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert (out / "manifest.json").is_file() and len(list(out.glob("*.stats.json"))) == 6
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # the lock file is gone too
+
+
+def test_a_torchrun_job_into_a_locked_out_fails_cleanly_on_every_rank(shard_dir, tiny_ckpt, tmp_path):
+    from eclipse_stream.fsutil import DirLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with DirLock(out):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "eclipse_stream.cli", "purify", str(shard_dir), str(out), "-d", str(tiny_ckpt),
+                            "--steps", "2", "--workers", "0", "-q", "--device", "cpu"],
+                           env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0
+        assert r.stderr.count(f"in use by PID {os.getpid()}") == 2, r.stderr[-3000:]  # rank 0 and rank 1
+        assert [p.name for p in out.iterdir()] == [".eclipse-stream.lock"]
+
+
+# --- 9. unwritable OUT, full disk: one clean line, nothing partial under a final name -----------------------
+
+def test_an_unwritable_out_is_a_clean_error(shard_dir, tiny_ckpt, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from eclipse_stream import fsutil
+    from eclipse_stream.cli import main
+
+    real_open = os.open
+
+    def eacces(path, *a, **k):
+        if str(path).startswith(str(tmp_path / "out")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(fsutil.os, "open", eacces)
+    r = CliRunner().invoke(main, ["purify", str(shard_dir), str(tmp_path / "out"), "-d", str(tiny_ckpt),
+                                  "--steps", "2", "--workers", "0", "-q"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert f"error: {tmp_path / 'out'}" in r.output and "Permission denied" in r.output
+
+
+@pytest.mark.parametrize("where", ["shard", "stats", "manifest"])
+def test_a_full_disk_is_a_clean_error_and_a_rerun_completes(shard_dir, tiny_ckpt, tmp_path, monkeypatch, where):
+    import errno
+
+    from click.testing import CliRunner
+
+    from eclipse_stream import fsutil
+    from eclipse_stream.cli import main
+
+    purify_shards(shard_dir, tmp_path / "ref", tiny_ckpt, cfg(), progress=False)
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    if where == "shard":
+        real_addfile = tarfile.TarFile.addfile
+        calls = []
+
+        def addfile(self, *a, **k):
+            calls.append(1)
+            if len(calls) == 20:
+                raise enospc
+            return real_addfile(self, *a, **k)
+        monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+    else:
+        real_write_text = Path.write_text
+        name = {"stats": "part-001.tar.stats.json", "manifest": "manifest.json"}[where]
+
+        def write_text(self, *a, **k):
+            if self.name.startswith(f".{name}."):
+                raise enospc
+            return real_write_text(self, *a, **k)
+        monkeypatch.setattr(fsutil.Path, "write_text", write_text)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["purify", str(shard_dir), str(out), "-d", str(tiny_ckpt), "--steps", "2",
+                                  "--workers", "0", "--batch-size", "4", "-q"])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "No space left on device" in r.output and f"error: {out}" in r.output, r.output
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file, no lock left
+    for p in out.glob("*.tar"):  # whatever is under a final name is complete and recorded
+        assert (out / (p.name + ".stats.json")).is_file() or where == "stats"
+    monkeypatch.undo()
+    purify_shards(shard_dir, out, tiny_ckpt, cfg(), progress=False)
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "ref").glob("*.tar")}
+
+
+# --- 10. a rerun removes every temporary file a killed run could have left ----------------------------------
+
+def test_a_rerun_removes_every_kind_of_leftover_temporary_file(shard_dir, tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    purify_shards(shard_dir, out, tiny_ckpt, cfg(), progress=False)
+    leftovers = [".part-000.tar.stats.json.4242.deadbeef.tmp", ".manifest.json.4242.0badcafe.tmp",
+                 ".part-001.tar.partial-4242", ".gone.tar.partial-77", ".gone.tar.stats.json.77.12345678.tmp"]
+    for name in leftovers:
+        (out / name).write_bytes(b"half")
+    spool = out / ".x.beton.partial-1.spool-abc123"
+    spool.mkdir()
+    (spool / "records").write_bytes(b"\0" * 10)
+    (out / ".eclipse-stream.lock").write_text("4242 elsewhere\n")  # a SIGKILLed run's lock file (not held)
+    (out / ".my-own-notes").write_text("the user's")  # not ours: kept
+    (out / "notes.txt").write_text("the user's")
+    again = purify_shards(shard_dir, out, tiny_ckpt, cfg(), progress=False)
+    assert len(again.skipped) == 3
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".my-own-notes"]
+    assert (out / "notes.txt").is_file()
