@@ -4,43 +4,55 @@ Why it works
 ------------
 Availability poisons ("unlearnable examples": URP, LSP, AR, OPS, EM, TAP, ...) plant a
 *shortcut*: a small, class-correlated perturbation that a network fits far more easily than
-the image content. The shortcut is so simple that a *quick probe* -- a linear classifier on
-raw pixels, or a three-layer CNN, trained for a few epochs on a few hundred images --
-predicts the labels of **held-out images of the same set** almost perfectly and almost at
-once, whereas on clean natural images the same probes stay far from perfect. This is the
-simple-network detection of Zhu, Yu & Gao ("Detection and Defense of Unlearnable Examples",
-AAAI 2024), which trains a simple network on part of the set and compares its accuracy on
-the rest with a bound.
+the image content. The shortcut is so simple that a *quick probe* -- a linear model on a
+few hundred images -- predicts the labels of **held-out images of the same set** almost
+perfectly, from a handful of training images per class, whereas on clean natural images the
+same probe stays near chance. This is the simple-model detection of Zhu, Yu & Gao
+("Detection and Defense of Unlearnable Examples", AAAI 2024: train a simple model on part of
+the set, compare its accuracy on the rest with a bound); the probes here are linear and
+closed-form, so a scan takes seconds on a CPU and gives the same answer on every machine.
 
 What a scan does
 ----------------
-1. **Sample**: up to ``per_class`` images of every class, chosen uniformly over the whole
+1. **Sample** up to ``per_class`` images of every class, chosen uniformly over the whole
    input with a seeded reservoir (one pass, never the whole dataset in memory; only the
    chosen images are decoded, with the same decoder and bad-input errors as ``purify``).
-   Images are resized (shorter side) and centre-cropped to ``probe_size`` (32).
-2. **Split** every class 75 / 25 (seeded) into probe-training and held-out images.
-3. **Probes**: ``linear`` (a linear classifier on standardised raw pixels) and ``cnn``
-   (3 conv layers with batch norm, global average pooling), each trained ``epochs``
-   epochs with Adam; after every epoch, the balanced accuracy (mean per-class recall) on
-   the held-out images is recorded: the *learning curve*.
-4. **Score** of a probe: the mean over epochs of ``(acc - 1/K) / (1 - 1/K)`` -- 0 at chance
-   (K classes), 1 for a probe that is perfect from the first epoch on. Being the area under
-   the held-out learning curve, it rewards learning *fast*, not only well.
-   The dataset's score is the largest probe score.
+   The probes see the central ``probe_size`` x ``probe_size`` window of each image at its
+   native resolution (``view="crop"``; images smaller than that are resized up).
+2. **Features** for three probes. Two use the *high-pass residual* (the image minus its 3x3
+   blur), which removes most of a natural image's energy but keeps most of a pixel-level
+   perturbation:
+   ``pixels`` -- the residual's pixels (class-wise pixel patterns: URP, OPS, ...);
+   ``texture`` -- the residual's local auto-correlations (products with itself shifted by up to
+   2 pixels, every channel pair), which expose a per-class noise *process* even when every
+   image gets a different draw (AR, ...);
+   ``blocks`` -- the image's 4 x 4 grid of mean colours, for patch-wise patterns that the
+   high-pass filter removes (LSP's 8 x 8 patches at 32 x 32).
+3. **Probe**: ridge regression on one-hot labels (standardised features, closed form),
+   ``folds``-fold cross-validated, so every sampled image is predicted by a probe that never
+   saw it. The held-out balanced accuracy (mean per-class recall) is also measured with 2, 4,
+   8, ... training images per class: the *learning curve*. A shortcut is learned from a few
+   images; real features are not.
+4. **Score** of a probe: ``(acc - 1/K) / (1 - 1/K)`` for K classes -- 0 at chance, 1 when every
+   held-out image is classified right. The dataset's score is the largest probe score. The
+   same probes on the same images with their labels shuffled (``null``) give the no-signal
+   curve, near 0, for the plot.
 5. **Verdict** (no reference): ``likely poisoned`` if score >= ``threshold``, ``no sign of
-   poisoning`` if score < ``clean_below``, ``inconclusive`` in between (or when there are
-   too few images). With a clean ``reference`` (e.g. the sparse clean set ECLIPSE's denoiser
-   is trained on), both are scanned at the same per-class count and seeds, and the score is
-   the largest probe's excess over the reference (``relative_threshold`` /
-   ``relative_clean_below``).
+   poisoning`` if score < ``clean_below``, ``inconclusive`` in between (or when the median class
+   has fewer than ``min_per_class`` images). With a clean ``reference`` (e.g. the sparse clean
+   set ECLIPSE's denoiser is trained on), both are scanned at the same per-class count and
+   seed, and the score is the largest excess of a probe's score over the reference's
+   (``relative_threshold`` / ``relative_clean_below``).
 
 The thresholds are calibrated on CIFAR-10 (docs/evaluation.md, "Poison scan"). They are for
-natural photos: a dataset whose clean images a linear probe already separates nearly
-perfectly (digits, synthetic renders, two very different classes) scores high without any
-poison; give it a clean ``reference``. What a scan cannot see: poisons that plant no
+natural photos: a dataset whose clean images a linear probe on these features already
+separates (digits, synthetic renders, classes that differ in sharpness or noise level, e.g.
+photos from different cameras per class) scores high without any poison; give it a clean
+``reference``. What a scan cannot see: poisons that plant no
 shortcut (clean-label targeted/backdoor attacks on a few samples, label flipping of a small
-fraction), shortcuts that vanish at ``probe_size`` (high-frequency patterns on large images
-that are downsampled for the probe), and poisons designed to be hard for simple networks.
+fraction), a poisoned *fraction* too small to move a probe's accuracy, perturbations with no
+high-frequency part (a smooth per-class colour cast), patterns outside the central window on
+larger images (``probe_size``), and poisons designed to defeat linear probes.
 
 API: :func:`scan_shards` (tar / .beton shards, as ``purify`` takes them), :func:`scan_samples`
 (an iterable of WebDataset sample dicts, raw or decoded), :func:`scan_arrays` (NHWC uint8
@@ -62,7 +74,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .devices import resolve_device
 from .errors import InputError, SampleError
@@ -83,7 +94,7 @@ EXIT_CODES = {NO_SIGN: 0, LIKELY_POISONED: 10, INCONCLUSIVE: 11}
 #: Label fields tried in order when none is named (tar field extensions, or .beton field names).
 LABEL_KEYS = ("cls", "class", "label", "target")
 MIN_PER_CLASS = 4  # a class with fewer sampled images is left out (it cannot be split 3:1)
-PROBES = ("linear", "cnn")
+PROBES = ("pixels", "texture", "blocks")
 
 
 @dataclass
@@ -91,12 +102,11 @@ class ScanConfig:
     """How a scan samples and probes. Defaults are the calibrated setting (docs/evaluation.md)."""
 
     per_class: int = 100            # images sampled per class (fewer if a class has fewer)
-    epochs: int = 8                 # probe training epochs (one learning-curve point each)
     probes: tuple = PROBES          # which probes run; the score is the largest
-    probe_size: int = 32            # images resized (shorter side) + centre-cropped to this
-    holdout: float = 0.25           # fraction of each class held out for the learning curve
-    batch_size: int = 64
-    seed: int = 0                   # sampling, split, probe initialisation and batch order
+    probe_size: int = 32            # the probes see a probe_size x probe_size view of each image
+    view: str = "crop"              # crop: central window at native resolution; resize: whole image
+    folds: int = 4                  # cross-validation folds (every sampled image is held out once)
+    seed: int = 0                   # sampling, folds and the shuffled-label control
     device: str | None = None       # None / "auto": cuda when present, else cpu
     label_key: str | None = None    # None: first of LABEL_KEYS present
     image_key: str | None = None    # None: first image field, as purify
@@ -112,14 +122,14 @@ class ScanConfig:
     def __post_init__(self) -> None:
         if self.per_class < MIN_PER_CLASS:
             raise ValueError(f"per_class must be at least {MIN_PER_CLASS}, not {self.per_class}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, not {self.epochs}")
         self.probes = tuple(self.probes)
-        unknown = [p for p in self.probes if p not in PROBES]
+        unknown = [p for p in self.probes if p not in _FEATURES]
         if unknown or not self.probes:
-            raise ValueError(f"probes must be some of {', '.join(PROBES)}, not {list(self.probes)}")
-        if not 0.05 <= self.holdout <= 0.5:
-            raise ValueError(f"holdout must be between 0.05 and 0.5, not {self.holdout}")
+            raise ValueError(f"probes must be some of {', '.join(_FEATURES)}, not {list(self.probes)}")
+        if not 2 <= self.folds <= MIN_PER_CLASS:
+            raise ValueError(f"folds must be between 2 and {MIN_PER_CLASS}, not {self.folds}")
+        if self.view not in ("crop", "resize"):
+            raise ValueError(f"view must be 'crop' or 'resize', not {self.view!r}")
         if self.probe_size < 8:
             raise ValueError(f"probe_size must be at least 8, not {self.probe_size}")
         if self.on_error not in ("fail", "skip"):
@@ -246,6 +256,17 @@ def _to_rgb(value, where: tuple[str, str], max_pixels: int) -> np.ndarray:
     raise SampleError(*where, f"image field holds {type(value).__name__}, not image bytes, a PIL image or an array")
 
 
+def _view(rgb: np.ndarray, size: int, view: str) -> np.ndarray:
+    """What the probes see: the central size x size window at native resolution (``crop``, the default,
+    so pixel-level patterns keep their pixels), or the whole image resized (``resize``). Images smaller
+    than the window are resized (shorter side) and centre-cropped either way."""
+    h, w = rgb.shape[:2]
+    if view == "crop" and h >= size and w >= size:
+        top, left = (h - size) // 2, (w - size) // 2
+        return np.ascontiguousarray(rgb[top:top + size, left:left + size])
+    return resize_center_crop(rgb, size)
+
+
 def _sort_labels(labels) -> list:
     return sorted(labels, key=lambda v: (isinstance(v, str), v))
 
@@ -264,7 +285,7 @@ def _finish(reservoir: _Reservoir, load, cfg: ScanConfig, sources: list[str], sk
                     raise
                 skipped.append({"shard": e.shard, "key": e.key, "reason": e.reason})
                 continue
-            decoded.append(resize_center_crop(rgb, cfg.probe_size))
+            decoded.append(_view(rgb, cfg.probe_size, cfg.view))
         if len(decoded) < MIN_PER_CLASS:
             continue
         classes.append(str(label))
@@ -380,97 +401,124 @@ def _subsample(sampled: _Sampled, per_class: int, seed: int) -> _Sampled:
 # --------------------------------------------------------------------------------------------- probes
 
 
-class _TinyCNN(nn.Module):
-    def __init__(self, num_classes: int):
-        super().__init__()
-
-        def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-        self.features = nn.Sequential(block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128))
-        self.head = nn.Linear(128, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean(dim=(2, 3)))
+def _highpass(x: torch.Tensor) -> torch.Tensor:
+    """The image minus its 3x3 box blur (edge-replicated): removes most of a natural image's energy,
+    keeps most of a pixel-level perturbation's."""
+    return x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
 
-def _split(labels: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class shuffled split: round(holdout * n) held out (at least 1), the rest for training."""
+def _texture(x: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """Second-order statistics of the high-pass residual: for every offset in a half window of ``radius``
+    and every channel pair, the mean product of the residual with its shifted self, divided by the
+    residual's mean power, plus the log power per channel. A per-class noise *process* (AR, and other
+    textured noise) shows up here even though every image gets a different draw."""
+    h = _highpass(x)
+    n, _, height, width = h.shape
+    core = h[:, :, radius:height - radius, radius:width - radius]
+    area = core.shape[2] * core.shape[3]
+    feats = []
+    for a in range(radius + 1):
+        for b in range(-radius, radius + 1):
+            if a == 0 and b < 0:
+                continue
+            shifted = h[:, :, radius + a:height - radius + a, radius + b:width - radius + b]
+            feats.append(torch.einsum("nchw,ndhw->ncd", core, shifted).flatten(1) / area)
+    power = core.pow(2).mean(dim=(2, 3))
+    return torch.cat([torch.cat(feats, 1) / power.mean(1, keepdim=True).clamp_min(1e-12),
+                      power.clamp_min(1e-12).log()], 1)
+
+
+_FEATURES = {
+    "pixels": lambda x: _highpass(x).flatten(1),
+    "texture": _texture,
+    "blocks": lambda x: F.adaptive_avg_pool2d(x, 4).flatten(1),  # a 4 x 4 colour layout
+}
+_RIDGE = {"pixels": 0.1, "texture": 0.01, "blocks": 0.01}  # ridge strength, relative to the features' mean squared norm
+
+
+def _ridge_predict(a_tr: torch.Tensor, y_tr: torch.Tensor, a_te: torch.Tensor, k: int, lam: float) -> torch.Tensor:
+    """Ridge regression on one-hot labels (standardised features), closed form; predicted classes of a_te."""
+    mean, std = a_tr.mean(0), a_tr.std(0).clamp_min(1e-6)
+    a_tr, a_te = (a_tr - mean) / std, (a_te - mean) / std
+    targets = F.one_hot(y_tr, k).to(a_tr.dtype) - 1.0 / k
+    n, d = a_tr.shape
+    reg = lam * float(a_tr.pow(2).sum()) / n
+    if n <= d:  # dual: (A A^T + reg I)^-1 Y
+        gram = a_tr @ a_tr.T
+        gram.diagonal().add_(reg)
+        scores = a_te @ (a_tr.T @ torch.linalg.solve(gram, targets))
+    else:  # primal: (A^T A + reg I)^-1 A^T Y
+        cov = a_tr.T @ a_tr
+        cov.diagonal().add_(reg)
+        scores = a_te @ torch.linalg.solve(cov, a_tr.T @ targets)
+    return scores.argmax(1)
+
+
+def _folds(labels: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified fold of every image, and its rank inside its class (the order training images are added)."""
     rng = np.random.default_rng(seed)
-    train, test = [], []
+    fold = np.empty(len(labels), dtype=np.int64)
+    rank = np.empty(len(labels), dtype=np.int64)
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
-        k = min(len(members) - 1, max(1, round(holdout * len(members))))
-        test.append(members[:k])
-        train.append(members[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+        fold[members] = np.arange(len(members)) % folds
+        rank[members] = np.arange(len(members))
+    return fold, rank
 
 
-def _balanced(pred: torch.Tensor, y: torch.Tensor, k: int) -> tuple[float, list[float]]:
-    recalls = []
-    for c in range(k):
-        mask = y == c
-        recalls.append(float((pred[mask] == c).float().mean()) if bool(mask.any()) else float("nan"))
-    valid = [r for r in recalls if not math.isnan(r)]
-    return float(np.mean(valid)), recalls
+def _balanced(pred: np.ndarray, y: np.ndarray, k: int) -> tuple[float, list[float]]:
+    recalls = [float((pred[y == c] == c).mean()) if (y == c).any() else float("nan") for c in range(k)]
+    return float(np.nanmean(recalls)), recalls
 
 
-def _train_probe(kind: str, x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor,
-                 k: int, cfg: ScanConfig, seed: int, device: torch.device) -> dict:
-    """Train one probe; return its held-out learning curve (balanced accuracy per epoch) and final recalls."""
-    if kind == "linear":
-        flat_tr, flat_te = x_tr.flatten(1), x_te.flatten(1)
-        mean, std = flat_tr.mean(0), flat_tr.std(0).clamp_min(1 / 255)
-        inputs_tr, inputs_te = (flat_tr - mean) / std, (flat_te - mean) / std
-    else:
-        mean = x_tr.mean(dim=(0, 2, 3), keepdim=True)
-        std = x_tr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1 / 255)
-        inputs_tr, inputs_te = (x_tr - mean) / std, (x_te - mean) / std
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = nn.Linear(inputs_tr.shape[1], k) if kind == "linear" else _TinyCNN(k)
-    model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3 if kind == "linear" else 2e-3)
-    gen = torch.Generator().manual_seed(seed)
-    curve, train_curve, recalls = [], [], []
-    n = len(y_tr)
-    for _ in range(cfg.epochs):
-        model.train()
-        correct = 0
-        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            idx = idx.to(device)
-            logits = model(inputs_tr[idx])
-            loss = F.cross_entropy(logits, y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            correct += int((logits.argmax(1) == y_tr[idx]).sum())
-        train_curve.append(correct / n)
-        model.eval()
-        with torch.no_grad():
-            pred = torch.cat([model(chunk).argmax(1) for chunk in inputs_te.split(512)])
-        acc, recalls = _balanced(pred, y_te, k)
-        curve.append(acc)
-    chance = 1 / k
-    score = float(np.mean([(a - chance) / (1 - chance) for a in curve]))
-    return {"heldout_accuracy": curve, "train_accuracy": train_curve, "final_class_recall": recalls,
-            "score": score}
+def _probe(kind: str, features: torch.Tensor, labels: np.ndarray, k: int, cfg: ScanConfig) -> dict:
+    """Cross-validated held-out accuracy of one probe, and its learning curve over training images per class."""
+    fold, rank = _folds(labels, cfg.folds, cfg.seed)
+    y = torch.from_numpy(labels).to(features.device)
+    per_class_train = int(np.bincount(labels).min() * (cfg.folds - 1) // cfg.folds)
+    sizes = [m for m in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if m < per_class_train] + [None]
+    curve = []
+    full_pred = None
+    for m in sizes:
+        pred = np.empty(len(labels), dtype=np.int64)
+        for f in range(cfg.folds):
+            test = fold == f
+            train = ~test if m is None else (~test) & (_rank_in_train(rank, fold, f, labels) < m)
+            tr_idx = torch.from_numpy(np.flatnonzero(train)).to(features.device)
+            te_idx = torch.from_numpy(np.flatnonzero(test)).to(features.device)
+            pred[test] = _ridge_predict(features[tr_idx], y[tr_idx], features[te_idx], k,
+                                        _RIDGE[kind]).cpu().numpy()
+        acc, recalls = _balanced(pred, labels, k)
+        counts = np.bincount(labels[fold != 0], minlength=k)
+        curve.append({"train_per_class": int(m if m is not None else counts.min()), "heldout_accuracy": acc})
+        if m is None:
+            full_pred = (acc, recalls)
+    acc, recalls = full_pred
+    chance = 1.0 / k
+    return {"heldout_accuracy": acc, "class_recall": recalls, "score": (acc - chance) / (1 - chance),
+            "learning_curve": curve}
+
+
+def _rank_in_train(rank: np.ndarray, fold: np.ndarray, f: int, labels: np.ndarray) -> np.ndarray:
+    """Per image, its order among its class's training images when fold ``f`` is held out."""
+    out = np.full(len(labels), np.iinfo(np.int64).max)
+    for c in np.unique(labels):
+        members = np.flatnonzero((labels == c) & (fold != f))
+        out[members[np.argsort(rank[members])]] = np.arange(len(members))
+    return out
 
 
 def _probe_all(sampled: _Sampled, cfg: ScanConfig, device: torch.device, null: bool) -> dict:
     k = len(sampled.classes)
-    tr, te = _split(sampled.labels, cfg.holdout, cfg.seed)
-    x = torch.from_numpy(sampled.images).permute(0, 3, 1, 2).float().div(255).to(device)
-    y = torch.from_numpy(sampled.labels).to(device)
-    out = {"train_images": int(len(tr)), "heldout_images": int(len(te)), "probes": {}, "null": {}}
-    for i, kind in enumerate(cfg.probes):
-        out["probes"][kind] = _train_probe(kind, x[tr], y[tr], x[te], y[te], k, cfg, cfg.seed * 1000 + i, device)
-    if null:
-        perm = torch.from_numpy(np.random.default_rng(cfg.seed + 1).permutation(len(y))).to(device)
-        y_null = y[perm]  # the same images with their labels shuffled: no signal to learn
-        for i, kind in enumerate(cfg.probes):
-            out["null"][kind] = _train_probe(kind, x[tr], y_null[tr], x[te], y_null[te], k, cfg,
-                                             cfg.seed * 1000 + i, device)
+    x = torch.from_numpy(sampled.images).to(device).permute(0, 3, 1, 2).double().div(255)
+    features = {kind: _FEATURES[kind](x) for kind in cfg.probes}
+    out = {"probes": {}, "null": {}}
+    for kind in cfg.probes:
+        out["probes"][kind] = _probe(kind, features[kind], sampled.labels, k, cfg)
+    if null:  # the same images with their labels shuffled: no signal to learn
+        shuffled = np.random.default_rng(cfg.seed + 1).permutation(sampled.labels)
+        for kind in cfg.probes:
+            out["null"][kind] = _probe(kind, features[kind], shuffled, k, cfg)
     return out
 
 
@@ -533,8 +581,9 @@ class ScanResult:
         lines = [f"verdict: {self.verdict} ({unit} {self.score:.3f}; likely poisoned from {self.threshold:.2f}, "
                  f"no sign below {self.clean_below:.2f})", f"  {self.reason}"]
         for name, p in self.probes.items():
-            curve = " ".join(f"{a:.2f}" for a in p["heldout_accuracy"])
-            line = f"  {name:6s} score {p['score']:.3f}  held-out accuracy per epoch: {curve}"
+            curve = " ".join(f"{c['train_per_class']}:{c['heldout_accuracy']:.2f}" for c in p["learning_curve"])
+            line = (f"  {name:7s} score {p['score']:.3f}  held-out accuracy {p['heldout_accuracy']:.3f} "
+                    f"(chance {1 / len(self.classes):.3f}); by training images per class: {curve}")
             if self.reference:
                 line += f"  (clean reference score {self.reference['probes'][name]['score']:.3f})"
             lines.append(line)
@@ -567,8 +616,7 @@ def _verdict(cfg: ScanConfig, sampled: _Sampled, found: dict, ref: dict | None) 
                 f"({scores[best]:.2f} vs {ref['probes'][best]['score']:.2f})")
     else:
         score, hi, lo = scores[best], cfg.threshold, cfg.clean_below
-        what = (f"the {best} probe reaches {score:.2f} of the way from chance to perfect held-out accuracy, "
-                f"averaged over its {cfg.epochs} epochs")
+        what = f"the {best} probe gets {score:.2f} of the way from chance to perfect held-out accuracy"
     if float(np.median(counts)) < cfg.min_per_class:
         return INCONCLUSIVE, score, (f"too few images per class to judge (median {int(np.median(counts))}, "
                                      f"need {cfg.min_per_class}); {what}")
@@ -668,73 +716,76 @@ def _per_class(sampled: _Sampled) -> dict[str, int]:
 
 # --------------------------------------------------------------------------------------------- plot
 
-_COLOURS = {"linear": (31, 119, 180), "cnn": (214, 39, 40)}
+_COLOURS = {"pixels": (31, 119, 180), "texture": (214, 39, 40)}
 
 
 def _draw_plot(result: ScanResult):
     """Two panels drawn with PIL (no plotting library needed): learning curves, per-class recall."""
     from PIL import Image, ImageDraw
 
-    w, h = 1100, 460
+    w, h = 1100, 470
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     colour = {LIKELY_POISONED: (200, 0, 0), NO_SIGN: (0, 130, 0), INCONCLUSIVE: (200, 120, 0)}[result.verdict]
     d.text((12, 8), f"{result.verdict.upper()}   score {result.score:.3f} "
-                    f"({'excess over clean reference' if result.mode == 'relative' else 'absolute'}); "
+                    f"({'excess over the clean reference' if result.mode == 'relative' else 'absolute'}); "
                     f"likely poisoned >= {result.threshold:.2f}, no sign < {result.clean_below:.2f}", fill=colour)
     d.text((12, 24), result.reason[:180], fill=(60, 60, 60))
     k = len(result.classes)
     chance = 1 / k
 
-    # panel 1: held-out balanced accuracy per epoch
-    x0, y0, x1, y1 = 60, 60, 560, 400
+    # panel 1: held-out balanced accuracy vs training images per class (log2 axis)
+    x0, y0, x1, y1 = 60, 64, 560, 400
     d.rectangle((x0, y0, x1, y1), outline="black")
-    epochs = len(next(iter(result.probes.values()))["heldout_accuracy"])
+    curves = {name: p["learning_curve"] for name, p in result.probes.items()}
+    sizes = sorted({c["train_per_class"] for cs in curves.values() for c in cs})
+    lo, hi = math.log2(max(1, sizes[0])), math.log2(max(2, sizes[-1]))
 
-    def px(e, a):
-        fx = x0 + (x1 - x0) * (e / max(1, epochs - 1)) if epochs > 1 else (x0 + x1) / 2
-        return fx, y1 - (y1 - y0) * a
+    def px(m, a):
+        t = 0.5 if hi == lo else (math.log2(max(1, m)) - lo) / (hi - lo)
+        return x0 + (x1 - x0) * t, y1 - (y1 - y0) * a
 
     for a in (0, 0.25, 0.5, 0.75, 1.0):
-        d.line((x0 - 4, px(0, a)[1], x0, px(0, a)[1]), fill="black")
-        d.text((x0 - 34, px(0, a)[1] - 6), f"{a:.2f}", fill="black")
-    for e in range(epochs):
-        d.text((px(e, 0)[0] - 3, y1 + 4), str(e + 1), fill="black")
-    d.text(((x0 + x1) / 2 - 20, y1 + 18), "epoch", fill="black")
+        d.line((x0 - 4, px(sizes[0], a)[1], x0, px(sizes[0], a)[1]), fill="black")
+        d.text((x0 - 34, px(sizes[0], a)[1] - 6), f"{a:.2f}", fill="black")
+    for m in sizes:
+        d.text((px(m, 0)[0] - 6, y1 + 4), str(m), fill="black")
+    d.text(((x0 + x1) / 2 - 80, y1 + 18), "training images per class (held-out: cross-validated)", fill="black")
     d.text((x0, y0 - 14), "held-out balanced accuracy", fill="black")
-    _dashed(d, [px(0, chance), px(epochs - 1, chance)], (120, 120, 120))
-    d.text((x1 - 60, px(0, chance)[1] - 12), "chance", fill=(120, 120, 120))
+    _dashed(d, [(x0, px(sizes[0], chance)[1]), (x1, px(sizes[0], chance)[1])], (120, 120, 120))
+    d.text((x1 - 48, px(sizes[0], chance)[1] - 12), "chance", fill=(120, 120, 120))
     if result.mode == "absolute":
         level = chance + result.threshold * (1 - chance)
-        _dashed(d, [px(0, level), px(epochs - 1, level)], (200, 0, 0))
-        d.text((x1 - 150, px(0, level)[1] - 12), "threshold (mean over epochs)", fill=(200, 0, 0))
+        _dashed(d, [(x0, px(sizes[0], level)[1]), (x1, px(sizes[0], level)[1])], (200, 0, 0))
+        d.text((x1 - 140, px(sizes[0], level)[1] - 12), "threshold (last point)", fill=(200, 0, 0))
     legend_y = y0 + 6
-    for name, p in result.probes.items():
+    for name, curve in curves.items():
         c = _COLOURS.get(name, (0, 0, 0))
-        d.line([px(e, a) for e, a in enumerate(p["heldout_accuracy"])], fill=c, width=3)
-        d.text((x0 + 8, legend_y), f"{name} (this data) {p['score']:.2f}", fill=c)
+        points = [px(p["train_per_class"], p["heldout_accuracy"]) for p in curve]
+        d.line(points, fill=c, width=3) if len(points) > 1 else d.ellipse(_dot(points[0]), fill=c)
+        d.text((x0 + 8, legend_y), f"{name}, this data: score {result.probes[name]['score']:.2f}", fill=c)
         legend_y += 14
         other = (result.reference or {}).get("probes", {}).get(name) or result.null.get(name)
         if other:
-            what = "clean reference" if result.reference else "same images, shuffled labels"
-            _dashed(d, [px(e, a) for e, a in enumerate(other["heldout_accuracy"])], c)
-            d.text((x0 + 8, legend_y), f"{name} ({what}) {other['score']:.2f}", fill=c)
+            what = "clean reference" if result.reference else "same images, labels shuffled"
+            _dashed(d, [px(p["train_per_class"], p["heldout_accuracy"]) for p in other["learning_curve"]], c)
+            d.text((x0 + 8, legend_y), f"{name}, {what} (dashed): score {other['score']:.2f}", fill=c)
             legend_y += 14
 
-    # panel 2: per-class held-out recall of the best probe, last epoch
+    # panel 2: per-class held-out recall of the best probe
     best = result.best_probe
-    recalls = result.probes[best]["final_class_recall"]
-    ref_recalls = (result.reference or {}).get("probes", {}).get(best, {}).get("final_class_recall")
-    bx0, by0, bx1, by1 = 620, 60, 1080, 400
+    recalls = result.probes[best]["class_recall"]
+    ref_recalls = (result.reference or {}).get("probes", {}).get(best, {}).get("class_recall")
+    bx0, by0, bx1, by1 = 620, 64, 1080, 400
     d.rectangle((bx0, by0, bx1, by1), outline="black")
-    d.text((bx0, by0 - 14), f"per-class held-out recall, {best} probe, last epoch"
-                            + (" (grey: reference)" if ref_recalls else ""), fill="black")
+    d.text((bx0, by0 - 14), f"per-class held-out recall, {best} probe"
+                            + (" (grey: clean reference)" if ref_recalls else ""), fill="black")
     slot = (bx1 - bx0) / max(1, k)
     for i, r in enumerate(recalls):
         r = 0.0 if math.isnan(r) else r
         left = bx0 + i * slot + slot * 0.15
         right = bx0 + (i + 1) * slot - slot * 0.15
-        if ref_recalls:
+        if ref_recalls and i < len(ref_recalls):
             mid = (left + right) / 2
             rr = 0.0 if math.isnan(ref_recalls[i]) else ref_recalls[i]
             d.rectangle((mid, by1 - (by1 - by0) * rr, right, by1), fill=(170, 170, 170))
@@ -745,9 +796,14 @@ def _draw_plot(result: ScanResult):
     cy = by1 - (by1 - by0) * chance
     _dashed(d, [(bx0, cy), (bx1, cy)], (120, 120, 120))
     n = sum(result.per_class_sampled.values())
-    d.text((12, h - 22), f"{n} images, {k} classes, {result.config['epochs']} epochs, seed {result.config['seed']}, "
-                         f"device {result.device}; {len(result.skipped)} skipped", fill=(60, 60, 60))
+    d.text((12, h - 22), f"{n} images, {k} classes, {result.config['folds']}-fold, seed {result.config['seed']}, "
+                         f"view {result.config['view']} {result.config['probe_size']}px, device {result.device}; "
+                         f"{len(result.skipped)} skipped", fill=(60, 60, 60))
     return img
+
+
+def _dot(p, r: float = 3.0):
+    return (p[0] - r, p[1] - r, p[0] + r, p[1] + r)
 
 
 def _dashed(d, points, fill, dash: float = 6.0) -> None:
