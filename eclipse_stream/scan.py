@@ -716,7 +716,7 @@ def _per_class(sampled: _Sampled) -> dict[str, int]:
 
 # --------------------------------------------------------------------------------------------- plot
 
-_COLOURS = {"pixels": (31, 119, 180), "texture": (214, 39, 40)}
+_COLOURS = {"pixels": (31, 119, 180), "texture": (214, 39, 40), "blocks": (44, 160, 44)}
 
 
 def _draw_plot(result: ScanResult):
