@@ -1,4 +1,4 @@
-"""The ``eclipse-stream`` command line: train, purify, preview, info."""
+"""The ``eclipse-stream`` command line: train, purify, preview, scan, info."""
 
 from __future__ import annotations
 
@@ -181,6 +181,71 @@ def preview(shard, output, num, image_key, denoiser, t_star, steps, precision, s
     path = run_preview(shard, _resolve_denoiser(denoiser), output, n=num, config=cfg, seed=seed,
                        image_key=image_key, device=device)
     click.echo(str(path))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--label-key", default=None,
+              help="Label field (tar extension or .beton field); default first of cls, class, label, target "
+                   "(a .beton: else its first IntField).")
+@click.option("--image-key", default=None, help="Image field; default first of jpg/jpeg/png/webp/... as purify.")
+@click.option("--per-class", type=click.IntRange(min=4), default=100,
+              help="Images sampled per class (uniformly over all INPUTS, seeded).")
+@click.option("--probe-size", type=click.IntRange(min=8), default=32,
+              help="The probes see a window of this many pixels square of each image.")
+@click.option("--view", type=click.Choice(["crop", "resize"]), default="crop",
+              help="crop: central window at native resolution; resize: whole image resized.")
+@click.option("--folds", type=click.IntRange(2, 4), default=4, help="Cross-validation folds.")
+@click.option("--seed", type=int, default=0, help="Sampling, folds and the shuffled-label control.")
+@_device_option
+@click.option("--reference", multiple=True,
+              help="Clean shards of the same classes (e.g. the sparse clean set); repeatable. The verdict then "
+                   "compares against them at the same per-class count.")
+@click.option("--threshold", type=float, default=None,
+              help="Score from which the verdict is 'likely poisoned'; default 0.6 (0.3 with --reference).")
+@click.option("--clean-below", type=float, default=None,
+              help="Score under which it is 'no sign of poisoning'; default 0.45 (0.15 with --reference).")
+@click.option("--max-pixels", type=int, default=None,
+              help="Reject images with more pixels (decompression bombs); default 178,956,970, as purify.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+              help="fail: stop at the first bad sampled image; skip: record it in the report and go on.")
+@click.option("--null/--no-null", default=True, help="Also probe the same images with shuffled labels (plot).")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the PNG plot here.")
+@_friendly_errors
+def scan(inputs, reference, threshold, clean_below, max_pixels, report, plot, **kwargs):
+    """Does a labelled dataset look poisoned (availability poisons / shortcuts)? INPUTS as for purify.
+
+    Samples --per-class images of every class, fits closed-form linear probes (seconds on a CPU) and
+    measures how well they predict held-out labels. Prints the verdict and the evidence.
+
+    Exit status: 0 no sign of poisoning, 10 likely poisoned, 11 inconclusive;
+    1 or 2 on errors (2: bad input, as purify).
+    """
+    from .imageio import DEFAULT_MAX_PIXELS
+    from .scan import ScanConfig, scan_shards
+
+    bounds = {}
+    key_hi, key_lo = ("relative_threshold", "relative_clean_below") if reference else ("threshold", "clean_below")
+    if threshold is not None:
+        bounds[key_hi] = threshold
+    if clean_below is not None:
+        bounds[key_lo] = clean_below
+    if threshold is not None and clean_below is None:
+        bounds[key_lo] = min(threshold, getattr(ScanConfig, key_lo))
+    if clean_below is not None and threshold is None:
+        bounds[key_hi] = max(clean_below, getattr(ScanConfig, key_hi))
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if max_pixels < 1:
+        raise click.BadParameter("must be positive", param_hint="--max-pixels")
+    cfg = ScanConfig(max_pixels=max_pixels, **bounds, **kwargs)
+    result = scan_shards(list(inputs), cfg, reference=list(reference) if reference else None)
+    click.echo(result.summary())
+    if report:
+        click.echo(f"report: {result.write_json(report)}")
+    if plot:
+        click.echo(f"plot: {result.plot(plot)}")
+    sys.exit(result.exit_code)
 
 
 @main.command()
