@@ -77,6 +77,7 @@ __all__ = [
     "decode_image",
     "encode_image",
     "find_image_key",
+    "image_fields",
 ]
 
 #: Field extensions treated as images, in auto-detect priority (the first present one is purified).
@@ -124,6 +125,25 @@ def find_image_key(sample: dict, image_key: str | None = None) -> str | None:
         return image_key
     keys = {k for k in sample if not str(k).startswith("__")}
     return next((ext for ext in IMAGE_EXTENSIONS if ext in keys), None)
+
+
+def image_fields(fields: dict, image_key: str | None = None) -> list[str]:
+    """Every field of a sample that ``eclipse-stream purify`` purifies, in sorted order.
+
+    ``image_key`` names them (comma-separated; each must exist): other image fields, such as segmentation
+    masks, are then left unchanged. Without it, every field whose last extension is one of
+    ``IMAGE_EXTENSIONS`` (any case: ``jpg``, ``left.png``, ``JPG``) is an image: a sample is never half
+    purified. ``fields`` holds the field names only (no ``__key__``).
+    """
+    if image_key is not None:
+        names = [n.strip() for n in image_key.split(",") if n.strip()]
+        missing = [n for n in names if n not in fields]
+        if missing or not names:
+            listed = ", ".join(sorted(fields)) or "(none)"
+            raise ValueError(f"sample has no field {', '.join(map(repr, missing or [image_key]))} (--image-key); "
+                             f"its fields are: {listed}")
+        return sorted(set(names))
+    return sorted(k for k in fields if str(k).rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:

@@ -24,13 +24,16 @@ earlier sample's batch (at most ``max_pending`` images before buckets are flushe
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import io
 import json
 import logging
 import os
 import queue
 import re
 import shutil
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -45,16 +48,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
-from webdataset import TarWriter
 
 from . import __version__
 from .checkpoint import Denoiser, load_denoiser
 from .devices import resolve_device
 from .errors import EclipseError, InputError, OutputError, SampleError, ShardError
 from .fsutil import DirLock, file_sha256, write_json
-from .imageio import DEFAULT_MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image, encode_image, find_image_key
+from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, encode_image, image_fields
 from .purifier import Purifier, PurifierConfig
-from .sources import expand_shards, iter_tar_samples
+from .sources import expand_shards, read_tar
 
 log = logging.getLogger(__name__)
 
@@ -187,37 +189,49 @@ class _Task:
 
 
 class _Record(NamedTuple):
-    """One input sample as read: either an image to purify (rgb) or the reason it is rejected."""
+    """One step of a shard as read: a sample (images to purify, or the reason it is rejected), or tar members
+    that belong to no sample (copied unchanged). ``index`` counts both; ``sample_no`` counts samples only."""
 
     index: int
-    key: str
-    sample: dict | None = None  # the fields written back unchanged (image field removed)
-    image_key: str | None = None
-    rgb: np.ndarray | None = None
-    decoded: DecodedImage | None = None  # tar only: how to encode the result like the source
+    key: str | None
+    sample_no: int | None = None
+    sample: dict | None = None  # the fields written back unchanged (image fields removed)
+    images: list | None = None  # [(field, rgb, DecodedImage | None)]: every image field to purify
     error: str | None = None
+    members: list | None = None  # tar only: [(TarInfo, bytes | None)] copied as they are
 
 
 def _tar_records(task: _Task, cfg: PurifyConfig) -> Iterator[_Record]:
-    for index, sample in enumerate(iter_tar_samples(task.path)):
-        key = sample["__key__"]
-        try:
-            image_key = find_image_key(sample, cfg.image_key)
-            if image_key is None:
-                fields = sorted(k for k in sample if not k.startswith("__"))
-                raise ImageDecodeError(f"no image field (fields: {fields})")
-            decoded = decode_image(sample[image_key], max_pixels=cfg.max_pixels)
-        except (ImageDecodeError, ValueError) as e:
-            yield _Record(index, key, error=str(e))
+    sample_no = 0
+    for index, item in enumerate(read_tar(task.path)):
+        if item.key is None:
+            yield _Record(index, None, members=item.members)
             continue
-        passthrough = {k: v for k, v in sample.items() if k != image_key and (k == "__key__" or k[:2] != "__")}
-        rgb, decoded.rgb = decoded.rgb, None  # the pixels travel in the batch tensor, not twice
-        yield _Record(index, key, passthrough, image_key, rgb, decoded)
+        no, sample_no = sample_no, sample_no + 1
+        fields = item.fields
+        try:
+            names = image_fields(fields, cfg.image_key)
+            if not names:
+                raise ImageDecodeError(f"no image field (fields: {sorted(fields)})")
+            images = []
+            for name in names:
+                try:
+                    decoded = decode_image(fields[name], max_pixels=cfg.max_pixels)
+                except ImageDecodeError as e:  # one bad image rejects the sample: never half-purified
+                    raise ImageDecodeError(f"field {name!r}: {e}" if len(names) > 1 else str(e)) from None
+                rgb, decoded.rgb = decoded.rgb, None  # the pixels travel in the batch tensor, not twice
+                images.append((name, rgb, decoded))
+        except (ImageDecodeError, ValueError) as e:
+            yield _Record(index, item.key, no, error=str(e))
+            continue
+        passthrough = {k: v for k, v in fields.items() if k not in names}
+        yield _Record(index, item.key, no, passthrough, images)
 
 
 def _beton_records(task: _Task, cfg: PurifyConfig) -> Iterator[_Record]:
     from .formats.beton import BetonReader
-    reader = BetonReader(task.path, image_field=cfg.image_key, max_pixels=cfg.max_pixels)
+    reader = BetonReader(task.path, max_pixels=cfg.max_pixels)
+    names = reader.fields_to_purify(cfg.image_key)
     it = iter(reader)
     index = 0
     while True:
@@ -226,17 +240,23 @@ def _beton_records(task: _Task, cfg: PurifyConfig) -> Iterator[_Record]:
         except StopIteration:
             return
         except SampleError as e:  # one undecodable image: the reader goes on with the next
-            yield _Record(index, e.key, error=e.reason)
+            yield _Record(index, e.key, index, error=e.reason)
             index += 1
             continue
-        rgb = np.ascontiguousarray(sample.pop(reader.image_field))
-        yield _Record(index, sample["__key__"], sample, reader.image_field, rgb)
+        images = [(name, np.ascontiguousarray(sample.pop(name)), None) for name in names]
+        yield _Record(index, sample["__key__"], index, sample, images)
         index += 1
 
 
 def read_shard(task: _Task, cfg: PurifyConfig, model_size: int):
-    """Events for one shard, in order: start, (batch | reject)*, end  -- or shard_error."""
-    yield {"type": "start", "shard": task.index}
+    """Events for one shard, in order: start, (batch | reject | members)*, end  -- or shard_error."""
+    try:
+        st = os.stat(task.path)
+        yield {"type": "start", "shard": task.index, "input_stat": _stat_record(st)}
+    except OSError as e:
+        yield {"type": "start", "shard": task.index, "input_stat": None}
+        yield {"type": "shard_error", "shard": task.index, "reason": f"cannot read: {e.strerror or e}"}
+        return
     bucketer = _Bucketer(cfg.batch_size, cfg.bucket_multiple, cfg.max_batch_pixels,
                          max_pending=4 * cfg.batch_size)
     batch_no = 0
@@ -252,15 +272,20 @@ def read_shard(task: _Task, cfg: PurifyConfig, model_size: int):
     try:
         for rec in records:
             count = rec.index + 1
-            if rec.error is not None:
-                yield {"type": "reject", "shard": task.index, "index": rec.index, "key": rec.key,
-                       "reason": rec.error}
+            if rec.members is not None:
+                yield {"type": "members", "shard": task.index, "index": rec.index, "members": rec.members}
                 continue
-            rgb = _resize_for_model(rec.rgb, model_size) if cfg.resolution == "model" else rec.rgb
-            item = {"index": rec.index, "key": rec.key, "sample": rec.sample, "image_key": rec.image_key,
-                    "decoded": rec.decoded, "size": rgb.shape[:2]}
-            for items, pixels in bucketer.add(item, rgb):
-                yield batch_event(items, pixels)
+            if rec.error is not None:
+                yield {"type": "reject", "shard": task.index, "index": rec.index, "sample_no": rec.sample_no,
+                       "key": rec.key, "reason": rec.error}
+                continue
+            for part, (name, rgb, decoded) in enumerate(rec.images):
+                rgb = _resize_for_model(rgb, model_size) if cfg.resolution == "model" else rgb
+                item = {"index": rec.index, "sample_no": rec.sample_no, "key": rec.key,
+                        "sample": rec.sample if part == 0 else None, "image_key": name,
+                        "parts": len(rec.images), "decoded": decoded, "size": rgb.shape[:2]}
+                for items, pixels in bucketer.add(item, rgb):
+                    yield batch_event(items, pixels)
         for items, pixels in bucketer.flush():
             yield batch_event(items, pixels)
     except ShardError as e:
@@ -270,6 +295,11 @@ def read_shard(task: _Task, cfg: PurifyConfig, model_size: int):
         yield {"type": "shard_error", "shard": task.index, "reason": str(e)}
         return
     yield {"type": "end", "shard": task.index, "count": count}
+
+
+def _stat_record(st: os.stat_result) -> dict:
+    """What tells a changed input apart on a rerun: its size and modification time (as make and rsync do)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 class _ShardEvents(IterableDataset):
@@ -289,17 +319,56 @@ class _ShardEvents(IterableDataset):
 # Stage 3: ordered, atomic shard writers
 # ---------------------------------------------------------------------------------------
 
+class _TarSink:
+    """Writes samples byte for byte as webdataset's ``TarWriter(encoder=False, mtime=0)`` does (fields in sorted
+    order, mode 0444, owner bigdata, mtime 0), but keeps every field (TarWriter drops names starting with "_")
+    and also copies the members that belong to no sample (links, directories, extension-less files)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        try:
+            self._tar = tarfile.open(fileobj=self._file, mode="w|")
+        except BaseException:
+            self._file.close()
+            raise
+
+    def write_sample(self, key: str, fields: dict[str, bytes]) -> None:
+        for name in sorted(fields):
+            data = fields[name]
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mtime, info.mode = len(data), 0.0, 0o444
+            info.uname = info.gname = "bigdata"
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def write_members(self, members: list) -> None:
+        for info, data in members:
+            info = copy.copy(info)
+            if info.isreg():  # a sparse or contiguous-file member is written back as the plain file it reads as
+                info.type = tarfile.REGTYPE
+            self._tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+    def close(self) -> None:
+        try:
+            self._tar.close()
+        finally:
+            self._file.close()
+
+
 class _ShardWriter:
     """Writes one output shard in input order to a temporary file; renames it when complete."""
 
-    def __init__(self, task: _Task, out_dir: Path, cfg: PurifyConfig):
+    def __init__(self, task: _Task, out_dir: Path, cfg: PurifyConfig, input_stat: dict | None = None):
         self.task, self.cfg = task, cfg
+        self.input_stat = input_stat  # when the reader opened it: compared again before the shard is marked done
         self.final = out_dir / task.name
         self.tmp = out_dir / f".{task.name}.partial-{os.getpid()}"
         self.lock = threading.Lock()
-        self.ready: dict[int, dict | None] = {}  # index -> sample to write, or None if rejected
+        self.ready: dict[int, tuple] = {}  # index -> ("sample", key, sample) | ("reject", ...) | ("members", ...)
+        self.parts: dict[int, dict] = {}  # index -> the image fields of a sample purified so far
         self.next_index = 0
         self.written = 0
+        self.member_groups = 0
+        self.members_copied = 0
         self.rejects: list[dict] = []
         self.expected: int | None = None
         self.started = time.time()
@@ -312,42 +381,76 @@ class _ShardWriter:
         # from the reader worker): it is opened at the first sample that survives, never for an all-bad shard.
         with _writing(self.tmp, "create"):
             self.tmp.unlink(missing_ok=True)
-            self.sink = TarWriter(str(self.tmp), encoder=False, mtime=0.0) if self.task.kind == "tar" else None
+            self.sink = _TarSink(self.tmp) if self.task.kind == "tar" else None
 
     def _beton_sink(self):
         from .formats.beton import BetonReader, BetonWriter
-        return BetonWriter(str(self.tmp), like=BetonReader(self.task.path, image_field=self.cfg.image_key),
+        return BetonWriter(str(self.tmp), like=BetonReader(self.task.path),
                            jpeg_quality=self.cfg.jpeg_quality, spool_dir=str(self.tmp.parent),
                            seed=stream_seed(self.cfg.seed, self.task.name, "beton") % 2**32)
 
-    def make_sample(self, item: dict, rgb: np.ndarray) -> dict:
-        """The output sample: passthrough fields unchanged, the image re-encoded (tar) or as pixels (beton)."""
-        sample = dict(item["sample"])
+    def encode(self, item: dict, rgb: np.ndarray):
+        """One purified image field as written: re-encoded like its source (tar) or as pixels (beton)."""
         if self.task.kind == "tar":
-            sample[item["image_key"]] = encode_image(rgb, item["decoded"], item["image_key"],
-                                                     jpeg_quality=self.cfg.jpeg_quality)
-        else:
-            sample[item["image_key"]] = rgb
-        return sample
+            return encode_image(rgb, item["decoded"], item["image_key"], jpeg_quality=self.cfg.jpeg_quality)
+        return rgb
 
-    def put(self, index: int, sample: dict | None, key: str | None = None, reason: str | None = None) -> bool:
-        """Deposit a finished (or rejected) sample; write everything now in order. True when complete."""
+    def put_image(self, item: dict, value, reason: str | None = None) -> bool:
+        """One image field of a sample, purified (``value``) or not encodable (``reason``). The sample is
+        written once all its image fields are in, or rejected if any failed. True when the shard is complete."""
         with self.lock:
             if self.aborted:  # a later part of the shard was unreadable: drop what still arrives
                 return False
-            if sample is None:
-                self.rejects.append({"index": index, "key": key, "reason": reason})
-            self.ready[index] = sample
-            while self.next_index in self.ready:
-                s = self.ready.pop(self.next_index)
-                if s is not None:
-                    with _writing(self.tmp):
+            part = self.parts.setdefault(item["index"], {"sample": None, "fields": {}, "reasons": [], "got": 0})
+            if item["sample"] is not None:
+                part["sample"] = item["sample"]
+            part["got"] += 1
+            if reason is None:
+                part["fields"][item["image_key"]] = value
+            else:
+                part["reasons"].append(reason if item["parts"] == 1 else f"field {item['image_key']!r}: {reason}")
+            if part["got"] < item["parts"]:
+                return False
+            del self.parts[item["index"]]
+            if part["reasons"]:
+                entry = ("reject", item["sample_no"], item["key"], "; ".join(part["reasons"]))
+            else:
+                entry = ("sample", item["key"], {**part["sample"], **part["fields"]})
+            return self._deposit(item["index"], entry)
+
+    def reject(self, index: int, sample_no: int, key: str, reason: str) -> bool:
+        with self.lock:
+            return False if self.aborted else self._deposit(index, ("reject", sample_no, key, reason))
+
+    def put_members(self, index: int, members: list) -> bool:
+        with self.lock:
+            return False if self.aborted else self._deposit(index, ("members", members))
+
+    def _deposit(self, index: int, entry: tuple) -> bool:
+        """Record one finished step of the shard; write everything now in order. True when complete."""
+        self.ready[index] = entry
+        while self.next_index in self.ready:
+            kind, *rest = self.ready.pop(self.next_index)
+            if kind == "reject":
+                sample_no, key, reason = rest
+                self.rejects.append({"index": sample_no, "key": key, "reason": reason})
+            elif kind == "members":
+                with _writing(self.tmp):
+                    self.sink.write_members(rest[0])
+                self.member_groups += 1
+                self.members_copied += len(rest[0])
+            else:
+                key, sample = rest
+                with _writing(self.tmp):
+                    if self.task.kind == "tar":
+                        self.sink.write_sample(key, sample)
+                    else:
                         if self.sink is None:
                             self.sink = self._beton_sink()
-                        self.sink.write(s)
-                    self.written += 1
-                self.next_index += 1
-            return self._complete()
+                        self.sink.write(sample)
+                self.written += 1
+            self.next_index += 1
+        return self._complete()
 
     def end(self, count: int) -> bool:
         with self.lock:
@@ -360,9 +463,16 @@ class _ShardWriter:
     def finish(self, fingerprint: dict, rank: int) -> dict:
         """Close, check counts, rename into place, then write the stats file that marks it done."""
         n_rejected = len(self.rejects)
-        if self.written + n_rejected != self.expected:
+        if self.written + n_rejected + self.member_groups != self.expected:
             raise EclipseError(f"{self.task.path}: internal count mismatch: {self.expected} in, "
-                               f"{self.written} written + {n_rejected} rejected")
+                               f"{self.written} written + {n_rejected} rejected + {self.member_groups} other")
+        try:
+            now = _stat_record(os.stat(self.task.path))
+        except OSError as e:
+            now = {"error": e.strerror}
+        if now != self.input_stat:
+            raise InputError(f"{self.task.path}: the input shard changed while it was read (size or modification "
+                             f"time); its output is not kept: rerun when it no longer changes")
         # An older stats file (--overwrite, or input changed) must not outlive the output it describes: a kill
         # between the rename below and the new stats file then leaves an unrecorded shard, which a rerun redoes.
         with _writing(stats_path(self.final), "remove the old stats file"):
@@ -383,11 +493,14 @@ class _ShardWriter:
         stats = {
             "shard": self.task.name,
             "input": self.task.path,
+            "input_size": self.input_stat["size"],
+            "input_mtime_ns": self.input_stat["mtime_ns"],
             "output": output,
-            "samples_in": self.expected,
+            "samples_in": self.written + n_rejected,
             "written": self.written,
-            "rejected": len(self.rejects),
+            "rejected": n_rejected,
             "rejects": sorted(self.rejects, key=lambda r: r["index"]),
+            "other_members_copied": self.members_copied,
             "seconds": round(time.time() - self.started, 3),
             "output_sha256": file_sha256(self.final) if output else None,
             "config": fingerprint,
@@ -465,6 +578,14 @@ def _plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool)
             raise InputError(f"{sp}: unreadable stats file ({e}); use --overwrite to redo this shard")
         if stats.get("output") and not (out_dir / s.name).is_file():  # output deleted since: redo
             todo.append(task)
+            continue
+        try:
+            now = _stat_record(os.stat(s))
+        except OSError as e:
+            raise InputError(f"{s}: cannot read: {e.strerror or e}") from e
+        if (stats.get("input_size"), stats.get("input_mtime_ns")) != (now["size"], now["mtime_ns"]):
+            log.warning("%s changed since its output was made (size or modification time): redoing it", s)
+            todo.append(task)  # finish() removes the old stats file before it replaces the output
             continue
         if previous != fingerprint:
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
@@ -625,7 +746,7 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
     errors: list[BaseException] = []
     slots = threading.BoundedSemaphore(2 * cfg.encode_threads)
     pool = ThreadPoolExecutor(cfg.encode_threads, thread_name_prefix="eclipse-encode")
-    bar = tqdm(total=None, unit="img", desc=f"purify[{rank}]" if rank else "purify", disable=not progress,
+    bar = tqdm(total=None, unit="sample", desc=f"purify[{rank}]" if rank else "purify", disable=not progress,
                dynamic_ncols=True)
     completed: queue.SimpleQueue[int] = queue.SimpleQueue()  # shards whose last sample is written
 
@@ -650,13 +771,15 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
                 h, wd = item["size"]
                 rgb = img[:, :h, :wd].permute(1, 2, 0).numpy()
                 try:
-                    sample = w.make_sample(item, rgb)
+                    value = w.encode(item, rgb)
                 except (ValueError, OSError) as e:
+                    reason = f"cannot encode purified image: {e}"
                     if cfg.on_error == "fail":
-                        raise SampleError(w.task.path, item["key"], f"cannot encode purified image: {e}")
-                    complete = w.put(item["index"], None, item["key"], f"cannot encode purified image: {e}")
+                        where = f"field {item['image_key']!r}: " if item["parts"] > 1 else ""
+                        raise SampleError(w.task.path, item["key"], where + reason)
+                    complete = w.put_image(item, None, reason)
                 else:
-                    complete = w.put(item["index"], sample)
+                    complete = w.put_image(item, value)
                 if complete:
                     completed.put(shard)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
@@ -671,20 +794,23 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
             kind, shard = ev["type"], ev["shard"]
             task = by_index[shard]
             if kind == "start":
-                writers[shard] = _ShardWriter(task, out_dir, cfg)
+                writers[shard] = _ShardWriter(task, out_dir, cfg, ev["input_stat"])
             elif kind == "batch":
                 gen = batch_generator(cfg.seed, task.name, ev["batch"], device)
                 out = purifier(ev["pixels"].to(device, non_blocking=True), generator=gen)
                 slots.acquire()
                 out, ready = _to_host(out)
-                bar.update(len(ev["items"]))
+                bar.update(sum(item["sample"] is not None for item in ev["items"]))  # samples, not image fields
                 pool.submit(encode, shard, ev["items"], out, ready)
+            elif kind == "members":
+                if writers[shard].put_members(ev["index"], ev["members"]):
+                    completed.put(shard)
             elif kind == "reject":
                 if cfg.on_error == "fail":
                     raise SampleError(task.path, ev["key"], ev["reason"])
                 log.warning("%s: skipping sample %r: %s", task.path, ev["key"], ev["reason"])
                 bar.update(1)  # a rejected sample is done too: the bar reaches the shard's sample count
-                if writers[shard].put(ev["index"], None, ev["key"], ev["reason"]):
+                if writers[shard].reject(ev["index"], ev["sample_no"], ev["key"], ev["reason"]):
                     completed.put(shard)
             elif kind == "shard_error":
                 if cfg.on_error == "fail":

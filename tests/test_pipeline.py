@@ -259,7 +259,7 @@ def test_mixed_sizes_keep_aspect_ratio(cifar64, tiny_ckpt, tmp_path, resolution)
         assert data[f"{s['__key__']}.cls"] == s["cls"]
 
 
-def test_image_key_chooses_the_field_and_other_images_pass_through(cifar64, tiny_ckpt, tmp_path):
+def test_every_image_field_is_purified_unless_image_key_names_them(cifar64, tiny_ckpt, tmp_path):
     (tmp_path / "in").mkdir()
     samples = [{**s, "jpg": jpg} for s, (_, _, jpg) in zip(cifar_samples(cifar64[:3]), cifar64[:3])]
     write_tar(tmp_path / "in" / "two.tar", samples)
@@ -268,8 +268,8 @@ def test_image_key_chooses_the_field_and_other_images_pass_through(cifar64, tiny
     auto, png = dict(tar_members(tmp_path / "auto" / "two.tar")), dict(tar_members(tmp_path / "png" / "two.tar"))
     for s in samples:
         k = s["__key__"]
-        assert auto[f"{k}.png"] == s["png"] and auto[f"{k}.jpg"] != s["jpg"]  # jpg comes first by default
-        assert png[f"{k}.jpg"] == s["jpg"] and png[f"{k}.png"] != s["png"]
+        assert auto[f"{k}.png"] != s["png"] and auto[f"{k}.jpg"] != s["jpg"]  # no image is left unpurified
+        assert png[f"{k}.jpg"] == s["jpg"] and png[f"{k}.png"] != s["png"]  # --image-key: only the named ones
     with pytest.raises(SampleError, match="webp"):
         purify_shards(tmp_path / "in", tmp_path / "none", tiny_ckpt, cfg(image_key="webp"), progress=False)
 

@@ -289,3 +289,183 @@ def test_a_rerun_removes_every_kind_of_leftover_temporary_file(shard_dir, tiny_c
     assert len(again.skipped) == 3
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".my-own-notes"]
     assert (out / "notes.txt").is_file()
+
+
+# --- 2. a tar is complete only with its end-of-archive marker -----------------------------------------------
+
+def _offsets(path: Path) -> tuple[dict[str, int], int]:
+    """Header offset of every member, and where the end-of-archive marker starts."""
+    with tarfile.open(path) as tf:
+        members = tf.getmembers()
+        return {m.name: m.offset for m in members}, tf.offset
+
+
+def test_a_tar_cut_anywhere_is_a_corrupt_shard_in_both_modes(shard_dir, tiny_ckpt, tmp_path):
+    src = shard_dir / "part-002.tar"  # 8 samples: s.png, s.cls, s.json
+    data = src.read_bytes()
+    offsets, end = _offsets(src)
+    names = list(offsets)
+    cuts = {"at a member header": offsets[names[9]], "300 bytes into a header": offsets[names[9]] + 300,
+            "at the last member's end": end, "with one end block": end + 512,
+            "in a member's data": offsets[names[10]] + 600}
+    for label, cut in cuts.items():
+        (tmp_path / "in").mkdir(exist_ok=True)
+        (tmp_path / "in" / "cut.tar").write_bytes(data[:cut])
+        with pytest.raises(ShardError, match=r"cut\.tar: .*\(after sample '[^']+'\)"):
+            purify_shards(tmp_path / "in", tmp_path / "o1", tiny_ckpt, cfg(), progress=False)
+        res = purify_shards(tmp_path / "in", tmp_path / "o2", tiny_ckpt, cfg(on_error="skip"), progress=False)
+        assert [f["shard"] for f in res.failed] == ["cut.tar"] and not res.processed, label
+        assert not (tmp_path / "o2" / "cut.tar").exists() and res.manifest is None
+    (tmp_path / "in" / "cut.tar").write_bytes(data[:end + 1024])  # both end blocks, record padding cut: complete
+    res = purify_shards(tmp_path / "in", tmp_path / "o3", tiny_ckpt, cfg(), progress=False)
+    assert res.processed[0]["written"] == 8
+    (tmp_path / "in" / "cut.tar").write_bytes(data + data)  # two tars end to end: not read as one
+    with pytest.raises(ShardError, match="data after the end-of-archive marker"):
+        purify_shards(tmp_path / "in", tmp_path / "o4", tiny_ckpt, cfg(), progress=False)
+
+
+def test_the_error_names_the_last_complete_sample(tmp_path):
+    from eclipse_stream.sources import read_tar
+
+    path = tmp_path / "t.tar"
+    write_tar(path, [{"__key__": f"s{i}", "png": b"p" * 700, "cls": b"c" * 600} for i in range(4)])
+    data = path.read_bytes()
+    offsets, end = _offsets(path)
+    expect = {offsets["s2.cls"] + 512 + 100: "s1",  # s2.cls cut: s2 is incomplete
+              offsets["s3.png"] + 600: "s2",  # s3.png cut: s2 was followed by another sample, so complete
+              offsets["s3.png"]: "s2", offsets["s3.png"] + 300: "s2",  # cut at / in s3's first header
+              offsets["s3.cls"]: "s2",  # s3 lacks its cls: incomplete
+              end: "s3", end + 512: "s3"}  # no end marker, but s3 has every field s2 has
+    for cut, last in expect.items():
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        with pytest.raises(ShardError, match=rf"\(after sample '{last}'\)"):
+            list(read_tar(tmp_path / "cut.tar"))
+
+
+# --- 3. members WebDataset's reader skips are carried through, never dropped ---------------------------------
+
+def _odd_tar(path: Path, png: bytes) -> dict[str, bytes]:
+    """A tar with every kind of member a WebDataset reader skips or TarWriter drops; returns name -> bytes."""
+    regular = {"__index__": b"index", "s0.png": png, "s0._private": b"private", "s0.__meta__": b'{"m": 1}',
+               "s0.cls": b"1", "README": b"read me", "sub/s2.png": png, "sub/s2.cls": b"2", "s1.png": png,
+               "s1.cls": b"3", "s1.Caption.TXT": b"Upper"}
+    with tarfile.open(path, "w") as tf:
+        def add(name, data=None, kind=tarfile.REGTYPE, link=""):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mtime = kind, link, 1234567890
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+        add("__index__", regular["__index__"])
+        for name in ("s0.png", "s0._private", "s0.__meta__", "s0.cls"):
+            add(name, regular[name])
+        add("s0.link", kind=tarfile.SYMTYPE, link="s0.cls")
+        add("README", regular["README"])
+        add("sub", kind=tarfile.DIRTYPE)
+        add("sub/s2.png", regular["sub/s2.png"])
+        add("sub/s2.cls", regular["sub/s2.cls"])
+        add("s1.png", regular["s1.png"])
+        add("s1.same", kind=tarfile.LNKTYPE, link="s0.cls")
+        add("s1.cls", regular["s1.cls"])
+        add("s1.Caption.TXT", regular["s1.Caption.TXT"])
+    return regular
+
+
+def test_members_webdataset_skips_are_carried_through_unchanged(cifar64, tiny_ckpt, tmp_path):
+    png = cifar_samples(cifar64[:1])[0]["png"]
+    (tmp_path / "in").mkdir()
+    regular = _odd_tar(tmp_path / "in" / "odd.tar", png)
+    res = purify_shards(tmp_path / "in", tmp_path / "out", tiny_ckpt, cfg(), progress=False)
+    stats = res.processed[0]
+    assert stats["samples_in"] == stats["written"] == 3 and stats["other_members_copied"] == 5
+    with tarfile.open(tmp_path / "out" / "odd.tar") as tf:
+        members = tf.getmembers()
+        out = {m.name: (m, tf.extractfile(m).read() if m.isreg() else None) for m in members}
+    names = [m.name for m in members]
+    assert set(names) == set(regular) | {"s0.link", "sub", "s1.same"}
+    assert names.index("__index__") < names.index("s0.png")  # in input order around the samples
+    assert names.index("README") < names.index("sub") < names.index("sub/s2.cls")
+    for name, data in regular.items():
+        if name.endswith(".png"):
+            assert out[name][1] != data  # purified
+        else:
+            assert out[name][1] == data, name  # every other field byte-identical, case kept
+    assert out["s0.link"][0].issym() and out["s0.link"][0].linkname == "s0.cls"
+    assert out["s1.same"][0].islnk() and out["s1.same"][0].linkname == "s0.cls"
+    assert out["sub"][0].isdir()
+
+
+# --- 4. every image field of a sample is purified; one bad image rejects the sample -------------------------
+
+def test_a_sample_with_two_images_gets_both_purified_or_is_rejected_whole(cifar64, tiny_ckpt, tmp_path):
+    good = cifar_samples(cifar64[:4])
+    samples = [{"__key__": s["__key__"], "jpg": jpg, "png": s["png"], "left.PNG": s["png"], "cls": s["cls"]}
+               for s, (_, _, jpg) in zip(good, cifar64[:4])]
+    samples[2]["png"] = b"broken"
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "multi.tar", samples)
+    res = purify_shards(tmp_path / "in", tmp_path / "out", tiny_ckpt, cfg(on_error="skip", batch_size=3),
+                        progress=False)
+    stats = res.processed[0]
+    assert stats["written"] == 3 and [r["key"] for r in stats["rejects"]] == [samples[2]["__key__"]]
+    assert "field 'png'" in stats["rejects"][0]["reason"]
+    out = dict(tar_members(tmp_path / "out" / "multi.tar"))
+    for s in samples[:2] + samples[3:]:
+        k = s["__key__"]
+        for field in ("jpg", "png", "left.PNG"):
+            assert out[f"{k}.{field}"] != s[field]
+        assert out[f"{k}.cls"] == s["cls"]
+    assert not any(name.startswith(samples[2]["__key__"] + ".") for name in out)
+    with pytest.raises(Exception, match=rf"sample '{samples[2]['__key__']}': field 'png'"):
+        purify_shards(tmp_path / "in", tmp_path / "o2", tiny_ckpt, cfg(), progress=False)
+
+
+def test_a_beton_with_two_image_fields_gets_both_purified(cifar64, tiny_ckpt, tmp_path):
+    import numpy as np
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    from conftest import rgb_array
+    from eclipse_stream.formats.beton import BetonReader
+
+    images = [rgb_array(s["png"]) for s in cifar_samples(cifar64[:3])]
+
+    class Rows:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return images[i], images[(i + 1) % 3], i
+
+    (tmp_path / "in").mkdir()
+    DatasetWriter(str(tmp_path / "in" / "two.beton"), {"image": RGBImageField(write_mode="raw"),
+                                                      "aux": RGBImageField(write_mode="raw"), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(Rows())
+    purify_shards(tmp_path / "in", tmp_path / "out", tiny_ckpt, cfg(), progress=False)
+    purify_shards(tmp_path / "in", tmp_path / "one", tiny_ckpt, cfg(image_key="image"), progress=False)
+    src = list(BetonReader(tmp_path / "in" / "two.beton"))
+    both, one = list(BetonReader(tmp_path / "out" / "two.beton")), list(BetonReader(tmp_path / "one" / "two.beton"))
+    for a, b, c in zip(src, both, one):
+        assert not np.array_equal(a["image"], b["image"]) and not np.array_equal(a["aux"], b["aux"])
+        assert not np.array_equal(a["image"], c["image"]) and np.array_equal(a["aux"], c["aux"])
+        assert a["label"] == b["label"] == c["label"]
+
+
+# --- 7. an input replaced after a finished run is redone on rerun -------------------------------------------
+
+def test_an_input_changed_since_its_output_was_made_is_redone(cifar64, tiny_ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    shard = write_tar(tmp_path / "in" / "a.tar", cifar_samples(cifar64[:4]))
+    write_tar(tmp_path / "in" / "b.tar", cifar_samples(cifar64[4:8]))
+    out = tmp_path / "out"
+    first = purify_shards(tmp_path / "in", out, tiny_ckpt, cfg(), progress=False)
+    st = shard.stat()
+    assert first.processed[0]["input_size"] == st.st_size and first.processed[0]["input_mtime_ns"] == st.st_mtime_ns
+    write_tar(shard, cifar_samples(cifar64[8:12]))  # same size and names, other images
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = purify_shards(tmp_path / "in", out, tiny_ckpt, cfg(), progress=False)
+    assert [s["shard"] for s in again.processed] == ["a.tar"] and again.skipped == ["b.tar"]
+    purify_shards(shard, tmp_path / "fresh", tiny_ckpt, cfg(), progress=False)
+    assert (out / "a.tar").read_bytes() == (tmp_path / "fresh" / "a.tar").read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"][0]["output_sha256"] == again.processed[0]["output_sha256"]

@@ -113,6 +113,15 @@ class BetonReader:
         column = metadata[metadata.dtype.names[self.field_names.index(name)]]
         return _image_storage(column, self._raw_mode)
 
+    def fields_to_purify(self, requested: str | None = None) -> list[str]:
+        """The RGBImageFields ``eclipse-stream purify`` purifies: those named in ``requested`` (comma-separated),
+        else every one, so that no image of a sample is left unpurified."""
+        from ffcv.fields import RGBImageField
+
+        if requested is None:
+            return [name for name in self.field_names if self._field_types[name] is RGBImageField]
+        return sorted({self._choose_image_field(name.strip()) for name in requested.split(",") if name.strip()})
+
     def _choose_image_field(self, requested: str | None) -> str:
         """The RGBImageField to purify: ``requested``, or the first one in field order."""
         from ffcv.fields import RGBImageField
