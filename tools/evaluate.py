@@ -92,12 +92,13 @@ def poison(kind, in_dir, out_dir, seed, device, width, steps, pgd_steps, train_s
 @click.option("--train", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "train",
               show_default=True, help="Training shards (folder) or an FFCV .beton file.")
 @click.option("--test", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "test", show_default=True)
-@click.option("--recipe", type=click.Choice(["reference", "fast"]), default="reference", show_default=True)
+@click.option("--recipe", type=click.Choice(["reference", "fast", "cpu"]), default="reference", show_default=True)
 @click.option("--defense", default="none", show_default=True,
               help="none | iss-gray | iss-jpeg10 | corruption | eclipse (train on purified shards + corruption).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Override the recipe's batch size.")
-@click.option("--width", type=float, default=1.0, show_default=True, help="ResNet18 channel multiplier.")
+@click.option("--width", type=float, default=None,
+              help="Victim channel multiplier [default: the recipe's: 1.0, cpu 0.25].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--limit", type=click.IntRange(min=10), default=None, help="Train on at most N images (balanced).")
@@ -127,29 +128,39 @@ def victim(train, test, recipe, defense, epochs, batch_size, width, device, seed
 
 
 @main.command()
-@click.option("--poisons", default="clean,urp,lsp,ar,ops,em,tap", show_default=True,
-              help="Comma list: clean (Table 3 column), urp, lsp, ar, ops, em, tap.")
-@click.option("--defenses", default="none,iss-gray,iss-jpeg10,corruption,eclipse", show_default=True,
+@click.option("--protocol", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="gpu: the paper's setting (full CIFAR-10, ResNet18). cpu: 1,000 training images per class, all "
+                   "10,000 test images, the `cpu` victim recipe, the shipped denoiser, ~2 h on 2 cores. Every "
+                   "option below defaults to the protocol's value (docs/evaluation.md).")
+@click.option("--poisons", default=None, help="Comma list: clean (Table 3 column), urp, lsp, ar, ops, em, tap.")
+@click.option("--defenses", default=None,
               help="Comma list: none, iss-gray, iss-jpeg10, corruption, eclipse, eclipse-steps<K>.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=DEFAULT_WORK, show_default=True)
+@click.option("--cells", "extra_cells", default=None,
+              help="Comma list of extra POISON/DEFENSE cells beyond the poisons x defenses product.")
+@click.option("--extra-seeds", default=None, help="Comma list of victim seeds to repeat --seed-cells with.")
+@click.option("--seed-cells", default=None, help="Comma list of POISON/DEFENSE cells to repeat with --extra-seeds.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="[default: runs/eval (gpu), runs/eval-cpu (cpu)]")
 @click.option("--results", type=click.Path(path_type=Path), default=None,
-              help="Results JSON [default: WORK_DIR/results-RECIPE.json]; .md and .png are written beside it.")
+              help="Results JSON [default: WORK_DIR/results-RECIPE.json, cpu: results-cpu.json]; "
+                   ".md and .png are written beside it.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="CIFAR-10 tars folder.")
-@click.option("--limit-per-class", type=click.IntRange(min=1), default=None, help="Small grids for CI.")
-@click.option("--recipe", type=click.Choice(["reference", "fast"]), default="fast", show_default=True)
+@click.option("--limit-per-class", type=click.IntRange(min=1), default=None, help="Training images per class.")
+@click.option("--recipe", type=click.Choice(["reference", "fast", "cpu"]), default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option("--width", type=float, default=1.0, show_default=True)
+@click.option("--width", type=float, default=None, help="Victim width [default: the recipe's].")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default=None, help="[default: auto (gpu), cpu (cpu)]")
 @click.option("--denoiser", type=click.Path(path_type=Path), default=None,
-              help="ECLIPSE cells: denoiser checkpoint from `eclipse-stream train`.")
+              help="ECLIPSE cells: denoiser checkpoint [cpu protocol default: the shipped denoiser].")
 @click.option("--purify-batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--purify-arg", "purify_args", multiple=True, help="Extra argument for `eclipse-stream purify`.")
 @click.option("--poison-options", default="{}", help='JSON, e.g. {"em": {"settings": {"max_rounds": 20}}}.')
 @click.option("--max-seconds", type=float, default=None,
               help="Stop cleanly before this many seconds (exit 75 if cells remain); rerun to continue.")
-def grid(poisons, defenses, work_dir, results, data_dir, limit_per_class, recipe, epochs, width, seed, device,
-         denoiser, purify_batch_size, purify_args, poison_options, max_seconds):
+def grid(protocol, poisons, defenses, extra_cells, extra_seeds, seed_cells, work_dir, results, data_dir,
+         limit_per_class, recipe, epochs, width, seed, device, denoiser, purify_batch_size, purify_args,
+         poison_options, max_seconds):
     """Fill the poisons x defenses grid (resumable) and write JSON + markdown + plot."""
     from .grid import GridConfig, run_grid
 
@@ -157,12 +168,16 @@ def grid(poisons, defenses, work_dir, results, data_dir, limit_per_class, recipe
         options = json.loads(poison_options)
     except json.JSONDecodeError as exc:
         raise ToolError(f"--poison-options is not JSON: {exc}") from exc
-    cfg = GridConfig(poisons=[p.strip() for p in poisons.split(",") if p.strip()],
-                     defenses=[d.strip() for d in defenses.split(",") if d.strip()], work_dir=work_dir,
-                     results=results, data_dir=data_dir, limit_per_class=limit_per_class, recipe=recipe,
-                     epochs=epochs, width=width, seed=seed, device=device, denoiser=denoiser,
-                     purify_batch_size=purify_batch_size, purify_args=purify_args, poison_options=options,
-                     max_seconds=max_seconds)
+
+    def listed(text, kind=str):
+        return None if text is None else [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+    cfg = GridConfig.from_protocol(
+        protocol, poisons=listed(poisons), defenses=listed(defenses), extra_cells=listed(extra_cells),
+        extra_seeds=listed(extra_seeds, int), seed_cells=listed(seed_cells), work_dir=work_dir, results=results,
+        data_dir=data_dir, limit_per_class=limit_per_class, recipe=recipe, epochs=epochs, width=width, seed=seed,
+        device=device, denoiser=denoiser, purify_batch_size=purify_batch_size,
+        purify_args=tuple(purify_args) or None, poison_options=options, max_seconds=max_seconds)
     out = run_grid(cfg, log=_echo)
     click.echo(str(cfg.results_path()))
     if not out["complete"]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from eclipse_stream.fsutil import file_sha256
 
-from .common import DEFAULT_WORK, ToolError, provenance, read_json, write_json
+from .common import DEFAULT_WORK, PROJECT_ROOT, ToolError, provenance, read_json, write_json
 from .defenses import PurifyTimeout, get_defense, purify
 from .paper import PAPER_POISONS, TABLE1_AVG, paper_value
 from .poisons import POISONS
@@ -25,6 +25,41 @@ from .prepare import prepare
 from .victim import VictimConfig, train_victim
 
 SAFETY_SECONDS = 20  # left for writing results after the last epoch of a call
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named, documented evaluation setting (docs/evaluation.md): the defaults of a grid run."""
+
+    name: str
+    work_dir: Path
+    limit_per_class: int | None      # training images per class (None: all 5,000)
+    test_limit_per_class: int | None  # test images per class (None: all 1,000)
+    recipe: str
+    device: str
+    poisons: tuple[str, ...]
+    defenses: tuple[str, ...]
+    purify_args: tuple[str, ...] = ()
+    purify_batch_size: int | None = None
+    extra_seeds: tuple[int, ...] = ()   # more victim seeds for ``seed_cells``: the noise of a figure
+    seed_cells: tuple[str, ...] = ()
+    extra_cells: tuple[str, ...] = ()   # "poison/defense" cells beyond the poisons x defenses product
+    paper_comparable: bool = True       # whether the paper's numbers go beside ours as a reference
+
+
+PROTOCOLS = {
+    # The paper's setting (full CIFAR-10, ResNet18): needs a GPU.
+    "gpu": Protocol("gpu", DEFAULT_WORK, None, None, "fast", "auto",
+                    poisons=("clean", "urp", "lsp", "ar", "ops", "em", "tap"),
+                    defenses=("none", "iss-gray", "iss-jpeg10", "corruption", "eclipse")),
+    # What a 2-core CPU can run in about two hours (docs/evaluation.md, "CPU protocol").
+    "cpu": Protocol("cpu", PROJECT_ROOT / "runs" / "eval-cpu", 1000, None, "cpu", "cpu",
+                    poisons=("clean", "urp", "lsp", "ar", "ops"),
+                    defenses=("none", "iss-gray", "iss-jpeg10", "corruption", "eclipse-steps1", "eclipse-steps10"),
+                    purify_args=("--precision", "bf16"), purify_batch_size=256,
+                    extra_seeds=(1, 2), seed_cells=("clean/none", "clean/eclipse-steps1"),
+                    paper_comparable=False),
+}
 
 
 @dataclass
@@ -39,7 +74,7 @@ class GridConfig:
     limit_per_class: int | None = None
     recipe: str = "fast"
     epochs: int | None = None
-    width: float = 1.0
+    width: float | None = None
     seed: int = 0
     device: str = "auto"
     denoiser: Path | None = None
@@ -47,29 +82,72 @@ class GridConfig:
     purify_args: tuple[str, ...] = ()
     poison_options: dict = field(default_factory=dict)
     max_seconds: float | None = None
+    protocol: str = "gpu"
+    test_limit_per_class: int | None | str = "same"
+    extra_seeds: tuple[int, ...] = ()
+    seed_cells: tuple[str, ...] = ()
+    extra_cells: tuple[str, ...] = ()
+
+    @classmethod
+    def from_protocol(cls, name: str, **overrides) -> GridConfig:
+        """The protocol's defaults, with every override that is not None on top."""
+        if name not in PROTOCOLS:
+            raise ToolError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+        p = PROTOCOLS[name]
+        base = {"poisons": list(p.poisons), "defenses": list(p.defenses), "work_dir": p.work_dir,
+                "limit_per_class": p.limit_per_class, "test_limit_per_class": p.test_limit_per_class,
+                "recipe": p.recipe, "device": p.device, "purify_args": p.purify_args,
+                "purify_batch_size": p.purify_batch_size, "extra_seeds": p.extra_seeds, "seed_cells": p.seed_cells,
+                "extra_cells": p.extra_cells, "protocol": name}
+        if name == "cpu":  # the CPU protocol measures what a user gets by default: the shipped denoiser
+            from eclipse_stream.defaults import default_denoiser_path
+            base["denoiser"] = default_denoiser_path()
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
 
     def results_path(self) -> Path:
-        return Path(self.results) if self.results else Path(self.work_dir) / f"results-{self.recipe}.json"
+        if self.results:
+            return Path(self.results)
+        name = f"results-{self.recipe}" if self.protocol == "gpu" else f"results-{self.protocol}"
+        return Path(self.work_dir) / f"{name}.json"
+
+    def cells(self) -> list[tuple[str, str, int]]:
+        """(poison, defense, seed) of every cell, poison-major so each poisoned set is made once."""
+        pairs = [(p, d) for p in self.poisons for d in self.defenses]
+        pairs += [tuple(c.split("/", 1)) for c in self.extra_cells if tuple(c.split("/", 1)) not in pairs]
+        cells = [(p, d, self.seed) for p, d in pairs]
+        cells += [(p, d, s) for p, d in pairs if cell_key(p, d) in self.seed_cells
+                  for s in self.extra_seeds if s != self.seed]
+        return cells
 
     def settings(self) -> dict:
         """What must agree between calls that fill the same results file."""
-        return {"recipe": self.recipe, "epochs": self.epochs, "width": self.width, "seed": self.seed,
-                "limit_per_class": self.limit_per_class, "poison_options": self.poison_options,
+        return {"protocol": self.protocol, "recipe": self.recipe, "epochs": self.epochs, "width": self.width,
+                "seed": self.seed, "limit_per_class": self.limit_per_class,
+                "test_limit_per_class": self.test_limit(), "poison_options": self.poison_options,
                 "denoiser_sha256": file_sha256(self.denoiser) if self.denoiser and Path(self.denoiser).is_file()
                 else None,
-                "purify_args": list(self.purify_args)}
+                "purify_args": list(self.purify_args), "purify_batch_size": self.purify_batch_size}
+
+    def test_limit(self) -> int | None:
+        return self.limit_per_class if self.test_limit_per_class == "same" else self.test_limit_per_class
 
 
-def cell_key(poison: str, defense: str) -> str:
-    return f"{poison}/{defense}"
+def cell_key(poison: str, defense: str, seed: int | None = None, base_seed: int | None = None) -> str:
+    """``poison/defense`` for the grid's own seed; ``poison/defense@seedN`` for a repeat with another seed."""
+    key = f"{poison}/{defense}"
+    return key if seed is None or seed == base_seed else f"{key}@seed{seed}"
 
 
 def _validate(cfg: GridConfig) -> None:
     """Fail before any work on a name typo or a missing denoiser, not hours into the grid."""
-    for p in cfg.poisons:
+    for c in cfg.extra_cells:
+        if "/" not in c:
+            raise ToolError(f"extra cell {c!r} is not POISON/DEFENSE")
+    for p in {p for p, _, _ in cfg.cells()}:
         if p != "clean" and p not in POISONS:
             raise ToolError(f"unknown poison {p!r}; choose clean or one of {', '.join(POISONS)}")
-    defenses = [get_defense(d) for d in cfg.defenses]
+    defenses = [get_defense(d) for d in {d for _, d, _ in cfg.cells()}]
     if any(d.purify for d in defenses) and (cfg.denoiser is None or not Path(cfg.denoiser).is_file()):
         raise ToolError(f"ECLIPSE cells need --denoiser CKPT (an `eclipse-stream train` checkpoint); "
                         f"got {cfg.denoiser}")
@@ -100,8 +178,11 @@ class Clock:
         return left is not None and left <= SAFETY_SECONDS
 
 
-def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, log) -> tuple[Path, dict | None]:
-    """The shard folder the victim trains on for a cell, producing poisons and purifications as needed."""
+def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, log) -> tuple[Path, dict | None, float]:
+    """The shard folder the victim trains on for a cell, producing poisons and purifications as needed.
+
+    Also returns the seconds this call spent in ``eclipse-stream purify`` (0 when the set was done before).
+    """
     work = Path(cfg.work_dir)
     clean = work / "clean" / "train"
     source, norms = clean, None
@@ -116,32 +197,34 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
         norms = read_json(source / NORMS)
     defense = get_defense(defense_name)
     if not defense.purify:
-        return source, norms
+        return source, norms, 0.0
     tag = poison if defense.purify_steps is None else f"{poison}-steps{defense.purify_steps}"
     left = clock.left()
+    t0 = time.time()
     out = purify(source, work / "purified" / tag, cfg.denoiser, steps=defense.purify_steps,
                  device=None if cfg.device == "auto" else cfg.device, batch_size=cfg.purify_batch_size,
                  timeout=None if left is None else max(1.0, left - SAFETY_SECONDS),
                  extra_args=tuple(cfg.purify_args))
-    return out, norms
+    return out, norms, time.time() - t0
 
 
-def run_cell(cfg: GridConfig, poison: str, defense: str, clock: Clock, log) -> dict | None:
+def run_cell(cfg: GridConfig, poison: str, defense: str, seed: int, clock: Clock, log) -> dict | None:
     """Train and evaluate one cell; None when the time budget stopped it (rerun to continue)."""
     t0 = time.time()
-    train, norms = training_set(cfg, poison, defense, clock, log)
+    train, norms, purify_seconds = training_set(cfg, poison, defense, clock, log)
     left = clock.left()
-    ckpt = Path(cfg.work_dir) / "checkpoints" / cfg.recipe / f"{poison}__{defense}.pt"
+    name = cell_key(poison, defense, seed, cfg.seed).replace("/", "__")
+    ckpt = Path(cfg.work_dir) / "checkpoints" / cfg.recipe / f"{name}.pt"
     result = train_victim(VictimConfig(
         train=str(train), test=str(Path(cfg.work_dir) / "clean" / "test"), recipe=cfg.recipe, defense=defense,
-        epochs=cfg.epochs, width=cfg.width, device=cfg.device, seed=cfg.seed, checkpoint=str(ckpt), resume=True,
+        epochs=cfg.epochs, width=cfg.width, device=cfg.device, seed=seed, checkpoint=str(ckpt), resume=True,
         max_seconds=None if left is None else max(1.0, left - SAFETY_SECONDS)), log=log)
     if not result["complete"]:
         return None
     result.pop("history", None)
-    return {"poison": poison, "defense": defense, "accuracy": result["test_accuracy"],
+    return {"poison": poison, "defense": defense, "seed": seed, "accuracy": result["test_accuracy"],
             "paper": paper_value(poison, defense), "poison_norms": norms, "cell_seconds": round(time.time() - t0, 2),
-            **result}
+            "purify_seconds": round(purify_seconds, 2), **result}
 
 
 def run_grid(cfg: GridConfig, log=print) -> dict:
@@ -150,52 +233,85 @@ def run_grid(cfg: GridConfig, log=print) -> dict:
     clock = Clock(cfg.max_seconds)
     path = cfg.results_path()
     results = load_results(path, cfg.settings())
-    prepare(cfg.data_dir, Path(cfg.work_dir) / "clean", limit_per_class=cfg.limit_per_class, beton=False)
-    pending = [(p, d) for p in cfg.poisons for d in cfg.defenses if cell_key(p, d) not in results["cells"]]
+    prepare(cfg.data_dir, Path(cfg.work_dir) / "clean", limit_per_class=cfg.limit_per_class, beton=False,
+            test_limit_per_class=cfg.test_limit_per_class)
+    wanted = [(p, d, s, cell_key(p, d, s, cfg.seed)) for p, d, s in cfg.cells()]
     results["complete"] = False
-    for poison, defense in pending:
+    for poison, defense, seed, key in wanted:
+        if key in results["cells"]:
+            continue
         if clock.spent():
             break
-        log(f"== cell {poison} x {defense}")
+        log(f"== cell {key}")
         try:
-            record = run_cell(cfg, poison, defense, clock, log)
+            record = run_cell(cfg, poison, defense, seed, clock, log)
         except (PoisonIncomplete, PurifyTimeout) as exc:
             log(str(exc))
             break
         if record is None:
             break
-        results["cells"][cell_key(poison, defense)] = record
+        results["cells"][key] = record
         results["updated_by"] = provenance(record["settings"]["device"])
         write_json(path, results)
         write_reports(results, path)
-    results["complete"] = all(cell_key(p, d) in results["cells"] for p in cfg.poisons for d in cfg.defenses)
+    missing = sum(key not in results["cells"] for *_, key in wanted)
+    results["complete"] = missing == 0
     write_json(path, results)
     write_reports(results, path)
-    missing = len(cfg.poisons) * len(cfg.defenses) - sum(
-        cell_key(p, d) in results["cells"] for p in cfg.poisons for d in cfg.defenses)
     log(f"{path}: {missing} cell(s) left" + ("; rerun the same command to continue" if missing else ""))
     return results
 
 
 # ---- reports ---------------------------------------------------------------------------------------
 
+POISONED_DROP = 20.0   # an undefended poison "poisons the victim" if it costs at least this many points
+TARGET_FRACTION = 0.9  # targets: >= 90% of clean accuracy on every poison, never below ISS-JPEG10,
+CLEAN_TOLERANCE = 3.0  # and clean accuracy within 3 points of undefended
+
+
+def _paper(results: dict) -> bool:
+    return PROTOCOLS.get(results.get("settings", {}).get("protocol", "gpu"), PROTOCOLS["gpu"]).paper_comparable
+
+
 def _columns(results: dict) -> tuple[list[str], list[str]]:
-    """Poison columns in the paper's order (then ours, then clean) and defense rows, for all cells present."""
+    """Poison columns (the paper's order, then ours, then clean) and defense rows, for all cells present."""
     cells = results["cells"].values()
     poisons = {c["poison"] for c in cells}
     order = list(PAPER_POISONS) + [p for p in POISONS if p not in PAPER_POISONS]
-    cols = [p for p in order if p in poisons or p in PAPER_POISONS] + ["clean"]
-    rows = list(dict.fromkeys(["none", "iss-gray", "iss-jpeg10", "corruption", "eclipse",
-                               *[c["defense"] for c in cells]]))
+    shown = PAPER_POISONS if _paper(results) else ()
+    cols = [p for p in order if p in poisons or p in shown] + ["clean"]
+    base = ["none", "iss-gray", "iss-jpeg10", "corruption", "eclipse"] if _paper(results) else []
+    rows = list(dict.fromkeys([*base, *[c["defense"] for c in cells]]))
     return cols, rows
+
+
+def accuracies(results: dict, poison: str, defense: str) -> list[float]:
+    """Every seed's accuracy for one poison x defense (the grid's seed first)."""
+    cells = results["cells"]
+    return [c["accuracy"] for k, c in cells.items() if k.split("@")[0] == cell_key(poison, defense)]
+
+
+def mean_accuracy(results: dict, poison: str, defense: str) -> float | None:
+    accs = accuracies(results, poison, defense)
+    return sum(accs) / len(accs) if accs else None
 
 
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _fmt_cell(accs: list[float]) -> str:
+    if len(accs) < 2:
+        return _fmt(accs[0] if accs else None)
+    mean = sum(accs) / len(accs)
+    sd = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+    return f"{mean:.2f} ± {sd:.2f} (n={len(accs)})"
+
+
 def markdown_table(results: dict) -> str:
-    """Table 1 + Table 3 side by side: each cell is ``ours (paper)``; — where not measured / not reported."""
+    """The grid as a table (GPU protocol: ``ours (paper)``), then calibration and target checks."""
+    if not _paper(results):
+        return _cpu_table(results) + checks_markdown(results)
     cols, rows = _columns(results)
     cells = results["cells"]
     head = "| defense | " + " | ".join(c.upper() if c != "clean" else "clean (Table 3)" for c in cols)
@@ -214,11 +330,107 @@ def markdown_table(results: dict) -> str:
             f"seed {settings.get('seed')}, limit per class {settings.get('limit_per_class')}. "
             f"Measured on: {', '.join(devices) or 'nothing yet'}; commits: {', '.join(commits) or '—'}. "
             "Paper averages include its adaptive attack column.\n")
+    return "\n".join(lines) + "\n" + note + (checks_markdown(results) if cells else "")
+
+
+def _cpu_table(results: dict) -> str:
+    cols, rows = _columns(results)
+    cells = results["cells"].values()
+    settings = results.get("settings", {})
+    lines = ["| defense | " + " | ".join(c.upper() if c != "clean" else "clean" for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for d in rows:
+        lines.append(f"| {d} | " + " | ".join(_fmt_cell(accuracies(results, p, d)) for p in cols) + " |")
+    recipe = next((c["settings"]["recipe"] for c in cells), {})
+    any_cell = next(iter(cells), {})
+    s = any_cell.get("settings", {})
+    devices = sorted({c.get("device", "?") for c in cells})
+    commits = sorted({c.get("git_commit", "?") for c in cells})
+    secs = [c["cell_seconds"] for c in cells]
+    note = (f"\nCIFAR-10 test accuracy (%) of a {recipe.get('arch', '?')} victim (width {s.get('width')}, "
+            f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}) trained on "
+            f"{s.get('train_images', '?')} training images ({settings.get('limit_per_class')} per class), tested on "
+            f"{s.get('test_images', '?')} clean test images; seed {settings.get('seed')}; `± sd (n)` where a cell was "
+            f"repeated with other seeds. Purify: shipped default denoiser unless stated, "
+            f"`{' '.join(settings.get('purify_args', []))}` batch {settings.get('purify_batch_size')}; "
+            f"denoiser sha256 {str(settings.get('denoiser_sha256'))[:12]}. **CPU protocol: not comparable in "
+            "absolute terms with the paper's ResNet18 / full-data numbers.** "
+            f"Measured on: {', '.join(devices) or 'nothing yet'}; commits: {', '.join(commits) or '—'}; "
+            f"{len(secs)} cells, {sum(secs) / 60:.1f} min in all (mean {sum(secs) / max(1, len(secs)):.0f} s a cell, "
+            "purification included in the first cell that needed it).\n")
     return "\n".join(lines) + "\n" + note
 
 
+def checks(results: dict) -> dict:
+    """Calibration and targets, computed from the cells present (None where a needed cell is missing)."""
+    cols, rows = _columns(results)
+    poisons = [p for p in cols if p != "clean" and accuracies(results, p, "none")]
+    clean = mean_accuracy(results, "clean", "none")
+    out = {"clean_accuracy": clean, "poisons": {}, "defenses": {}}
+    for p in poisons:
+        undefended = mean_accuracy(results, p, "none")
+        norms = next((c["poison_norms"] for c in results["cells"].values() if c["poison"] == p), None)
+        out["poisons"][p] = {"undefended": undefended, "norms": norms,
+                             "poisons_victim": None if clean is None else clean - undefended >= POISONED_DROP}
+    for d in rows:
+        if d == "none" or clean is None:
+            continue
+        per = {}
+        for p in poisons:
+            acc, jpeg = mean_accuracy(results, p, d), mean_accuracy(results, p, "iss-jpeg10")
+            per[p] = {"accuracy": acc,
+                      "fraction_of_clean": None if acc is None else acc / clean,
+                      "at_least_90pct": None if acc is None else acc >= TARGET_FRACTION * clean,
+                      "not_below_jpeg10": None if acc is None or jpeg is None else acc >= jpeg}
+        on_clean = mean_accuracy(results, "clean", d)
+        clean_ok = None if on_clean is None else clean - on_clean <= CLEAN_TOLERANCE
+        verdicts = [v for r in per.values() for v in (r["at_least_90pct"], r["not_below_jpeg10"])] + [clean_ok]
+        out["defenses"][d] = {"poisons": per, "clean_accuracy": on_clean, "clean_within_3": clean_ok,
+                              "all_targets_met": None if None in verdicts or not per else all(verdicts)}
+    return out
+
+
+def _yes(v) -> str:
+    return "not measured" if v is None else ("met" if v else "**not met**")
+
+
+def checks_markdown(results: dict) -> str:
+    c = checks(results)
+    if c["clean_accuracy"] is None:
+        return ""
+    lines = [f"\n### Calibration\n\nClean accuracy, undefended: {c['clean_accuracy']:.2f}%.\n",
+             "| poison | undefended | drop | poisons this victim? | measured norms |", "|---|---|---|---|---|"]
+    for p, r in c["poisons"].items():
+        n = r["norms"] or {}
+        norms = (f"L-inf {n.get('linf_max_255')}/255, L2 mean {n.get('l2_mean', 0):.3f} max {n.get('l2_max', 0):.3f}"
+                 if n else "—")
+        verdict = "yes" if r["poisons_victim"] else f"**no** (drop < {POISONED_DROP:.0f} points)"
+        lines.append(f"| {p.upper()} | {r['undefended']:.2f} | {c['clean_accuracy'] - r['undefended']:.2f} | "
+                     f"{verdict} | {norms} |")
+    lines += [f"\n### Targets\n\nEvery poison at least {TARGET_FRACTION:.0%} of the undefended clean accuracy "
+              f"and not below ISS-JPEG10; clean accuracy within {CLEAN_TOLERANCE:.0f} points of undefended.\n",
+              "| defense | " + " | ".join(p.upper() for p in c["poisons"]) + " | clean | all targets |",
+              "|---" * (len(c["poisons"]) + 3) + "|"]
+    for d, r in c["defenses"].items():
+        vals = []
+        for p in c["poisons"]:
+            x = r["poisons"][p]
+            if x["accuracy"] is None:
+                vals.append("—")
+                continue
+            marks = ("" if x["at_least_90pct"] else " <90%") + ("" if x["not_below_jpeg10"] in (True, None)
+                                                                 else " <JPEG")
+            vals.append(f"{100 * x['fraction_of_clean']:.0f}%{marks}")
+        clean = "—" if r["clean_accuracy"] is None else (
+            f"{r['clean_accuracy'] - c['clean_accuracy']:+.2f}" + ("" if r["clean_within_3"] else " (>3)"))
+        lines.append(f"| {d} | " + " | ".join(vals) + f" | {clean} | {_yes(r['all_targets_met'])} |")
+    lines.append("\nPoison cells: accuracy as a fraction of the undefended clean accuracy; `<90%` misses the 90% "
+                 "target, `<JPEG` is below ISS-JPEG10 on that poison. Clean: points against undefended.\n")
+    return "\n".join(lines)
+
+
 def bar_plot(results: dict, path: Path) -> None:
-    """Grouped bars of our accuracies per poison and defense, with the paper's values as black ticks."""
+    """Grouped bars of our accuracies per poison and defense (GPU protocol: the paper's values as ticks)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,26 +438,38 @@ def bar_plot(results: dict, path: Path) -> None:
     from matplotlib.patches import Patch
 
     cols, rows = _columns(results)
-    cells = results["cells"]
+    paper = _paper(results)
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(cols)), 4.2))
     width = 0.8 / max(1, len(rows))
     colors = plt.get_cmap("tab10").colors
     for i, d in enumerate(rows):
         color = colors[i % len(colors)]
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
-        ours = [(x, cells.get(cell_key(p, d), {}).get("accuracy")) for x, p in zip(xs, cols)]
-        ours = [(x, v) for x, v in ours if v is not None]
-        ax.bar([x for x, _ in ours], [v for _, v in ours], width=width, color=color)
-        paper = [(x, paper_value(p, d)) for x, p in zip(xs, cols) if paper_value(p, d) is not None]
-        if paper:
-            ax.scatter(*zip(*paper), marker="_", s=140, linewidths=2.5, color=color, zorder=3)
+        ours = [(x, accuracies(results, p, d)) for x, p in zip(xs, cols)]
+        ours = [(x, a) for x, a in ours if a]
+        ax.bar([x for x, _ in ours], [sum(a) / len(a) for _, a in ours], width=width, color=color)
+        for x, a in ours:
+            if len(a) > 1:
+                ax.plot([x, x], [min(a), max(a)], color="black", linewidth=1)
+        ticks = [(x, paper_value(p, d)) for x, p in zip(xs, cols) if paper and paper_value(p, d) is not None]
+        if ticks:
+            ax.scatter(*zip(*ticks), marker="_", s=140, linewidths=2.5, color=color, zorder=3)
+    clean = mean_accuracy(results, "clean", "none")
+    if clean is not None and not paper:
+        ax.axhline(TARGET_FRACTION * clean, color="gray", linestyle="--", linewidth=1)
+        ax.text(len(cols) - 0.5, TARGET_FRACTION * clean + 1, "90% of clean", fontsize=7, ha="right", color="gray")
     ax.set_xticks(range(len(cols)), [c.upper() if c != "clean" else "clean" for c in cols])
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     handles = [Patch(color=colors[i % len(colors)], label=d) for i, d in enumerate(rows)]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="defense",
               title_fontsize=7)
-    ax.set_title("CIFAR-10 ResNet18 test accuracy: ours (bars) vs paper (ticks, same colour)", fontsize=9)
+    if paper:
+        ax.set_title("CIFAR-10 ResNet18 test accuracy: ours (bars) vs paper (ticks, same colour)", fontsize=9)
+    else:
+        s = results.get("settings", {})
+        ax.set_title(f"CPU protocol ({s.get('limit_per_class')} train images/class, small victim): CIFAR-10 test "
+                     "accuracy; not comparable with the paper's absolute numbers", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -257,4 +481,3 @@ def write_reports(results: dict, results_path: Path) -> tuple[Path, Path]:
     md.write_text(markdown_table(results))
     bar_plot(results, png)
     return md, png
-

@@ -58,3 +58,51 @@ class ResNet18(nn.Module):
 
 def resnet18(num_classes: int = 10, width: float = 1.0) -> ResNet18:
     return ResNet18(num_classes, width)
+
+
+def _conv_bn(cin: int, cout: int, pool: bool = False) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    """The small ResNet of the fast-CIFAR line (Page's DAWNBench entry): prep conv, three pooled stages
+    (the first and last with a residual pair), global max-pool, linear head; widths 64, 128, 256, 512
+    times ``width``. The CPU protocol's victim: far fewer layers than ResNet18 at the same accuracy per
+    FLOP, so a 10,000-image training set fits in about a minute on two cores."""
+
+    def __init__(self, num_classes: int = 10, width: float = 1.0):
+        super().__init__()
+        c = [max(4, int(round(ch * width))) for ch in (64, 128, 256, 512)]
+        self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1), persistent=False)
+        self.features = nn.Sequential(
+            _conv_bn(3, c[0]),
+            _conv_bn(c[0], c[1], pool=True), _Residual(c[1]),
+            _conv_bn(c[1], c[2], pool=True),
+            _conv_bn(c[2], c[3], pool=True), _Residual(c[3]),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c[3], num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features((x - self.mean) / self.std))
+
+
+ARCHS = {"resnet18": ResNet18, "resnet9": ResNet9}
+
+
+def build_model(arch: str, num_classes: int = 10, width: float = 1.0) -> nn.Module:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown victim architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return ARCHS[arch](num_classes, width)

@@ -82,11 +82,19 @@ def _check_reusable(out_dir: Path, settings: dict) -> None:
 
 
 def prepare(data_dir, out_dir: Path, limit_per_class: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-            sparse_per_class: int = SPARSE_PER_CLASS, beton: bool = True, force: bool = False) -> dict:
-    """Write ``train/``, ``test/``, ``sparse/`` shard folders and ``train.beton``; skip finished parts."""
+            sparse_per_class: int = SPARSE_PER_CLASS, beton: bool = True, force: bool = False,
+            test_limit_per_class: int | None | str = "same") -> dict:
+    """Write ``train/``, ``test/``, ``sparse/`` shard folders and ``train.beton``; skip finished parts.
+
+    ``limit_per_class`` keeps the first N images per class of the training split; the test split
+    gets ``test_limit_per_class`` ("same": the training limit; None: all 1,000 per class).
+    """
     data_dir = resolve_data_dir(data_dir)
     out_dir = Path(out_dir)
+    test_limit = limit_per_class if test_limit_per_class == "same" else test_limit_per_class
     settings = {"limit_per_class": limit_per_class, "shard_size": shard_size}
+    if test_limit != limit_per_class:
+        settings["test_limit_per_class"] = test_limit
     if not force:
         _check_reusable(out_dir, settings)
     done = {}
@@ -103,7 +111,7 @@ def prepare(data_dir, out_dir: Path, limit_per_class: int | None = None, shard_s
                                      labels[idx], shard_size,
                                      {**settings, "seed": SPARSE_SEED, "per_class": sparse_per_class})
     if force or not is_complete(out_dir / "test"):
-        done["test"] = write_split(out_dir / "test", "test", *load_tar_split(data_dir, "test", limit_per_class),
+        done["test"] = write_split(out_dir / "test", "test", *load_tar_split(data_dir, "test", test_limit),
                                    shard_size, settings)
     if beton and train is not None and (force or not (out_dir / "train.beton").is_file()):
         write_beton(out_dir / "train.beton", train[1], train[2])
