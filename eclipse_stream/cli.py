@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import signal
 import sys
 
 import click
 
 from . import __version__
-from .errors import EclipseError
+from .errors import EclipseError, Interrupted
 
 
 def _friendly_errors(fn):
@@ -26,8 +28,29 @@ def _friendly_errors(fn):
         except ValueError as e:  # config validation
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except (Interrupted, KeyboardInterrupt) as e:
+            what = e if isinstance(e, Interrupted) else "interrupted by SIGINT"
+            click.echo(f"error: {what}; finished shards are kept, rerun the same command to resume", err=True)
+            sys.exit(getattr(e, "exit_code", 128 + signal.SIGINT))
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler, ``kill``, torchrun) raises :class:`Interrupted` in the main thread, so the run
+    unwinds like on Ctrl-C: reader workers stopped, partial files removed, exit status 143."""
+
+    def handler(signum, frame):
+        # the workers' SIGCHLD alarm must not replace this exception while the run unwinds
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -149,7 +172,8 @@ def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_
         kwargs.pop("workers")
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels, **kwargs)
-    result = purify_shards(list(inputs), out, _resolve_denoiser(denoiser), cfg, progress=not quiet)
+    with _stop_on_sigterm():
+        result = purify_shards(list(inputs), out, _resolve_denoiser(denoiser), cfg, progress=not quiet)
     summary = {
         "processed": len(result.processed), "already_done": len(result.skipped),
         "written": sum(s["written"] for s in result.processed),

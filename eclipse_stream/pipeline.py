@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import tarfile
 import threading
 import time
@@ -724,6 +726,17 @@ def _writing(path, what: str = "write"):
         raise OutputError(f"{path}: cannot {what}: {e.strerror or e}") from e
 
 
+def _reader_worker_init(_worker_id: int, parent: int) -> None:
+    """In each reader worker: die with the main process, whatever kills it; SIGTERM just ends the worker
+    (the main process, which gets it too, cleans up)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the inherited handler of the CLI's main process
+    with contextlib.suppress(Exception):  # Linux only: PR_SET_PDEATHSIG = 1
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the main process died before prctl took effect
+        os._exit(1)
+
+
 def _as_is(event: dict) -> dict:
     """DataLoader collate that leaves events alone (the default turns numpy fields into tensors)."""
     return event
@@ -738,7 +751,7 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
     device = purifier.device
     model_size = purifier.model.config.image_size
     loader = DataLoader(_ShardEvents(tasks, cfg, model_size), batch_size=None, collate_fn=_as_is,
-                        num_workers=cfg.workers,
+                        num_workers=cfg.workers, worker_init_fn=functools.partial(_reader_worker_init, parent=os.getpid()) if cfg.workers else None,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
                         persistent_workers=False)
     by_index = {t.index: t for t in tasks}
@@ -787,8 +800,9 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
         finally:
             slots.release()
 
+    events = iter(loader)
     try:
-        for ev in loader:
+        for ev in events:
             if errors:
                 raise errors[0]
             kind, shard = ev["type"], ev["shard"]
@@ -833,6 +847,11 @@ def _run(tasks, out_dir, purifier, cfg, fingerprint, rank, progress, total_shard
         raise
     finally:
         bar.close()
+        # Stop the reader workers now, also on an error or SIGTERM/SIGINT: left to garbage collection they can
+        # outlive this process, blocked on a queue nobody reads.
+        shutdown = getattr(events, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
     for w in writers.values():
         if not w.closed:
             raise EclipseError(f"{w.task.path}: shard did not complete ({w.next_index} of {w.expected} samples)")

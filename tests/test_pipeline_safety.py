@@ -469,3 +469,39 @@ def test_an_input_changed_since_its_output_was_made_is_redone(cifar64, tiny_ckpt
     assert (out / "a.tar").read_bytes() == (tmp_path / "fresh" / "a.tar").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shards"][0]["output_sha256"] == again.processed[0]["output_sha256"]
+
+
+# --- 11. SIGTERM / SIGINT: workers stopped, nothing partial, conventional exit status -----------------------
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids |= {int(c) for c in (task / "children").read_text().split()}
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("signum,status", [(15, 143), (2, 130)])
+def test_a_signal_to_the_main_process_stops_the_workers_and_leaves_nothing_partial(cifar64, tiny_ckpt, tmp_path,
+                                                                                   signum, status):
+    src, out = _many(cifar64, tmp_path / "in"), tmp_path / "out"
+    args = ["purify", src, out, "-d", tiny_ckpt, "--steps", "12", "--batch-size", "2", "--workers", "2", "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "eclipse_stream.cli", *map(str, args)], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: len(_children(proc.pid)) >= 2 and list(out.glob(".*.partial-*")))
+    workers = _children(proc.pid)
+    proc.send_signal(signum)  # the main process only, as `kill PID` does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == status and "Traceback" not in err, err
+    assert "interrupted by SIG" in err and "rerun" in err
+    assert _wait_for(lambda: not any(_alive(p) for p in workers), timeout=10), "reader workers outlived purify"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    for p in out.glob("*.tar"):  # whatever is under a final name is complete and recorded
+        assert (out / (p.name + ".stats.json")).is_file()
+    assert cli(*args).returncode == 0 and len(list(out.glob("*.stats.json"))) == 6
