@@ -115,6 +115,9 @@ def _purifier_options(fn):
         click.option("--seed", type=int, default=0),
         click.option("--gray-p", type=float, default=0.4, help="Corruption: grayscale probability p."),
         click.option("--noise-sigma", type=float, default=0.05, help="Corruption: noise std in [0,1] units."),
+        click.option("--prefilter", type=click.Choice(["none", "impulse"]), default="none",
+                     help="Before the noise: none (the paper), or impulse (replace isolated extreme pixels, "
+                          "e.g. one-pixel shortcuts, by their neighbours' median)."),
         _device_option,
     ]
     for opt in reversed(opts):
@@ -154,7 +157,7 @@ def _resolve_denoiser(path):
 @click.option("--overwrite", is_flag=True, help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly_errors
-def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_sigma, corruption,
+def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_sigma, prefilter, corruption,
            max_pixels, quiet, **kwargs):
     """Purify shards: INPUTS... (folders of .tar/.beton, brace patterns or files) into folder OUT.
 
@@ -167,7 +170,7 @@ def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_
     from .purifier import PurifierConfig
 
     pcfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, corruption=corruption,
-                          gray_p=gray_p, noise_sigma=noise_sigma)
+                          gray_p=gray_p, noise_sigma=noise_sigma, prefilter=prefilter)
     if kwargs["workers"] is None:
         kwargs.pop("workers")
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
@@ -195,13 +198,14 @@ def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_
 @click.option("--image-key", default=None, help="Field to show; default first of jpg/jpeg/png/webp/...")
 @_purifier_options
 @_friendly_errors
-def preview(shard, output, num, image_key, denoiser, t_star, steps, precision, seed, gray_p, noise_sigma,
+def preview(shard, output, num, image_key, denoiser, t_star, steps, precision, seed, gray_p, noise_sigma, prefilter,
             device):
     """Write a grid of a few samples of SHARD: input / noised at t* / purified / corrupted."""
     from .preview import preview as run_preview
     from .purifier import PurifierConfig
 
-    cfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, gray_p=gray_p, noise_sigma=noise_sigma)
+    cfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, gray_p=gray_p, noise_sigma=noise_sigma,
+                         prefilter=prefilter)
     path = run_preview(shard, _resolve_denoiser(denoiser), output, n=num, config=cfg, seed=seed,
                        image_key=image_key, device=device)
     click.echo(str(path))

@@ -24,6 +24,7 @@ from torch import nn
 from .checkpoint import Denoiser
 from .corruption import DEFAULT_GRAY_P, DEFAULT_SIGMA, corrupt
 from .diffusion import purification_timesteps
+from .prefilter import DEFAULT_IMPULSE_THRESHOLD, PREFILTERS, impulse_filter
 
 __all__ = ["PRECISIONS", "Purifier", "PurifierConfig"]
 
@@ -40,8 +41,14 @@ class PurifierConfig:
     corruption: str = "none"  # "none" or "baked"
     gray_p: float = DEFAULT_GRAY_P
     noise_sigma: float = DEFAULT_SIGMA
+    prefilter: str = "none"  # "none" (the paper) or "impulse" (prefilter.py, before the noise)
+    impulse_threshold: float = DEFAULT_IMPULSE_THRESHOLD
 
     def __post_init__(self) -> None:
+        if self.prefilter not in PREFILTERS:
+            raise ValueError(f"prefilter must be one of {', '.join(PREFILTERS)}, got {self.prefilter!r}")
+        if not 0.0 < self.impulse_threshold < 1.0:
+            raise ValueError(f"impulse threshold must be in (0, 1), got {self.impulse_threshold}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.corruption not in ("none", "baked"):
@@ -87,7 +94,9 @@ class Purifier(nn.Module):
 
     @torch.no_grad()
     def noise_to_tstar(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x in [-1, 1] -> x_t* (the first step of purification)."""
+        """x in [-1, 1] -> x_t* (the first step of purification): the prefilter, if any, then the noise."""
+        if self.config.prefilter == "impulse":
+            x = impulse_filter((x.float() + 1.0) / 2.0, self.config.impulse_threshold) * 2.0 - 1.0
         t = torch.full((x.shape[0],), self.chain.num_timesteps - 1, device=x.device, dtype=torch.long)
         noise = torch.randn(x.shape, device=x.device, generator=generator)
         return self.chain.q_sample(x.float(), t, noise)

@@ -73,7 +73,7 @@ class EclipseTransform:
 
     def __init__(self, denoiser: str | os.PathLike | Denoiser | None = None, *, t_star: int = 100,
                  steps: int | None = None, precision: str = "fp32", corruption: str = "none",
-                 batch_size: int = 64, device: str | torch.device | None = None,
+                 prefilter: str = "none", batch_size: int = 64, device: str | torch.device | None = None,
                  image_key: str = DEFAULT_IMAGE_KEYS, seed: int = 0):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -82,7 +82,8 @@ class EclipseTransform:
             from .defaults import default_denoiser_path
             denoiser = default_denoiser_path()
         den = denoiser.to(device) if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
-        cfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, corruption=corruption)
+        cfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, corruption=corruption,
+                             prefilter=prefilter)
         self.purifier = Purifier(den, cfg)
         self.device, self.batch_size = device, batch_size
         self.image_keys = image_key.split(";")

@@ -47,15 +47,26 @@ class Defense:
     train_corruption: bool = False
     purify: bool = False
     purify_steps: int | None = None    # None: the CLI's default (t* = 100 reverse steps)
+    prefilter: str = "none"            # purify --prefilter, always passed: "none" is the paper's recipe
 
     def to_dict(self) -> dict:
         return {"name": self.name, "train_once": self.train_once, "test_once": self.test_once,
                 "train_corruption": self.train_corruption, "purify": self.purify,
-                "purify_steps": self.purify_steps}
+                "purify_steps": self.purify_steps, "prefilter": self.prefilter}
+
+    @property
+    def purify_tag(self) -> str:
+        """Folder suffix of this defense's purified sets: one purification per distinct setting."""
+        return (f"-steps{self.purify_steps}" if self.purify_steps else "") + (
+            f"-{self.prefilter}" if self.prefilter != "none" else "")
+
+    def purify_args(self) -> tuple[str, ...]:
+        return ("--prefilter", self.prefilter) if self.purify else ()
 
 
 def get_defense(name: str) -> Defense:
-    """Parse a defense name; ``eclipse-steps20`` is ECLIPSE with 20 reverse steps."""
+    """Parse a defense name; ``eclipse-steps20`` is ECLIPSE with 20 reverse steps, ``eclipse-steps1+impulse``
+    adds purify's impulse prefilter (``+none`` pins the paper's no-prefilter explicitly)."""
     table = {
         "none": Defense("none"),
         "iss-gray": Defense("iss-gray", train_once="gray", test_once="gray"),
@@ -65,10 +76,12 @@ def get_defense(name: str) -> Defense:
     }
     if name in table:
         return table[name]
-    match = re.fullmatch(r"eclipse-steps(\d+)", name)
-    if match and int(match.group(1)) > 0:
-        return Defense(name, train_corruption=True, purify=True, purify_steps=int(match.group(1)))
-    raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or eclipse-steps<K>")
+    match = re.fullmatch(r"eclipse(?:-steps(\d+))?(?:\+(none|impulse))?", name)
+    if match and (match.group(1) is None or int(match.group(1)) > 0):
+        steps = int(match.group(1)) if match.group(1) else None
+        return Defense(name, train_corruption=True, purify=True, purify_steps=steps,
+                       prefilter=match.group(2) or "none")
+    raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or eclipse-steps<K>[+impulse]")
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:

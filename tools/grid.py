@@ -198,13 +198,13 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
     defense = get_defense(defense_name)
     if not defense.purify:
         return source, norms, 0.0
-    tag = poison if defense.purify_steps is None else f"{poison}-steps{defense.purify_steps}"
+    tag = poison + defense.purify_tag
     left = clock.left()
     t0 = time.time()
     out = purify(source, work / "purified" / tag, cfg.denoiser, steps=defense.purify_steps,
                  device=None if cfg.device == "auto" else cfg.device, batch_size=cfg.purify_batch_size,
                  timeout=None if left is None else max(1.0, left - SAFETY_SECONDS),
-                 extra_args=tuple(cfg.purify_args))
+                 extra_args=(*cfg.purify_args, *defense.purify_args()))
     return out, norms, time.time() - t0
 
 

@@ -1,0 +1,60 @@
+"""Impulse filter: the pre-diffusion stage that removes what Gaussian noise cannot.
+
+ECLIPSE's argument is that noise of std sigma absorbs any perturbation that is small
+*per pixel*. A sparse, large-magnitude perturbation (the one-pixel shortcut: one pixel
+per image set to an extreme colour, the same position and colour for a whole class)
+survives noise of std 0.05 untouched, and the denoiser, which has learned that images
+are mostly smooth but also contain sharp details, gives it back.
+
+The filter here is a *switching* median filter (Sun & Neuvo 1994; the detector of
+Chen & Wu's adaptive centre-weighted filters): a pixel is replaced only when it is an
+isolated impulse, i.e. its colour differs by more than ``threshold`` (L-inf over the
+channels, in [0, 1] units) from **every one** of its 8 neighbours. It is then replaced by
+the per-channel median of those neighbours. Edges, thin lines and texture keep at least
+one similar neighbour and pass unchanged, so clean images are almost untouched (measured
+in docs/evaluation.md), while an isolated extreme pixel is always caught. Borders use
+reflected neighbours (the pixel itself is never its own neighbour).
+
+It is deterministic, elementwise over the batch, and runs on the batch's device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DEFAULT_IMPULSE_THRESHOLD", "PREFILTERS", "impulse_filter", "impulse_mask"]
+
+DEFAULT_IMPULSE_THRESHOLD = 0.25  # [0, 1] units (64/255)
+PREFILTERS = ("none", "impulse")
+
+
+def _neighbours(x: torch.Tensor) -> torch.Tensor:
+    """(8, N, C, H, W): the 8-neighbourhood of every pixel, borders reflected."""
+    h, w = x.shape[-2:]
+    if min(h, w) < 2:
+        raise ValueError(f"the impulse filter needs images of at least 2x2 pixels, got {h}x{w}")
+    p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    return torch.stack([p[..., dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3) if (dy, dx) != (1, 1)])
+
+
+def impulse_mask(x: torch.Tensor, threshold: float = DEFAULT_IMPULSE_THRESHOLD) -> torch.Tensor:
+    """(N, H, W) bool: pixels farther than ``threshold`` (L-inf, [0, 1] units) from all 8 neighbours.
+
+    ``x`` is a float NCHW batch in [0, 1].
+    """
+    return _isolated(x, _neighbours(x), threshold)
+
+
+def _isolated(x: torch.Tensor, neighbours: torch.Tensor, threshold: float) -> torch.Tensor:
+    distance = (neighbours - x.unsqueeze(0)).abs().amax(dim=2)  # (8, N, H, W)
+    return distance.amin(dim=0) > threshold
+
+
+def impulse_filter(x: torch.Tensor, threshold: float = DEFAULT_IMPULSE_THRESHOLD) -> torch.Tensor:
+    """Replace isolated impulses of a float NCHW batch in [0, 1] by their neighbours' median."""
+    neighbours = _neighbours(x)
+    isolated = _isolated(x, neighbours, threshold)
+    ordered = neighbours.sort(dim=0).values
+    median = (ordered[3] + ordered[4]) / 2  # the median of 8 values: mean of the middle two
+    return torch.where(isolated.unsqueeze(1), median, x)
