@@ -16,7 +16,7 @@ Poisons are generated on the first ``--pool`` images per class of the prepared t
 (generating them on all 50,000 images is the same construction, only slower); clean subsets are
 drawn from all ``--limit-per-class`` images per class.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_scan            # ~10 CPU minutes on 2 cores
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_scan --per-class 10,25,50,100,200   # ~10 min on 2 cores
     OMP_NUM_THREADS=1 python -m benchmarks.bench_scan --quick    # smoke run
 """
 
@@ -39,10 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _git() -> str:
+    """HEAD, plus the uncommitted files (of the package, the tools, this script) the run used, if any."""
     def run(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = run("status", "--porcelain", "--", "eclipse_stream", "benchmarks/bench_scan.py", "tools")
-    return run("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    dirty = run("status", "--porcelain", "--", "eclipse_stream", "benchmarks/bench_scan.py", "tools").splitlines()
+    files = sorted(line[3:] for line in dirty if line[3:].endswith(".py"))
+    return run("rev-parse", "--short", "HEAD") + (f" + uncommitted {', '.join(files)}" if files else "")
 
 
 def _cpu() -> str:
@@ -107,13 +109,16 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds per poisoned cell")
     p.add_argument("--clean-seeds", type=int, default=20, help="clean subsets per size")
     p.add_argument("--poisons", default="urp,lsp,ar,ops")
-    p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--parts", default="detection,clean,relative,timing",
+                   help="which measurements: detection, clean, relative (--reference mode), timing")
+    p.add_argument("--relative-per-class", default="50,100", help="scan sizes for the --reference mode")
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few seeds")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     if args.quick:
-        args.limit_per_class, args.pool, args.per_class = 100, 100, "25"
-        args.seeds, args.clean_seeds, args.no_timing = 1, 2, True
+        args.limit_per_class, args.pool, args.per_class = 100, 50, "25"  # pool within the first half (relative)
+        args.seeds, args.clean_seeds, args.relative_per_class = 1, 2, "25"
+        args.parts = args.parts.replace("timing", "")
     torch.set_num_threads(1)
 
     from eclipse_stream.scan import ScanConfig, scan_arrays
@@ -128,8 +133,9 @@ def main() -> None:
     sizes = [int(s) for s in args.per_class.split(",")]
     defaults = ScanConfig()
 
-    rows, clean_rows = [], []
-    for kind in args.poisons.split(","):
+    parts = set(args.parts.split(","))
+    rows, clean_rows, relative_rows = [], [], []
+    for kind in args.poisons.split(",") if "detection" in parts else []:
         for fraction in (1.0, 0.5):
             images = poisoned_images(kind, fraction, clean_pool, labels_pool)
             for n in sizes:
@@ -142,7 +148,7 @@ def main() -> None:
                              "best_probe": sorted({r.best_probe for r in results}),
                              "seconds_each": round(float(np.mean([r.seconds["total"] for r in results])), 2)})
                 print(json.dumps(rows[-1]), flush=True)
-    for n in sizes:
+    for n in sizes if "clean" in parts else []:
         results = [scan_arrays(clean_all, labels_all, ScanConfig(per_class=n, seed=s, null=False))
                    for s in range(args.clean_seeds)]
         scores = [r.score for r in results]
@@ -153,8 +159,35 @@ def main() -> None:
                            "seconds_each": round(float(np.mean([r.seconds["total"] for r in results])), 2)})
         print(json.dumps(clean_rows[-1]), flush=True)
 
+    if "relative" in parts:
+        # data from the first half of every class, the clean reference from the other half (disjoint images);
+        # the poisoned pool lies in the first half
+        half = np.zeros(len(labels_all), dtype=bool)
+        for c in range(10):
+            members = np.flatnonzero(labels_all == c)
+            half[members[:len(members) // 2]] = True
+        ref = (clean_all[~half], labels_all[~half])
+        for n in [int(v) for v in args.relative_per_class.split(",")]:
+            results = [scan_arrays(clean_all[half], labels_all[half], ScanConfig(per_class=n, seed=s, null=False),
+                                   reference=ref) for s in range(args.clean_seeds)]
+            scores = [r.score for r in results]
+            relative_rows.append({"data": "clean", "budget": "-", "per_class": n, "runs": len(results),
+                                  "flagged": sum(r.verdict == "likely poisoned" for r in results),
+                                  "inconclusive": sum(r.verdict == "inconclusive" for r in results),
+                                  "score_min": round(min(scores), 3), "score_max": round(max(scores), 3)})
+            print(json.dumps(relative_rows[-1]), flush=True)
+            for kind in args.poisons.split(","):
+                for fraction in (1.0, 0.5):
+                    images = poisoned_images(kind, fraction, clean_pool, labels_pool)
+                    r = scan_arrays(images, labels_pool, ScanConfig(per_class=n, seed=0, null=False), reference=ref)
+                    relative_rows.append({"data": kind, "budget": "documented" if fraction == 1 else "half",
+                                          "per_class": n, "runs": 1, "flagged": int(r.verdict == "likely poisoned"),
+                                          "inconclusive": int(r.verdict == "inconclusive"),
+                                          "score_min": round(r.score, 3), "score_max": round(r.score, 3)})
+                    print(json.dumps(relative_rows[-1]), flush=True)
+
     timing = []
-    if not args.no_timing:
+    if "timing" in parts:
         timing.append(time_cli(train, args.work / "clean-10shards.json", args.work / "clean-10shards.png"))
         urp = poison_shards(args.work, train, "urp")
         timing.append(time_cli(urp, args.work / "urp-10shards.json", args.work / "urp-10shards.png"))
@@ -167,7 +200,9 @@ def main() -> None:
            "defaults": {"threshold": defaults.threshold, "clean_below": defaults.clean_below,
                         "probes": list(defaults.probes), "folds": defaults.folds},
            "total_seconds": round(time.time() - started, 1)}
-    out = {"environment": env, "detection": rows, "clean": clean_rows, "timing": timing}
+    env["defaults"].update(relative_threshold=defaults.relative_threshold,
+                           relative_clean_below=defaults.relative_clean_below)
+    out = {"environment": env, "detection": rows, "clean": clean_rows, "relative": relative_rows, "timing": timing}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / f"bench_scan-cpu-{stamp}{'-quick' if args.quick else ''}"
@@ -179,7 +214,7 @@ def main() -> None:
 def markdown(out: dict) -> str:
     env = out["environment"]
     lines = [f"# bench_scan ({env['date_utc']})", "",
-             f"Machine: {env['machine']}; torch {env['torch']}, {env['threads']} thread; commit `{env['commit']}`; "
+             f"Machine: {env['machine']}; torch {env['torch']}, {env['threads']} thread; commit {env['commit']}; "
              f"`{env['command']}`; {env['total_seconds']} s in all.", "",
              "## Detection (flagged = verdict 'likely poisoned')", "",
              "| poison | budget | images/class | flagged | inconclusive | scores | probe | s/scan |",
@@ -194,6 +229,13 @@ def markdown(out: dict) -> str:
     for r in out["clean"]:
         lines.append(f"| {r['per_class']} | {r['runs']} | {r['false_positives']} | {r['inconclusive']} | "
                      f"{r['score_mean']} | {r['score_max']} | {r['seconds_each']} |")
+    if out.get("relative"):
+        lines += ["", "## With a clean reference (`--reference`, disjoint clean images; score = excess)", "",
+                  "| data | budget | images/class | runs | flagged | inconclusive | score min | score max |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in out["relative"]:
+            lines.append(f"| {r['data']} | {r['budget']} | {r['per_class']} | {r['runs']} | {r['flagged']} | "
+                         f"{r['inconclusive']} | {r['score_min']} | {r['score_max']} |")
     if out["timing"]:
         lines += ["", "## CLI time, default settings", "",
                   "| input | shards | images | verdict (exit) | score | wall s | read s | probes s |",
