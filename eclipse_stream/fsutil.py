@@ -54,11 +54,16 @@ def write_json(path: str | os.PathLike, obj, sort_keys: bool = True) -> None:
 LOCK_NAME = ".eclipse-stream.lock"
 
 
-class DirLock:
-    """An exclusive ``flock`` on ``<folder>/.eclipse-stream.lock``, released (and the file removed) on exit.
+_HELD: set[tuple[int, int]] = set()  # (device, inode) of the lock files this process holds
 
-    The kernel drops the lock when its holder dies, even by SIGKILL, so a stale lock file never blocks a
-    rerun. A second holder gets :class:`OutputError` naming the PID (and host) written in the file.
+
+class DirLock:
+    """An exclusive lock on ``<folder>/.eclipse-stream.lock``, released (and the file removed) on exit.
+
+    It is a POSIX record lock (``fcntl.lockf``), not ``flock``: it belongs to this process alone, so reader
+    workers forked while it is held do not keep it alive after this process dies. The kernel drops it when
+    its holder dies, even by SIGKILL, so a stale lock file never blocks a rerun. A second holder gets
+    :class:`OutputError` naming the PID (and host) written in the file.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -68,13 +73,20 @@ class DirLock:
 
     def acquire(self) -> DirLock:
         while True:
+            try:  # POSIX locks do not conflict within a process (and closing any descriptor of the file would
+                st = os.stat(self.path)  # drop ours), so this process's own locks are checked first
+            except OSError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) in _HELD:
+                raise OutputError(f"{self.folder}: output folder in use by PID {os.getpid()} (this process "
+                                  "already writes to it)")
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 raise OutputError(f"{self.folder}: cannot write to this output folder ({self.path}): "
                                   f"{e.strerror or e}") from e
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 holder = _read_holder(fd)
                 os.close(fd)
@@ -92,12 +104,16 @@ class DirLock:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
             self.fd = fd
+            st = os.fstat(fd)
+            _HELD.add((st.st_dev, st.st_ino))
             return self
 
     def release(self) -> None:
         if self.fd is None:
             return
         try:
+            st = os.fstat(self.fd)
+            _HELD.discard((st.st_dev, st.st_ino))
             with contextlib.suppress(OSError):
                 os.unlink(self.path)  # while still holding it: a waiter then retries on a fresh file
         finally:
