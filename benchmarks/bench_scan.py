@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def _git() -> str:
     """HEAD, plus the uncommitted files (of the package, the tools, this script) the run used, if any."""
     def run(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout
     dirty = run("status", "--porcelain", "--", "eclipse_stream", "benchmarks/bench_scan.py", "tools").splitlines()
-    files = sorted(line[3:] for line in dirty if line[3:].endswith(".py"))
-    return run("rev-parse", "--short", "HEAD") + (f" + uncommitted {', '.join(files)}" if files else "")
+    files = sorted(line.split(maxsplit=1)[1] for line in dirty if line.endswith(".py"))
+    return run("rev-parse", "--short", "HEAD").strip() + (f" + uncommitted {', '.join(files)}" if files else "")
 
 
 def _cpu() -> str:
