@@ -142,7 +142,9 @@ def _resolve_denoiser(path):
 @click.option("--corruption", type=click.Choice(["none", "baked"]), default="none",
               help="baked: store one fixed corruption draw; none: leave it to training time.")
 @click.option("--jpeg-quality", type=int, default=95, help="Quality for re-encoded JPEG/WebP fields.")
-@click.option("--image-key", default=None, help="Field to purify; default first of jpg/jpeg/png/webp/...")
+@click.option("--image-key", default=None,
+              help="Field(s) to purify, comma-separated; other image fields are then left unchanged. "
+                   "Default: every field whose extension is jpg/jpeg/png/webp/... (every RGBImageField of a .beton).")
 @click.option("--max-pixels", type=int, default=None,
               help="Reject images with more pixels (decompression bombs); default 178,956,970 (Pillow's error limit).")
 @click.option("--resolution", type=click.Choice(["native", "model"]), default="native",

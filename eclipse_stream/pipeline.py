@@ -3,18 +3,22 @@
 How a sample flows (see docs/architecture.md):
 
 1. **Read + decode** (DataLoader worker processes): one worker reads one whole shard
-   (``.tar`` via webdataset's tar iterator, ``.beton`` via ffcv's reader), decodes each
-   image (``imageio.decode_image``), applies the resolution policy, and groups images of
-   the same (padded) size into batches (*bucketing*, per shard, so batches never depend on
-   the number of workers). It emits events: ``start``, ``batch``, ``reject``,
-   ``shard_error``, ``end``.
+   (``.tar`` via ``sources.read_tar``, ``.beton`` via ffcv's reader), decodes every image
+   field of each sample (``imageio.decode_image``), applies the resolution policy, and groups
+   images of the same (padded) size into batches (*bucketing*, per shard, so batches never
+   depend on the number of workers). It emits events: ``start``, ``batch``, ``reject``,
+   ``members`` (tar members that belong to no sample, copied unchanged), ``shard_error``, ``end``.
 2. **Purify** (main process, one device): each batch goes through :class:`Purifier` with
    a generator seeded from ``(seed, shard file name, batch number)``.
 3. **Encode + write** (thread pool): purified pixels are cropped back to each image's
    size, re-encoded in the field's own format, and handed to the shard's writer, which
-   writes samples in input order to a temporary file. When a shard is complete its file
-   is renamed into place and then its ``<shard>.stats.json`` is written: the stats file
-   marks the shard done, so a rerun skips it. ``manifest.json`` is written last.
+   writes samples (once all their image fields are in) in input order to a temporary file.
+   When a shard is complete its file is renamed into place and then its
+   ``<shard>.stats.json`` is written: the stats file marks the shard done, so a rerun skips
+   it. ``manifest.json`` is written last.
+
+Before any of this, rank 0 refuses an OUT that overlaps the input, locks OUT for the job,
+removes what killed runs left and the old manifest (see README, "What purify does to your data").
 
 Memory is bounded by the DataLoader prefetch (a few batches per worker), the encode
 queue (``2 x encode_threads`` batches) and, per open shard, the samples waiting for an

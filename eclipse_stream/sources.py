@@ -1,9 +1,10 @@
 """Finding inputs and reading samples: shard lists, WebDataset tars, FFCV betons, image folders.
 
 ``expand_shards`` turns what a user typed (a folder, a brace pattern, a list of files)
-into a sorted list of shard paths. ``iter_tar_samples`` streams one tar with webdataset's
-own tar iterator and key grouping, turning every way a tar can be broken into a
-:class:`~eclipse_stream.errors.ShardError` that names the file. ``load_training_images``
+into a sorted list of shard paths. ``read_tar`` streams one tar with ``tarfile``, grouping
+members into samples by WebDataset's rules and keeping every other member, and turns every
+way a tar can be broken or incomplete into a :class:`~eclipse_stream.errors.ShardError` that
+names the file; ``iter_tar_samples`` is its sample-only view. ``load_training_images``
 reads a small clean set (image folder, tars or a beton) into one uint8 tensor.
 """
 
