@@ -93,13 +93,17 @@ INCONCLUSIVE = "inconclusive"
 EXIT_CODES = {NO_SIGN: 0, LIKELY_POISONED: 10, INCONCLUSIVE: 11}
 #: Label fields tried in order when none is named (tar field extensions, or .beton field names).
 LABEL_KEYS = ("cls", "class", "label", "target")
-MIN_PER_CLASS = 4  # a class with fewer sampled images is left out (it cannot be split 3:1)
+MIN_PER_CLASS = 4  # a class with fewer readable sampled images is left out (one per fold at most 4 folds)
 PROBES = ("pixels", "texture", "blocks")
 
 
 @dataclass
 class ScanConfig:
-    """How a scan samples and probes. Defaults are the calibrated setting (docs/evaluation.md)."""
+    """How a scan samples and probes. The defaults are the setting measured in docs/evaluation.md ("Poison scan").
+
+    Memory: about 50 KB per sampled image at ``probe_size`` 32 (float64 features), so lower
+    ``per_class`` for datasets with thousands of classes.
+    """
 
     per_class: int = 100            # images sampled per class (fewer if a class has fewer)
     probes: tuple = PROBES          # which probes run; the score is the largest
@@ -112,7 +116,7 @@ class ScanConfig:
     image_key: str | None = None    # None: first image field, as purify
     max_pixels: int = DEFAULT_MAX_PIXELS
     on_error: str = "fail"          # fail | skip (a bad sampled image is recorded and left out)
-    null: bool = True               # also train each probe on shuffled labels (the no-signal curve)
+    null: bool = True               # also fit each probe on shuffled labels (the no-signal curve)
     threshold: float = 0.6          # score >= threshold: likely poisoned
     clean_below: float = 0.45       # score < clean_below: no sign of poisoning
     relative_threshold: float = 0.3     # with a reference: excess >= this: likely poisoned
