@@ -170,3 +170,14 @@ def test_beton_input(toy, tmp_path):
     assert result.verdict == LIKELY_POISONED and result.per_class_sampled["0"] == PER_CLASS
     with pytest.raises(InputError, match=r"no label field 'cls' \(--label-key\)"):
         scan_shards(path, ScanConfig(label_key="cls"))
+
+
+def test_cli_reference_mode(toy):
+    r = CliRunner().invoke(main, ["scan", str(toy["root"] / "poisoned"), "--per-class", str(PER_CLASS),
+                                  "--reference", str(toy["root"] / "clean"), "--no-null"])
+    assert r.exit_code == 10 and "excess over the clean reference" in r.output, r.output
+    r = CliRunner().invoke(main, ["scan", str(toy["root"] / "clean"), "--per-class", str(PER_CLASS),
+                                  "--reference", str(toy["root"] / "clean"), "--no-null"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["scan", str(toy["root"] / "clean"), "--threshold", "0.2", "--clean-below", "0.5"])
+    assert r.exit_code == 2 and "must not exceed" in r.output
