@@ -351,6 +351,8 @@ class _TarSink:
             info = copy.copy(info)
             if info.isreg():  # a sparse or contiguous-file member is written back as the plain file it reads as
                 info.type = tarfile.REGTYPE
+            if data is None:  # links and the like carry no data (some writers still record a size for them)
+                info.size = 0
             self._tar.addfile(info, io.BytesIO(data) if data is not None else None)
 
     def close(self) -> None:
