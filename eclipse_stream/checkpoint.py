@@ -107,6 +107,12 @@ class Denoiser:
     def image_size(self) -> int:
         return self.model.config.image_size
 
+    @property
+    def trained_max_timestep(self) -> int:
+        """Training timesteps were drawn from [0, this); checkpoints from before ``--max-timestep``: all of T."""
+        trained = self.metadata.get("trained_timesteps")
+        return int(trained[1]) if trained else self.diffusion.num_timesteps
+
     def to(self, device) -> Denoiser:
         self.model.to(device)
         return self

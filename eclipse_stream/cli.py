@@ -82,6 +82,9 @@ def _device_option(fn):
 @click.option("--replicate", type=int, default=4,
               help="Replication M of the sparse set (Algorithm 1): the epoch is M copies, reshuffled per epoch.")
 @click.option("--diffusion-steps", type=int, default=4000, help="T of the cosine schedule.")
+@click.option("--max-timestep", type=int, default=None,
+              help="Train on timesteps [0, K) of the T-step schedule only (purification uses t* <= K); "
+                   "default: all of T, as the paper.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32")
 @click.option("--seed", type=int, default=0)
 @_device_option

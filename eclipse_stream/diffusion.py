@@ -263,5 +263,7 @@ class GaussianDiffusion:
         nll = nll.flatten(1).mean(1) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def sample_timesteps(self, batch: int, device, generator: torch.Generator | None = None):
-        return torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+    def sample_timesteps(self, batch: int, device, generator: torch.Generator | None = None,
+                         high: int | None = None):
+        """Uniform training timesteps in [0, high) (default: the whole chain, [0, T))."""
+        return torch.randint(0, high or self.num_timesteps, (batch,), device=device, generator=generator)

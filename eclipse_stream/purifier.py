@@ -72,6 +72,11 @@ class Purifier(nn.Module):
         full = denoiser.diffusion
         if config.t_star > full.num_timesteps:
             raise ValueError(f"t_star={config.t_star} exceeds the checkpoint's T={full.num_timesteps}")
+        if config.t_star > denoiser.trained_max_timestep:
+            raise ValueError(f"t_star={config.t_star} is above the range this denoiser was trained on "
+                             f"(timesteps 0..{denoiser.trained_max_timestep - 1} of T={full.num_timesteps}, "
+                             f"--max-timestep {denoiser.trained_max_timestep}); purify at t* <= "
+                             f"{denoiser.trained_max_timestep} or train with a larger --max-timestep")
         self.config = config
         self.model = denoiser.model.eval().requires_grad_(False)
         self.chain = full.respace(purification_timesteps(config.t_star, config.num_steps))

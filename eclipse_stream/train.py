@@ -51,6 +51,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     replicate: int = 4
     diffusion_steps: int = 4000
+    max_timestep: int | None = None  # train on timesteps [0, K) of the T-step schedule only; None: all of [0, T)
     precision: str = "fp32"
     seed: int = 0
     device: str | None = None
@@ -67,6 +68,8 @@ class TrainConfig:
             (self.replicate >= 1, "replicate must be >= 1"),
             (self.checkpoint_every >= 1, "checkpoint interval must be >= 1"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.max_timestep is None or 1 <= self.max_timestep <= self.diffusion_steps,
+             f"max timestep must be in 1..{self.diffusion_steps} (the schedule's T)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -130,10 +133,13 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def train_step(model, ema, opt, diffusion: GaussianDiffusion, batch: torch.Tensor, autocast,
-               ema_decay: float) -> torch.Tensor:
-    """One optimizer step on a uint8 batch (N, 3, S, S) and the EMA update; returns the loss (on device)."""
+               ema_decay: float, max_timestep: int | None = None) -> torch.Tensor:
+    """One optimizer step on a uint8 batch (N, 3, S, S) and the EMA update; returns the loss (on device).
+
+    Timesteps are drawn uniformly from [0, max_timestep) (default: the whole schedule).
+    """
     x = batch.float() / 127.5 - 1.0
-    t = diffusion.sample_timesteps(len(x), x.device)
+    t = diffusion.sample_timesteps(len(x), x.device, high=max_timestep)
     with autocast:
         loss = diffusion.training_losses(model, x, t)["loss"].mean()
     opt.zero_grad(set_to_none=True)
@@ -148,8 +154,8 @@ def _check_resume(meta: dict, cfg: TrainConfig, files_hash: str, path: str) -> N
     # everything that shapes the run but iterations/checkpoint_every (which may grow) and source (hashed below);
     # AdamW's load_state_dict would silently bring back the saved lr and weight decay
     for key in ("preset", "image_size", "batch_size", "replicate", "seed", "diffusion_steps", "lr",
-                "weight_decay", "ema_decay", "precision"):
-        if key in saved and saved[key] != getattr(cfg, key):
+                "weight_decay", "ema_decay", "precision", "max_timestep"):
+        if saved.get(key) != getattr(cfg, key) and (key in saved or getattr(cfg, key) is not None):
             raise CheckpointError(f"{path}: cannot resume: {key} was {saved[key]!r}, now {getattr(cfg, key)!r}")
     if meta.get("train_files_sha256") != files_hash:
         raise CheckpointError(f"{path}: cannot resume: the training images differ from the saved run's")
@@ -194,6 +200,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                          step=step, train_args=args, train_files_sha256=files_hash)
         save_denoiser(cfg.out, ema, diff_cfg, train_args=args, train_files_sha256=files_hash, step=step,
                       extra={"train_images": len(data), "final_loss": loss,
+                             "trained_timesteps": [0, cfg.max_timestep or cfg.diffusion_steps],
                              "final_loss_definition": f"mean hybrid loss over the last <= {LOSS_WINDOW} steps"})
 
     model.train()
@@ -203,7 +210,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     for step in bar:
         torch.manual_seed(cfg.seed * 1_000_003 + step + 1)  # timesteps, noise and dropout of this step
         batch = data[sampler.batch(step)]
-        loss = train_step(model, ema, opt, diffusion, batch, autocast, ema_decay_at(step, cfg.ema_decay))
+        loss = train_step(model, ema, opt, diffusion, batch, autocast, ema_decay_at(step, cfg.ema_decay),
+                          cfg.max_timestep)
         window_sum += loss
         window_steps += 1
         done = step + 1

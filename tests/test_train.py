@@ -142,3 +142,45 @@ def test_bf16_training_keeps_fp32_weights(image_folder, tmp_path):
     den = load_denoiser(tmp_path / "bf.safetensors")
     assert all(p.dtype == torch.float32 for p in den.model.parameters())
     assert den.metadata["train_args"]["precision"] == "bf16"
+
+
+def test_max_timestep_trains_only_that_range_and_purify_refuses_above_it(image_folder, tmp_path, monkeypatch):
+    from eclipse_stream.diffusion import GaussianDiffusion
+    from eclipse_stream.purifier import Purifier, PurifierConfig
+
+    drawn = []
+    real = GaussianDiffusion.sample_timesteps
+
+    def spy(self, batch, device, generator=None, high=None):
+        t = real(self, batch, device, generator, high)
+        drawn.append(t)
+        return t
+
+    monkeypatch.setattr(GaussianDiffusion, "sample_timesteps", spy)
+    out = tmp_path / "k200.safetensors"
+    train(tiny_cfg(image_folder, out, max_timestep=200, iterations=6), progress=False)
+    t = torch.cat(drawn)
+    assert t.max() < 200 and len(t) == 6 * 4
+    den = load_denoiser(out)
+    assert den.metadata["trained_timesteps"] == [0, 200] and den.trained_max_timestep == 200
+    assert den.diffusion.num_timesteps == 1000  # a normal full-schedule checkpoint
+    Purifier(den, PurifierConfig(t_star=200))
+    with pytest.raises(ValueError, match="trained on"):
+        Purifier(den, PurifierConfig(t_star=201))
+    r = subprocess.run([sys.executable, "-m", "eclipse_stream.cli", "preview", str(out), "-o", str(tmp_path / "p.png"),
+                        "-d", str(out), "--t-star", "300"], capture_output=True, text=True, env=cli_env())
+    assert r.returncode == 2 and "trained on" in r.stderr and "Traceback" not in r.stderr
+
+    with pytest.raises(CheckpointError, match="max_timestep"):  # resuming with another range is refused
+        train(tiny_cfg(image_folder, out, max_timestep=400, iterations=8, resume=True), progress=False)
+    with pytest.raises(ValueError, match="max timestep"):
+        tiny_cfg(image_folder, out, max_timestep=1001)
+
+
+def test_old_checkpoints_read_as_full_range(image_folder, tmp_path):
+    out = tmp_path / "full.safetensors"
+    train(tiny_cfg(image_folder, out, iterations=2), progress=False)
+    den = load_denoiser(out)
+    assert den.trained_max_timestep == 1000
+    den.metadata.pop("trained_timesteps")  # as written before --max-timestep existed
+    assert den.trained_max_timestep == 1000
