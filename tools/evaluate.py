@@ -146,6 +146,8 @@ def victim(train, test, recipe, defense, epochs, batch_size, width, device, seed
                    ".md and .png are written beside it.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="CIFAR-10 tars folder.")
 @click.option("--limit-per-class", type=click.IntRange(min=1), default=None, help="Training images per class.")
+@click.option("--test-limit-per-class", type=click.IntRange(min=1), default=None,
+              help="Test images per class [default: gpu: as --limit-per-class; cpu: all 1,000].")
 @click.option("--recipe", type=click.Choice(["reference", "fast", "cpu"]), default=None)
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--width", type=float, default=None, help="Victim width [default: the recipe's].")
@@ -159,7 +161,7 @@ def victim(train, test, recipe, defense, epochs, batch_size, width, device, seed
 @click.option("--max-seconds", type=float, default=None,
               help="Stop cleanly before this many seconds (exit 75 if cells remain); rerun to continue.")
 def grid(protocol, poisons, defenses, extra_cells, extra_seeds, seed_cells, work_dir, results, data_dir,
-         limit_per_class, recipe, epochs, width, seed, device, denoiser, purify_batch_size, purify_args,
+         limit_per_class, test_limit_per_class, recipe, epochs, width, seed, device, denoiser, purify_batch_size, purify_args,
          poison_options, max_seconds):
     """Fill the poisons x defenses grid (resumable) and write JSON + markdown + plot."""
     from .grid import GridConfig, run_grid
@@ -175,7 +177,7 @@ def grid(protocol, poisons, defenses, extra_cells, extra_seeds, seed_cells, work
     cfg = GridConfig.from_protocol(
         protocol, poisons=listed(poisons), defenses=listed(defenses), extra_cells=listed(extra_cells),
         extra_seeds=listed(extra_seeds, int), seed_cells=listed(seed_cells), work_dir=work_dir, results=results,
-        data_dir=data_dir, limit_per_class=limit_per_class, recipe=recipe, epochs=epochs, width=width, seed=seed,
+        data_dir=data_dir, limit_per_class=limit_per_class, test_limit_per_class=test_limit_per_class, recipe=recipe, epochs=epochs, width=width, seed=seed,
         device=device, denoiser=denoiser, purify_batch_size=purify_batch_size,
         purify_args=tuple(purify_args) or None, poison_options=options, max_seconds=max_seconds)
     out = run_grid(cfg, log=_echo)
