@@ -105,3 +105,32 @@ def test_eclipse_cell_end_to_end(tmp_path):
     assert cell["settings"]["train"].endswith(os.path.join("purified", "urp"))
     manifest = json.loads((tmp_path / "work" / "purified" / "urp" / "manifest.json").read_text())
     assert manifest["config"]["purifier"]["t_star"] == 100
+
+
+def test_cpu_protocol_grid_end_to_end_at_toy_size(tmp_path):
+    """The CPU protocol's cells, seed repeats, purify settings and report, on 10 images per class."""
+    work = tmp_path / "work"
+    args = ["grid", "--protocol", "cpu", "--poisons", "clean,ops", "--defenses", "none",
+            "--cells", "ops/eclipse-steps1+impulse", "--seed-cells", "ops/none", "--extra-seeds", "1", "--limit-per-class", "10", "--test-limit-per-class",
+            "10", "--epochs", "1", "--work-dir", str(work)]
+    proc = _evaluate(*args)
+    assert proc.returncode == 0, proc.stderr
+    results_path = work / "results-cpu.json"
+    results = read_json(results_path)
+    assert set(results["cells"]) == {"clean/none", "ops/none", "ops/none@seed1", "ops/eclipse-steps1+impulse"}
+    assert results["cells"]["ops/none@seed1"]["seed"] == 1 and results["settings"]["protocol"] == "cpu"
+    cell = results["cells"]["ops/eclipse-steps1+impulse"]
+    assert cell["settings"]["recipe"]["arch"] == "resnet9" and cell["settings"]["width"] == 0.25
+    assert cell["settings"]["train_images"] == 100 and cell["settings"]["test_images"] == 100
+    assert cell["purify_seconds"] > 0 and cell["poison_norms"]["l0_pixels_max"] <= 1
+    from eclipse_stream.defaults import default_denoiser_path
+    from eclipse_stream.fsutil import file_sha256
+    assert results["settings"]["denoiser_sha256"] == file_sha256(default_denoiser_path())
+    stats = sorted((work / "purified" / "ops-steps1-impulse").glob("*.stats.json"))
+    config = json.loads(stats[0].read_text())["config"]
+    assert config["purifier"]["prefilter"] == "impulse" and config["purifier"]["steps"] == 1
+    assert config["purifier"]["precision"] == "bf16"
+    md = results_path.with_suffix(".md").read_text()
+    assert "not comparable" in md and "### Calibration" in md and "### Targets" in md and "(n=2)" in md
+    assert "(—)" not in md  # no paper column in the CPU protocol
+    assert results_path.with_suffix(".png").stat().st_size > 1000
