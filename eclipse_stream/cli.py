@@ -108,19 +108,25 @@ def train(sparse, out, image_size, quiet, **kwargs):
 
 def _purifier_options(fn):
     """Options shared by purify and preview."""
+    from .defaults import DEFAULT_RECIPE, PREFILTERS, RECIPES
+
     opts = [
         click.option("--denoiser", "-d", default=None,
                      help="Denoiser checkpoint; default: the one shipped in the package (see README)."),
         click.option("--t-star", type=int, default=100, help="Forward noise level t* on the checkpoint's T."),
+        click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=DEFAULT_RECIPE,
+                     help="Named settings: paper (ECLIPSE as published: full chain, no prefilter) or robust "
+                          "(impulse prefilter + the 1-step x0 estimate); --steps/--prefilter override it."),
         click.option("--steps", type=int, default=None,
-                     help="Reverse steps; default t* (the full chain). Fewer use the respaced chain."),
+                     help="Reverse steps [default: the recipe's; paper: t*, the full chain]. Fewer use the "
+                          "respaced chain; 1 is the x0 estimate at t*."),
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32"),
         click.option("--seed", type=int, default=0),
         click.option("--gray-p", type=float, default=0.4, help="Corruption: grayscale probability p."),
         click.option("--noise-sigma", type=float, default=0.05, help="Corruption: noise std in [0,1] units."),
-        click.option("--prefilter", type=click.Choice(["none", "impulse"]), default="none",
-                     help="Before the noise: none (the paper), or impulse (replace isolated extreme pixels, "
-                          "e.g. one-pixel shortcuts, by their neighbours' median)."),
+        click.option("--prefilter", type=click.Choice(PREFILTERS), default=None,
+                     help="Before the noise [default: the recipe's]: none (the paper), or impulse (replace "
+                          "isolated extreme pixels, e.g. one-pixel shortcuts, by their neighbours' median)."),
         _device_option,
     ]
     for opt in reversed(opts):
@@ -162,7 +168,7 @@ def _resolve_denoiser(path):
 @click.option("--overwrite", is_flag=True, help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly_errors
-def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_sigma, prefilter, corruption,
+def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p, noise_sigma, prefilter, corruption,
            max_pixels, quiet, **kwargs):
     """Purify shards: INPUTS... (folders of .tar/.beton, brace patterns or files) into folder OUT.
 
@@ -174,8 +180,9 @@ def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_
     from .pipeline import PurifyConfig, purify_shards
     from .purifier import PurifierConfig
 
-    pcfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, corruption=corruption,
-                          gray_p=gray_p, noise_sigma=noise_sigma, prefilter=prefilter)
+    pcfg = PurifierConfig.from_recipe(recipe, t_star=t_star, steps=steps, precision=precision,
+                                      corruption=corruption, gray_p=gray_p, noise_sigma=noise_sigma,
+                                      prefilter=prefilter)
     if kwargs["workers"] is None:
         kwargs.pop("workers")
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
@@ -203,14 +210,14 @@ def purify(inputs, out, denoiser, t_star, steps, precision, seed, gray_p, noise_
 @click.option("--image-key", default=None, help="Field to show; default first of jpg/jpeg/png/webp/...")
 @_purifier_options
 @_friendly_errors
-def preview(shard, output, num, image_key, denoiser, t_star, steps, precision, seed, gray_p, noise_sigma, prefilter,
-            device):
+def preview(shard, output, num, image_key, denoiser, recipe, t_star, steps, precision, seed, gray_p, noise_sigma,
+            prefilter, device):
     """Write a grid of a few samples of SHARD: input / noised at t* / purified / corrupted."""
     from .preview import preview as run_preview
     from .purifier import PurifierConfig
 
-    cfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, gray_p=gray_p, noise_sigma=noise_sigma,
-                         prefilter=prefilter)
+    cfg = PurifierConfig.from_recipe(recipe, t_star=t_star, steps=steps, precision=precision, gray_p=gray_p,
+                                     noise_sigma=noise_sigma, prefilter=prefilter)
     path = run_preview(shard, _resolve_denoiser(denoiser), output, n=num, config=cfg, seed=seed,
                        image_key=image_key, device=device)
     click.echo(str(path))

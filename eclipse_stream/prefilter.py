@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .defaults import PREFILTERS
 __all__ = ["DEFAULT_IMPULSE_THRESHOLD", "PREFILTERS", "impulse_filter", "impulse_mask"]
 
 DEFAULT_IMPULSE_THRESHOLD = 0.25  # [0, 1] units (64/255)
-PREFILTERS = ("none", "impulse")
 
 
 def _neighbours(x: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,14 @@ from torch import nn
 
 from .checkpoint import Denoiser
 from .corruption import DEFAULT_GRAY_P, DEFAULT_SIGMA, corrupt
+from .defaults import DEFAULT_RECIPE, RECIPES
 from .diffusion import purification_timesteps
 from .prefilter import DEFAULT_IMPULSE_THRESHOLD, PREFILTERS, impulse_filter
 
-__all__ = ["PRECISIONS", "Purifier", "PurifierConfig"]
+__all__ = ["DEFAULT_RECIPE", "PRECISIONS", "RECIPES", "Purifier", "PurifierConfig"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,21 @@ class PurifierConfig:
     """How to purify; part of every output shard's recorded config."""
 
     t_star: int = 100
-    steps: int | None = None  # None: t_star (the paper's full chain)
+    steps: int | None = RECIPES[DEFAULT_RECIPE]["steps"]  # None: t_star (the paper's full chain)
     precision: str = "fp32"
     corruption: str = "none"  # "none" or "baked"
     gray_p: float = DEFAULT_GRAY_P
     noise_sigma: float = DEFAULT_SIGMA
-    prefilter: str = "none"  # "none" (the paper) or "impulse" (prefilter.py, before the noise)
+    prefilter: str = RECIPES[DEFAULT_RECIPE]["prefilter"]  # "none" (the paper) or "impulse" (prefilter.py)
     impulse_threshold: float = DEFAULT_IMPULSE_THRESHOLD
+
+    @classmethod
+    def from_recipe(cls, recipe: str | None = None, **settings) -> PurifierConfig:
+        """A config from a named recipe (default: DEFAULT_RECIPE); settings that are not None override it."""
+        recipe = recipe or DEFAULT_RECIPE
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        return cls(**{**RECIPES[recipe], **{k: v for k, v in settings.items() if v is not None}})
 
     def __post_init__(self) -> None:
         if self.prefilter not in PREFILTERS:

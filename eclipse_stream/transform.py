@@ -71,9 +71,9 @@ class EclipseTransform:
     order gives the same output.
     """
 
-    def __init__(self, denoiser: str | os.PathLike | Denoiser | None = None, *, t_star: int = 100,
-                 steps: int | None = None, precision: str = "fp32", corruption: str = "none",
-                 prefilter: str = "none", batch_size: int = 64, device: str | torch.device | None = None,
+    def __init__(self, denoiser: str | os.PathLike | Denoiser | None = None, *, recipe: str | None = None,
+                 t_star: int = 100, steps: int | None = None, precision: str = "fp32", corruption: str = "none",
+                 prefilter: str | None = None, batch_size: int = 64, device: str | torch.device | None = None,
                  image_key: str = DEFAULT_IMAGE_KEYS, seed: int = 0):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -82,8 +82,8 @@ class EclipseTransform:
             from .defaults import default_denoiser_path
             denoiser = default_denoiser_path()
         den = denoiser.to(device) if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
-        cfg = PurifierConfig(t_star=t_star, steps=steps, precision=precision, corruption=corruption,
-                             prefilter=prefilter)
+        cfg = PurifierConfig.from_recipe(recipe, t_star=t_star, steps=steps, precision=precision,
+                                         corruption=corruption, prefilter=prefilter)
         self.purifier = Purifier(den, cfg)
         self.device, self.batch_size = device, batch_size
         self.image_keys = image_key.split(";")
