@@ -420,7 +420,7 @@ def checks_markdown(results: dict) -> str:
                 continue
             marks = ("" if x["at_least_90pct"] else " <90%") + ("" if x["not_below_jpeg10"] in (True, None)
                                                                  else " <JPEG")
-            vals.append(f"{100 * x['fraction_of_clean']:.0f}%{marks}")
+            vals.append(f"{100 * x['fraction_of_clean']:.1f}%{marks}")
         clean = "—" if r["clean_accuracy"] is None else (
             f"{r['clean_accuracy'] - c['clean_accuracy']:+.2f}" + ("" if r["clean_within_3"] else " (>3)"))
         lines.append(f"| {d} | " + " | ".join(vals) + f" | {clean} | {_yes(r['all_targets_met'])} |")

@@ -60,12 +60,12 @@ def _tile(img: torch.Tensor, diff: bool) -> np.ndarray:
 def picture(rows: dict, path: Path, scale: int = 4) -> None:
     from PIL import Image, ImageDraw
 
-    cols = ["clean", "poisoned", "perturbation x8", "left: purified x8", "left: impulse+purified x8"]
+    cols = ["clean", "poisoned", "perturbation x8", "left, purified x8", "left, imp.+pur. x8"]
     size, pad, label_w, head = 32 * scale, 4, 48, 14
     canvas = Image.new("RGB", (label_w + len(cols) * (size + pad), head + len(rows) * (size + pad)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, c in enumerate(cols):
-        draw.text((label_w + j * (size + pad), 1), c if len(c) < 22 else c[:21], fill="black")
+        draw.text((label_w + j * (size + pad), 1), c, fill="black")
     for i, (name, tiles) in enumerate(rows.items()):
         y = head + i * (size + pad)
         draw.text((2, y + size // 2), name.upper(), fill="black")
