@@ -13,7 +13,9 @@ channels, in [0, 1] units) from **every one** of its 8 neighbours. It is then re
 the per-channel median of those neighbours. Edges, thin lines and texture keep at least
 one similar neighbour and pass unchanged, so clean images are almost untouched (measured
 in docs/evaluation.md), while an isolated extreme pixel is always caught. Borders use
-reflected neighbours (the pixel itself is never its own neighbour).
+reflected neighbours (the pixel itself is never its own neighbour). An image in which more
+than ``MAX_IMPULSE_FRACTION`` (2%) of the pixels are isolated is noise-like texture, not a
+sparse perturbation, and is left unchanged: the filter is for sparse impulses only.
 
 It is deterministic, elementwise over the batch, and runs on the batch's device.
 """
@@ -24,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from .defaults import PREFILTERS
-__all__ = ["DEFAULT_IMPULSE_THRESHOLD", "PREFILTERS", "impulse_filter", "impulse_mask"]
+__all__ = ["DEFAULT_IMPULSE_THRESHOLD", "MAX_IMPULSE_FRACTION", "PREFILTERS", "impulse_filter", "impulse_mask"]
 
 DEFAULT_IMPULSE_THRESHOLD = 0.25  # [0, 1] units (64/255)
+MAX_IMPULSE_FRACTION = 0.02  # an image with more isolated pixels than this is texture, not a sparse poison
 
 
 def _neighbours(x: torch.Tensor) -> torch.Tensor:
@@ -38,23 +41,28 @@ def _neighbours(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([p[..., dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3) if (dy, dx) != (1, 1)])
 
 
-def impulse_mask(x: torch.Tensor, threshold: float = DEFAULT_IMPULSE_THRESHOLD) -> torch.Tensor:
-    """(N, H, W) bool: pixels farther than ``threshold`` (L-inf, [0, 1] units) from all 8 neighbours.
+def impulse_mask(x: torch.Tensor, threshold: float = DEFAULT_IMPULSE_THRESHOLD,
+                 max_fraction: float = MAX_IMPULSE_FRACTION) -> torch.Tensor:
+    """(N, H, W) bool: the pixels the filter replaces.
 
-    ``x`` is a float NCHW batch in [0, 1].
+    Pixels farther than ``threshold`` (L-inf, [0, 1] units) from all 8 neighbours, in images
+    where such pixels are at most ``max_fraction`` of all. ``x`` is a float NCHW batch in [0, 1].
     """
-    return _isolated(x, _neighbours(x), threshold)
+    return _isolated(x, _neighbours(x), threshold, max_fraction)
 
 
-def _isolated(x: torch.Tensor, neighbours: torch.Tensor, threshold: float) -> torch.Tensor:
+def _isolated(x: torch.Tensor, neighbours: torch.Tensor, threshold: float, max_fraction: float) -> torch.Tensor:
     distance = (neighbours - x.unsqueeze(0)).abs().amax(dim=2)  # (8, N, H, W)
-    return distance.amin(dim=0) > threshold
+    isolated = distance.amin(dim=0) > threshold
+    sparse = isolated.float().mean(dim=(1, 2)) <= max_fraction
+    return isolated & sparse[:, None, None]
 
 
-def impulse_filter(x: torch.Tensor, threshold: float = DEFAULT_IMPULSE_THRESHOLD) -> torch.Tensor:
+def impulse_filter(x: torch.Tensor, threshold: float = DEFAULT_IMPULSE_THRESHOLD,
+                   max_fraction: float = MAX_IMPULSE_FRACTION) -> torch.Tensor:
     """Replace isolated impulses of a float NCHW batch in [0, 1] by their neighbours' median."""
     neighbours = _neighbours(x)
-    isolated = _isolated(x, neighbours, threshold)
+    isolated = _isolated(x, neighbours, threshold, max_fraction)
     ordered = neighbours.sort(dim=0).values
     median = (ordered[3] + ordered[4]) / 2  # the median of 8 values: mean of the middle two
     return torch.where(isolated.unsqueeze(1), median, x)

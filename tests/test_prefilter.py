@@ -85,3 +85,13 @@ def test_recipes_name_settings_and_explicit_settings_win():
     assert (default.steps, default.prefilter) == tuple(RECIPES[DEFAULT_RECIPE].values())
     with pytest.raises(ValueError, match="recipe"):
         PurifierConfig.from_recipe("fancy")
+
+
+def test_noise_like_images_are_left_alone_sparse_impulses_are_not():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(2, 3, 32, 32, generator=g)  # every pixel "isolated": texture, not a sparse poison
+    assert torch.equal(impulse_filter(noise), noise) and not impulse_mask(noise).any()
+    x = _smooth_batch(1, 32)
+    for i in range(20):  # 20 of 1,024 pixels (< 2%): still sparse
+        x[0, :, 1 + (i // 5) * 7, 1 + (i % 5) * 6] = torch.tensor([1.0, 0.0, 1.0])
+    assert impulse_mask(x).sum() == 20
