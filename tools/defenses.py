@@ -48,11 +48,12 @@ class Defense:
     purify: bool = False
     purify_steps: int | None = None    # None: the CLI's default (t* = 100 reverse steps)
     prefilter: str = "none"            # purify --prefilter, always passed: "none" is the paper's recipe
+    gray_p: float = 0.4                # training-time corruption: grayscale probability (the paper's 0.4)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "train_once": self.train_once, "test_once": self.test_once,
                 "train_corruption": self.train_corruption, "purify": self.purify,
-                "purify_steps": self.purify_steps, "prefilter": self.prefilter}
+                "purify_steps": self.purify_steps, "prefilter": self.prefilter, "gray_p": self.gray_p}
 
     @property
     def purify_tag(self) -> str:
@@ -66,7 +67,8 @@ class Defense:
 
 def get_defense(name: str) -> Defense:
     """Parse a defense name; ``eclipse-steps20`` is ECLIPSE with 20 reverse steps, ``eclipse-steps1+impulse``
-    adds purify's impulse prefilter (``+none`` pins the paper's no-prefilter explicitly)."""
+    adds purify's impulse prefilter (``+none`` pins the paper's no-prefilter explicitly), and a ``-gray0.8``
+    suffix sets the training-time corruption's grayscale probability (default: the paper's 0.4)."""
     table = {
         "none": Defense("none"),
         "iss-gray": Defense("iss-gray", train_once="gray", test_once="gray"),
@@ -76,11 +78,12 @@ def get_defense(name: str) -> Defense:
     }
     if name in table:
         return table[name]
-    match = re.fullmatch(r"eclipse(?:-steps(\d+))?(?:\+(none|impulse))?", name)
+    match = re.fullmatch(r"eclipse(?:-steps(\d+))?(?:\+(none|impulse))?(?:-gray(0(?:\.\d+)?|1(?:\.0+)?))?", name)
     if match and (match.group(1) is None or int(match.group(1)) > 0):
         steps = int(match.group(1)) if match.group(1) else None
+        gray = float(match.group(3)) if match.group(3) else CORRUPTION_P
         return Defense(name, train_corruption=True, purify=True, purify_steps=steps,
-                       prefilter=match.group(2) or "none")
+                       prefilter=match.group(2) or "none", gray_p=gray)
     raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or eclipse-steps<K>[+impulse]")
 
 
@@ -121,7 +124,7 @@ def training_corruption(defense: Defense, generator: torch.Generator | None = No
     except ImportError as exc:
         raise ToolError(f"defense {defense.name!r} needs eclipse_stream.corruption.RandomCorruption, "
                         f"which cannot be imported: {exc}") from exc
-    return RandomCorruption(p=CORRUPTION_P, sigma=CORRUPTION_SIGMA, generator=generator)
+    return RandomCorruption(p=defense.gray_p, sigma=CORRUPTION_SIGMA, generator=generator)
 
 
 def eclipse_stream_command() -> list[str]:
