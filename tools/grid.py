@@ -55,7 +55,8 @@ PROTOCOLS = {
     # What a 2-core CPU can run in about two hours (docs/evaluation.md, "CPU protocol").
     "cpu": Protocol("cpu", PROJECT_ROOT / "runs" / "eval-cpu", 1000, None, "cpu", "cpu",
                     poisons=("clean", "urp", "lsp", "ar", "ops"),
-                    defenses=("none", "iss-gray", "iss-jpeg10", "corruption", "eclipse-steps1", "eclipse-steps10"),
+                    defenses=("none", "iss-gray", "iss-jpeg10", "corruption", "eclipse-steps1", "eclipse-steps10",
+                              "eclipse-steps1+impulse"),
                     purify_args=("--precision", "bf16"), purify_batch_size=256,
                     extra_seeds=(1, 2), seed_cells=("clean/none", "clean/eclipse-steps1"),
                     paper_comparable=False),
