@@ -105,14 +105,16 @@ def test_eclipse_cell_end_to_end(tmp_path):
     assert cell["settings"]["train"].endswith(os.path.join("purified", "urp"))
     manifest = json.loads((tmp_path / "work" / "purified" / "urp" / "manifest.json").read_text())
     assert manifest["config"]["purifier"]["t_star"] == 100
+    # the paper's recipe whatever the CLI's default recipe is: the full chain, no prefilter
+    assert manifest["config"]["purifier"]["steps"] is None and manifest["config"]["purifier"]["prefilter"] == "none"
 
 
 def test_cpu_protocol_grid_end_to_end_at_toy_size(tmp_path):
     """The CPU protocol's cells, seed repeats, purify settings and report, on 10 images per class."""
     work = tmp_path / "work"
     args = ["grid", "--protocol", "cpu", "--poisons", "clean,ops", "--defenses", "none",
-            "--cells", "ops/eclipse-steps1+impulse", "--seed-cells", "ops/none", "--extra-seeds", "1", "--limit-per-class", "10", "--test-limit-per-class",
-            "10", "--epochs", "1", "--work-dir", str(work)]
+            "--cells", "ops/eclipse-steps1+impulse", "--seed-cells", "ops/none", "--extra-seeds", "1",
+            "--limit-per-class", "10", "--test-limit-per-class", "10", "--epochs", "1", "--work-dir", str(work)]
     proc = _evaluate(*args)
     assert proc.returncode == 0, proc.stderr
     results_path = work / "results-cpu.json"

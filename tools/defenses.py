@@ -62,7 +62,8 @@ class Defense:
             f"-{self.prefilter}" if self.prefilter != "none" else "")
 
     def purify_args(self) -> tuple[str, ...]:
-        return ("--prefilter", self.prefilter) if self.purify else ()
+        """Pinned to the paper's recipe, with this defense's prefilter: the CLI's default recipe never leaks in."""
+        return ("--recipe", "paper", "--prefilter", self.prefilter) if self.purify else ()
 
 
 def get_defense(name: str) -> Defense:
