@@ -231,6 +231,18 @@ def _image_key(sample: dict, image_key: str | None, where: tuple[str, str]) -> s
     return key
 
 
+def _label_and_image(sample: dict, where: tuple[str, str], cfg, skipped: list) -> tuple | None:
+    """(label, undecoded image) of a sample; None (recorded in ``skipped``) when bad under on_error=skip."""
+    try:
+        key = _label_key(sample, cfg.label_key, where)
+        return _label_value(sample[key], where, key), sample[_image_key(sample, cfg.image_key, where)]
+    except SampleError as e:
+        if cfg.on_error == "fail":
+            raise
+        skipped.append({"shard": e.shard, "key": e.key, "reason": e.reason})
+        return None
+
+
 def _to_rgb(value, where: tuple[str, str], max_pixels: int) -> np.ndarray:
     """uint8 H x W x 3 from encoded bytes (purify's decoder), a PIL image, an array or a tensor."""
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -315,16 +327,9 @@ def sample_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike], cfg: 
             continue
         for sample in iter_tar_samples(shard):
             where = (str(shard), sample["__key__"])
-            try:
-                key = _label_key(sample, cfg.label_key, where)
-                label = _label_value(sample[key], where, key)
-                image = sample[_image_key(sample, cfg.image_key, where)]
-            except SampleError as e:
-                if cfg.on_error == "fail":
-                    raise
-                skipped.append({"shard": e.shard, "key": e.key, "reason": e.reason})
-                continue
-            reservoir.add(label, ("tar", where, image))
+            found = _label_and_image(sample, where, cfg, skipped)
+            if found is not None:
+                reservoir.add(found[0], ("tar", where, found[1]))
 
     def load(item):
         kind, where, payload = item
@@ -377,16 +382,9 @@ def sample_samples(samples: Iterable[dict], cfg: ScanConfig) -> _Sampled:
         url = str(sample.get("__url__", "<samples>"))
         urls.setdefault(url)
         where = (url, str(sample.get("__key__", f"#{number}")))
-        try:
-            key = _label_key(sample, cfg.label_key, where)
-            label = _label_value(sample[key], where, key)
-            image = sample[_image_key(sample, cfg.image_key, where)]
-        except SampleError as e:
-            if cfg.on_error == "fail":
-                raise
-            skipped.append({"shard": e.shard, "key": e.key, "reason": e.reason})
-            continue
-        reservoir.add(label, (where, image))
+        found = _label_and_image(sample, where, cfg, skipped)
+        if found is not None:
+            reservoir.add(found[0], (where, found[1]))
     return _finish(reservoir, lambda item: _to_rgb(item[1], item[0], cfg.max_pixels), cfg, list(urls), skipped)
 
 
