@@ -34,7 +34,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure(denoiser: str, images: np.ndarray, t_star: int, steps: int | None, batch_size: int,
             device: torch.device, seed: int = 0) -> dict:
     den = load_denoiser(denoiser, device=device)
-    purifier = Purifier(den, PurifierConfig(t_star=t_star, steps=steps))
+    # prefilter none: this measures the denoiser alone (the impulse stage is scored by tools.stages)
+    purifier = Purifier(den, PurifierConfig(t_star=t_star, steps=steps, prefilter="none"))
     noised_psnr, purified_psnr = [], []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().div(255).to(device)
