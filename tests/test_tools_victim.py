@@ -34,12 +34,13 @@ def medium(tmp_path_factory):
 
 
 def test_victim_learns_well_above_chance(medium):
-    """2,500 clean images, narrow ResNet18, 10 epochs on CPU: far above the 10% of chance."""
-    result = train_victim(VictimConfig(train=str(medium / "train"), test=str(medium / "test"), recipe="fast",
-                                       epochs=10, batch_size=64, width=0.125, device="cpu", seed=0),
+    """2,500 clean images, the CPU protocol's victim (ResNet-9 x0.25, bf16), 10 epochs: far above the 10% of
+    chance (39.7% when written; about 35 s on one core)."""
+    result = train_victim(VictimConfig(train=str(medium / "train"), test=str(medium / "test"), recipe="cpu",
+                                       epochs=10, batch_size=64, device="cpu", seed=0),
                           log=lambda m: None)
     assert result["complete"] and result["settings"]["train_images"] == 2500
-    assert result["test_accuracy"] >= 35.0, result["test_accuracy"]
+    assert result["test_accuracy"] >= 30.0, result["test_accuracy"]
     assert result["git_commit"] and result["torch"] == torch.__version__ and "cpu" in result["device"]
 
 
