@@ -85,6 +85,9 @@ def _device_option(fn):
 @click.option("--max-timestep", type=int, default=None,
               help="Train on timesteps [0, K) of the T-step schedule only (purification uses t* <= K); "
                    "default: all of T, as the paper.")
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start from this exported denoiser's weights (fine-tuning, e.g. onto a --max-timestep "
+                   "range); its sha256 is recorded. Default: random initialisation.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32")
 @click.option("--seed", type=int, default=0)
 @_device_option

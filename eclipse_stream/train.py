@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_train_state, save_denoiser, save_train_state
+from .checkpoint import load_denoiser, load_train_state, save_denoiser, save_train_state
 from .devices import resolve_device
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .errors import CheckpointError, InputError
@@ -52,6 +52,7 @@ class TrainConfig:
     replicate: int = 4
     diffusion_steps: int = 4000
     max_timestep: int | None = None  # train on timesteps [0, K) of the T-step schedule only; None: all of [0, T)
+    init_from: str | None = None  # start from this exported denoiser's weights (fine-tuning); None: random init
     precision: str = "fp32"
     seed: int = 0
     device: str | None = None
@@ -85,7 +86,7 @@ class TrainConfig:
     def portable_args(self) -> dict:
         """Arguments recorded in checkpoints (everything but where files live)."""
         d = asdict(self)
-        for k in ("out", "state", "resume", "device"):
+        for k in ("out", "state", "resume", "device", "init_from"):
             d.pop(k)
         return d
 
@@ -149,16 +150,34 @@ def train_step(model, ema, opt, diffusion: GaussianDiffusion, batch: torch.Tenso
     return loss.detach()
 
 
-def _check_resume(meta: dict, cfg: TrainConfig, files_hash: str, path: str) -> None:
+def _check_resume(meta: dict, cfg: TrainConfig, files_hash: str, path: str, init_sha: str | None) -> None:
     saved = meta.get("train_args", {})
     # everything that shapes the run but iterations/checkpoint_every (which may grow) and source (hashed below);
     # AdamW's load_state_dict would silently bring back the saved lr and weight decay
     for key in ("preset", "image_size", "batch_size", "replicate", "seed", "diffusion_steps", "lr",
-                "weight_decay", "ema_decay", "precision", "max_timestep"):
-        if saved.get(key) != getattr(cfg, key) and (key in saved or getattr(cfg, key) is not None):
-            raise CheckpointError(f"{path}: cannot resume: {key} was {saved[key]!r}, now {getattr(cfg, key)!r}")
+                "weight_decay", "ema_decay", "precision", "max_timestep", "init_from_sha256"):
+        now = init_sha or None if key == "init_from_sha256" else getattr(cfg, key)
+        if saved.get(key) != now and (key in saved or now is not None):
+            raise CheckpointError(f"{path}: cannot resume: {key} was {saved.get(key)!r}, now {now!r}")
     if meta.get("train_files_sha256") != files_hash:
         raise CheckpointError(f"{path}: cannot resume: the training images differ from the saved run's")
+
+
+def _init_weights(path: str, model, ema, diff_cfg: DiffusionConfig) -> str:
+    """Copy an exported denoiser's weights into model and EMA (fine-tuning); return the file's sha256.
+
+    The UNet and the schedule must be the ones this run trains: anything else is refused."""
+    den = load_denoiser(path)
+    if den.model.config != model.config:
+        raise CheckpointError(f"{path}: cannot start from it: its UNet ({den.model.config}) is not the one "
+                              f"requested ({model.config}); pass the same --preset and --image-size")
+    if den.metadata.get("diffusion") != diff_cfg.to_dict():
+        raise CheckpointError(f"{path}: cannot start from it: its schedule {den.metadata.get('diffusion')} is "
+                              f"not this run's {diff_cfg.to_dict()} (see --diffusion-steps)")
+    model.load_state_dict(den.model.state_dict())
+    ema.load_state_dict(den.model.state_dict())
+    log.info("starting from the weights of %s (sha256 %s)", path, den.sha256[:12])
+    return den.sha256
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
@@ -177,13 +196,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    init_sha = _init_weights(cfg.init_from, model, ema, diff_cfg) if cfg.init_from else None
     start = 0
     state_path = cfg.state_path
     if cfg.resume:
         if not Path(state_path).is_file():
             raise CheckpointError(f"{state_path}: no training state to resume from")
         meta = load_train_state(state_path, model=model, ema=ema, optimizer=opt)
-        _check_resume(meta, cfg, files_hash, state_path)
+        _check_resume(meta, cfg, files_hash, state_path, init_sha)
         start = int(meta["step"])
         log.info("resumed from %s at step %d", state_path, start)
     if start >= cfg.iterations:
@@ -193,7 +213,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     sampler = ReplicatedSampler(len(data), cfg.replicate, cfg.batch_size, cfg.seed, device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
-    args = cfg.portable_args()
+    args = {**cfg.portable_args(), **({"init_from_sha256": init_sha} if init_sha else {})}
 
     def checkpoint(step: int, loss: float | None):
         save_train_state(state_path, model=model, ema=ema, optimizer=opt, diffusion_config=diff_cfg,

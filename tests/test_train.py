@@ -1,6 +1,7 @@
 """eclipse-stream train: end to end on real CIFAR-10 images, exact resume, clear errors."""
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -184,3 +185,32 @@ def test_old_checkpoints_read_as_full_range(image_folder, tmp_path):
     assert den.trained_max_timestep == 1000
     den.metadata.pop("trained_timesteps")  # as written before --max-timestep existed
     assert den.trained_max_timestep == 1000
+
+
+def test_init_from_starts_at_a_denoisers_weights_and_is_recorded(image_folder, tmp_path):
+    """Fine-tuning: a run started --init-from a denoiser begins at its weights; the file's sha256 is
+    recorded, a resume with another (or no) starting point is refused, and another UNet is refused."""
+    base = tiny_cfg(image_folder, tmp_path / "a.safetensors", iterations=2)
+    train(base, progress=False)
+    start = load_denoiser(base.out)
+    cfg = tiny_cfg(image_folder, tmp_path / "b.safetensors", iterations=1, lr=1e-12, init_from=base.out,
+                   max_timestep=200)
+    train(cfg, progress=False)
+    tuned = load_denoiser(cfg.out)
+    assert tuned.metadata["train_args"]["init_from_sha256"] == start.sha256
+    assert "init_from" not in tuned.metadata["train_args"]  # a path is not portable; the hash is
+    for (name, a), b in zip(start.model.state_dict().items(), tuned.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name  # lr ~0: the weights it started from
+    other = tiny_cfg(image_folder, tmp_path / "c.safetensors", iterations=1, seed=5)
+    train(other, progress=False)
+    with pytest.raises(CheckpointError, match="init_from_sha256"):
+        train(replace(cfg, iterations=2, resume=True, init_from=other.out), progress=False)
+    with pytest.raises(CheckpointError, match="init_from_sha256"):
+        train(replace(cfg, iterations=2, resume=True, init_from=None), progress=False)
+    train(replace(cfg, iterations=2, resume=True), progress=False)  # the same start resumes
+    with pytest.raises(CheckpointError, match="UNet"):
+        train(tiny_cfg(image_folder, tmp_path / "d.safetensors", preset="small", init_from=base.out),
+              progress=False)
+    with pytest.raises(CheckpointError, match="schedule"):
+        train(tiny_cfg(image_folder, tmp_path / "e.safetensors", diffusion_steps=4000, init_from=base.out),
+              progress=False)
