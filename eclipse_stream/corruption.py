@@ -19,8 +19,7 @@ from webdataset.filters import pipelinefilter
 
 __all__ = ["DEFAULT_GRAY_P", "DEFAULT_SIGMA", "RandomCorruption", "corrupt", "corrupt_samples"]
 
-DEFAULT_GRAY_P = 0.4
-DEFAULT_SIGMA = 0.05
+from .defaults import DEFAULT_GRAY_P, DEFAULT_SIGMA  # noqa: E402
 
 
 def _check(p: float, sigma: float) -> None:

@@ -1,5 +1,8 @@
-"""Defaults with no heavy imports (the CLI reads them when it starts): the shipped denoiser,
-the named purification recipes and the prefilters."""
+"""Defaults and the one list of each choice, with no heavy imports (the CLI reads them when it starts).
+
+Every other module (CLI, config, pipeline, formats, EclipseTransform, scan, UNet presets) takes these
+lists from here, so that a choice is never spelled twice.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,26 @@ from .errors import CheckpointError
 
 DEFAULT_DENOISER = "default-denoiser.safetensors"
 
+#: Field extensions treated as images, in auto-detect priority (the first present one is a sample's image
+#: where one image is looked at: scan, preview, EclipseTransform; purify purifies every one of them).
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+
+#: Largest image (width x height) decoded by default: Pillow's own hard decompression-bomb limit
+#: (2 x ``PIL.Image.MAX_IMAGE_PIXELS``); see imageio.
+DEFAULT_MAX_PIXELS: int = 89_478_485 * 2
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")  # purification (purifier.py maps them to dtypes)
+TRAIN_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")  # training
+RESOLUTIONS: tuple[str, ...] = ("native", "model")  # purify --resolution
+PRESETS: tuple[str, ...] = ("paper", "small", "tiny")  # UNet presets (unet.PRESETS holds their configs)
+IMAGE_SIZES: tuple[int, ...] = (32, 64, 128, 256)  # UNet training resolutions (unet.CHANNEL_MULT)
+ON_ERROR: tuple[str, ...] = ("fail", "skip")
+CORRUPTIONS: tuple[str, ...] = ("none", "baked")
+
 PREFILTERS = ("none", "impulse")  # prefilter.py
+DEFAULT_IMPULSE_THRESHOLD = 0.25  # [0, 1] units (64/255): see prefilter.py
+DEFAULT_GRAY_P = 0.4  # training-time corruption: grayscale probability (corruption.py)
+DEFAULT_SIGMA = 0.05  # training-time corruption: noise std in [0, 1] units
 
 # Named purification recipes: the settings a name stands for (each can still be set on its own).
 # paper:  ECLIPSE as published: the full t*-step reverse chain, no prefilter.

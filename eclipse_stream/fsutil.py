@@ -136,3 +136,33 @@ def _read_holder(fd: int) -> str:
     if text and text[0].isdigit():
         return f"PID {text[0]}" + (f" on {text[1]}" if len(text) > 1 else "")
     return "another process"
+
+
+class HashingFile:
+    """A file written front to back whose sha256 is computed as it is written (no second read at the end).
+
+    ``finish()`` flushes, fsyncs and closes it and returns the hex digest; ``close()`` just closes it.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self._file = open(path, "wb")
+        self._hash = hashlib.sha256()
+
+    def write(self, data) -> int:
+        n = self._file.write(data)
+        self._hash.update(data)
+        return n
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def finish(self) -> str:
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())  # the bytes reach the disk before the name does
+        finally:
+            self._file.close()
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        self._file.close()

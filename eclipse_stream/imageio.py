@@ -80,14 +80,12 @@ __all__ = [
     "image_fields",
 ]
 
-#: Field extensions treated as images, in auto-detect priority (the first present one is purified).
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
-
-#: Largest image (width x height) decoded by default. It is Pillow's own hard decompression-bomb limit
-#: (2 x ``PIL.Image.MAX_IMAGE_PIXELS`` = 2 x 89_478_485, about 13k x 13k, ~540 MB as RGB): big enough for
-#: any real photo, small enough that one hostile sample cannot exhaust memory. Pillow merely *warns* from
-#: 89_478_485 pixels on; we replace that warning with this explicit, user-adjustable limit.
-DEFAULT_MAX_PIXELS: int = 89_478_485 * 2
+#: Field extensions treated as images (defaults.IMAGE_EXTENSIONS, the one list), in auto-detect priority.
+#: DEFAULT_MAX_PIXELS: the largest image (width x height) decoded by default. It is Pillow's own hard
+#: decompression-bomb limit (2 x ``PIL.Image.MAX_IMAGE_PIXELS`` = 2 x 89_478_485, about 13k x 13k, ~540 MB as
+#: RGB): big enough for any real photo, small enough that one hostile sample cannot exhaust memory. Pillow
+#: merely *warns* from 89_478_485 pixels on; we replace that warning with this explicit, user-adjustable limit.
+from .defaults import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS  # noqa: E402
 
 _GRAY_MODES = ("L", "1")
 _RECOLOURED_MODES = ("CMYK", "YCbCr", "LAB", "HSV")  # converted by PIL; their ICC profile no longer fits

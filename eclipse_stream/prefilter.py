@@ -25,10 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .defaults import PREFILTERS
+from .defaults import DEFAULT_IMPULSE_THRESHOLD, PREFILTERS
 __all__ = ["DEFAULT_IMPULSE_THRESHOLD", "MAX_IMPULSE_FRACTION", "PREFILTERS", "impulse_filter", "impulse_mask"]
 
-DEFAULT_IMPULSE_THRESHOLD = 0.25  # [0, 1] units (64/255)
 MAX_IMPULSE_FRACTION = 0.02  # an image with more isolated pixels than this is texture, not a sparse poison
 
 

@@ -15,62 +15,25 @@ precision and batch size give the same result.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Denoiser
-from .corruption import DEFAULT_GRAY_P, DEFAULT_SIGMA, corrupt
+from .config import PurifierConfig
+from .corruption import corrupt
 from .defaults import DEFAULT_RECIPE, RECIPES
+from .defaults import PRECISIONS as PRECISION_NAMES
 from .diffusion import purification_timesteps
-from .prefilter import DEFAULT_IMPULSE_THRESHOLD, PREFILTERS, impulse_filter
+from .prefilter import impulse_filter
 
 __all__ = ["DEFAULT_RECIPE", "PRECISIONS", "RECIPES", "Purifier", "PurifierConfig"]
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names of defaults.PRECISIONS
+assert tuple(PRECISIONS) == PRECISION_NAMES
 
-
-
-@dataclass(frozen=True)
-class PurifierConfig:
-    """How to purify; part of every output shard's recorded config."""
-
-    t_star: int = 100
-    steps: int | None = RECIPES[DEFAULT_RECIPE]["steps"]  # None: t_star (the paper's full chain)
-    precision: str = "fp32"
-    corruption: str = "none"  # "none" or "baked"
-    gray_p: float = DEFAULT_GRAY_P
-    noise_sigma: float = DEFAULT_SIGMA
-    prefilter: str = RECIPES[DEFAULT_RECIPE]["prefilter"]  # "none" (the paper) or "impulse" (prefilter.py)
-    impulse_threshold: float = DEFAULT_IMPULSE_THRESHOLD
-
-    @classmethod
-    def from_recipe(cls, recipe: str | None = None, **settings) -> PurifierConfig:
-        """A config from a named recipe (default: DEFAULT_RECIPE); settings that are not None override it."""
-        recipe = recipe or DEFAULT_RECIPE
-        if recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-        return cls(**{**RECIPES[recipe], **{k: v for k, v in settings.items() if v is not None}})
-
-    def __post_init__(self) -> None:
-        if self.prefilter not in PREFILTERS:
-            raise ValueError(f"prefilter must be one of {', '.join(PREFILTERS)}, got {self.prefilter!r}")
-        if not 0.0 < self.impulse_threshold < 1.0:
-            raise ValueError(f"impulse threshold must be in (0, 1), got {self.impulse_threshold}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        if self.corruption not in ("none", "baked"):
-            raise ValueError(f"corruption must be 'none' or 'baked', got {self.corruption!r}")
-        if self.t_star < 1:
-            raise ValueError(f"t_star must be >= 1, got {self.t_star}")
-        if self.steps is not None and not 1 <= self.steps <= self.t_star:
-            raise ValueError(f"steps must be between 1 and t_star={self.t_star}, got {self.steps}")
-
-    @property
-    def num_steps(self) -> int:
-        return self.steps or self.t_star
 
 
 class Purifier(nn.Module):

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .defaults import IMAGE_SIZES
+from .defaults import PRESETS as PRESET_NAMES
+
 __all__ = ["CHANNEL_MULT", "PRESETS", "UNet", "UNetConfig", "preset_config"]
 
 # Channel multipliers per input size (improved-diffusion's choices): deeper nets for larger images.
@@ -91,6 +94,8 @@ PRESETS: dict[str, UNetConfig] = {
                        attention_resolutions=(8,), num_heads=1, dropout=0.0),
 }
 
+
+assert tuple(PRESETS) == PRESET_NAMES and tuple(CHANNEL_MULT) == IMAGE_SIZES  # the lists of defaults.py
 
 # small and tiny drop the deepest level of the per-size channel multipliers (fewer parameters).
 _LEVELS_DROPPED = {"paper": 0, "small": 1, "tiny": 1}

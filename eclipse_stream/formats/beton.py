@@ -37,6 +37,7 @@ ffcv is imported inside functions only, so this module imports without it.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import contextlib
 import functools
@@ -291,6 +292,25 @@ class BetonWriter:
         self._state = "closed"
         return self._spool.count
 
+    def close_in(self, builder: BetonBuilder, stop=None) -> str:
+        """As :meth:`close`, but ffcv's writer runs in ``builder``'s process; returns the output's sha256.
+
+        ``stop`` (a threading.Event) set while the build runs kills the builder and raises EclipseError.
+        """
+        self._require_open()
+        try:
+            if self._spool.count == 0:
+                raise InputError(f"{self.path}: no samples to write; FFCV cannot write an empty .beton")
+            self._output_started = True
+            sha256 = builder.build((self.path, self._fields, self._page_size(), self._spool.dataset(self.seed)),
+                                   stop)
+        except BaseException:
+            self.abort()
+            raise
+        self._spool.remove()
+        self._state = "closed"
+        return sha256
+
     def abort(self) -> None:
         """Remove the spool and any partial output; does nothing once closed (the output is complete)."""
         if self._state != "open":
@@ -332,16 +352,111 @@ class BetonWriter:
         bound = image.nbytes if field.write_mode == "raw" else 2 * image.nbytes + _JPEG_SLACK
         return np.ascontiguousarray(image), bound
 
-    def _run_dataset_writer(self) -> None:
-        """ffcv's DatasetWriter over the spool, one worker, pages big enough for the largest sample."""
-        from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
+    def _page_size(self) -> int:
+        """DatasetWriter's default page size, doubled until the largest sample fits."""
+        from ffcv.writer import MIN_PAGE_SIZE
 
         page_size = 4 * MIN_PAGE_SIZE  # DatasetWriter's default
         while page_size < self._largest_sample:
             page_size *= 2
-        writer = DatasetWriter(self.path, self._fields, page_size=page_size, num_workers=1)
+        return page_size
+
+    def _run_dataset_writer(self) -> None:
+        """ffcv's DatasetWriter over the spool, in this process."""
         self._output_started = True
-        writer.from_indexed_dataset(self._spool.dataset(self.seed))
+        _build_beton(self.path, self._fields, self._page_size(), self._spool.dataset(self.seed))
+
+
+def _build_beton(path: str, fields: dict, page_size: int, dataset) -> None:
+    """ffcv's DatasetWriter over a spooled dataset, one worker, pages of ``page_size`` bytes."""
+    from ffcv.writer import DatasetWriter
+
+    DatasetWriter(path, fields, page_size=page_size, num_workers=1).from_indexed_dataset(dataset)
+
+
+class BetonBuilder:
+    """A dedicated process that runs ffcv's DatasetWriter for the pipeline's ``.beton`` outputs, one at a time.
+
+    ffcv's writer forks a worker process; forking from a thread of a busy multi-threaded process risks
+    deadlocks, and the build is long (it re-encodes every sample), so it runs here, in a process forked
+    from the main thread before the run's threads start. A build is a message with the output path, the
+    ffcv fields, the page size and the spooled dataset (each reads its records back from disk); the reply
+    is the output's sha256 or the error. The process dies with its parent (PR_SET_PDEATHSIG) and lives in
+    its own process group, so :meth:`kill` also ends ffcv's worker.
+    """
+
+    def __init__(self):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_builder_main, args=(child, os.getpid()),  # not daemonic: ffcv forks
+                                 name="eclipse-beton-builder")
+        self._proc.start()
+        child.close()
+
+    def build(self, job: tuple, stop=None) -> str:
+        path = job[0]
+        self._conn.send(job)
+        while not self._conn.poll(0.1):
+            if stop is not None and stop.is_set():
+                self.kill()
+                raise EclipseError(f"{path}: stopped while ffcv wrote it")
+            if not self._proc.is_alive():
+                raise EclipseError(f"{path}: the .beton writer process died (exit code {self._proc.exitcode})")
+        kind, *rest = self._conn.recv()
+        if kind == "ok":
+            return rest[0]
+        if kind == "os":
+            raise OSError(*rest)
+        raise EclipseError(f"{path}: ffcv could not write it: {rest[0]}")
+
+    def alive(self) -> bool:
+        return self._proc.is_alive() and not self._conn.closed
+
+    def close(self) -> None:
+        """Let the process end (it exits when the pipe closes); kill it if it does not."""
+        if self._conn.closed:
+            return
+        self._conn.close()
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self.kill()
+
+    def kill(self) -> None:
+        self._conn.close()
+        with contextlib.suppress(OSError):
+            os.killpg(self._proc.pid, 9)
+        self._proc.join(timeout=10)
+
+
+def _builder_main(conn, parent: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler: the parent stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # not torch DataLoader's handler, if the parent had one
+    os.setpgid(0, 0)  # kill(): this process and ffcv's worker
+    with contextlib.suppress(Exception):  # Linux only: PR_SET_PDEATHSIG = 1
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+    from ..fsutil import file_sha256
+
+    while True:
+        try:
+            path, fields, page_size, dataset = conn.recv()
+        except (EOFError, OSError):
+            os._exit(0)
+        try:
+            _build_beton(path, fields, page_size, dataset)
+            reply = ("ok", file_sha256(path))
+        except OSError as exc:
+            reply = ("os", exc.errno, exc.strerror or str(exc))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            reply = ("error", f"{type(exc).__name__}: {exc}")
+        conn.send(reply)
 
 
 class _Spool:
@@ -628,3 +743,105 @@ def _image_field(storage: dict, jpeg_quality: int):
 
     options = {k: storage[k] for k in ("smart_threshold", "compress_probability") if storage[k] is not None}
     return RGBImageField(write_mode=storage["write_mode"], jpeg_quality=jpeg_quality, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline's view: a registered ShardFormat
+# ---------------------------------------------------------------------------------------------------------
+
+from . import Image, ReadPolicy, Record, ShardFormat, ShardWriter, WritePolicy, register  # noqa: E402
+
+
+class BetonShardWriter(ShardWriter):
+    """An output ``.beton``: samples spooled in order, built by the run's :class:`BetonBuilder` at finish.
+
+    The BetonWriter is created at the first sample (it needs the input's field layout, and the input may turn
+    out unreadable): a shard none of whose samples survive writes no file (ffcv cannot write an empty one).
+    """
+
+    def __init__(self, fmt: BetonFormat, tmp: str, source: str, policy: WritePolicy):
+        self._fmt, self._tmp, self._source, self._policy = fmt, tmp, source, policy
+        self._writer: BetonWriter | None = None
+
+    def write_sample(self, key: str, fields: dict) -> None:
+        if self._writer is None:
+            self._writer = BetonWriter(self._tmp, like=BetonReader(self._source),
+                                       jpeg_quality=self._policy.jpeg_quality,
+                                       spool_dir=os.path.dirname(self._tmp), seed=self._policy.seed)
+        self._writer.write(fields)
+
+    def finish(self, stop=None) -> str | None:
+        if self._writer is None:
+            return None
+        builder = self._fmt.builder
+        if builder is None:  # outside a pipeline run: ffcv's writer in this process
+            self._writer.close()
+            from ..fsutil import file_sha256
+            return file_sha256(self._tmp)
+        return self._writer.close_in(builder, stop)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+
+
+class BetonFormat(ShardFormat):
+    suffix = ".beton"
+
+    def __init__(self):
+        self.builder: BetonBuilder | None = None
+
+    def records(self, path: str, policy: ReadPolicy) -> Iterator[Record]:
+        reader = BetonReader(path, max_pixels=policy.max_pixels)
+        names = reader.fields_to_purify(policy.image_key)
+        it = iter(reader)
+        index = 0
+        while True:
+            try:
+                sample = next(it)
+            except StopIteration:
+                return
+            except SampleError as e:  # one undecodable image: the reader goes on with the next
+                yield Record(index, e.key, index, error=e.reason)
+                index += 1
+                continue
+            images = [Image(name, np.ascontiguousarray(sample.pop(name))) for name in names]
+            yield Record(index, sample["__key__"], index, sample, images)
+            index += 1
+
+    def encode(self, image: Image, rgb: np.ndarray, policy: WritePolicy) -> np.ndarray:
+        return rgb  # stored as pixels; the writer compresses as the input's storage mode says
+
+    def open_writer(self, tmp: str, source: str, policy: WritePolicy) -> BetonShardWriter:
+        return BetonShardWriter(self, tmp, source, policy)
+
+    def temporary_names(self) -> str:
+        return r"\.spool-.+"  # BetonWriter's spool folder, next to the partial output
+
+    @contextlib.contextmanager
+    def session(self):
+        """For one pipeline run: the builder process (see :class:`BetonBuilder`). It is forked at the first run
+        of this process, from the main thread before the run's threads and reader workers start, and kept for
+        later runs (ffcv's compiled encoders stay warm); a run that fails kills it. ffcv is imported first
+        (the writers need it here too), so that the builder starts with it."""
+        with contextlib.suppress(ImportError, OSError):  # without ffcv the readers say so, shard by shard
+            import ffcv.fields  # noqa: F401
+            import ffcv.writer  # noqa: F401
+        global _BUILDER
+        if _BUILDER is None or not _BUILDER.alive():
+            _BUILDER = BetonBuilder()
+            atexit.register(_BUILDER.close)
+        self.builder = _BUILDER
+        try:
+            yield self
+        except BaseException:
+            _BUILDER.kill()
+            _BUILDER = None
+            raise
+        finally:
+            self.builder = None
+
+
+_BUILDER: BetonBuilder | None = None
+
+register(BetonFormat())

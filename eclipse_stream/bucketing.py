@@ -1,0 +1,72 @@
+"""The resolution policy and bucketing: which images of a shard go to the device together.
+
+Batches are formed per shard, in a fixed way from the shard's own images, so they (and the noise drawn for
+them) never depend on the number of reader workers, processes or GPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["Bucketer", "resize_for_model"]
+
+
+def resize_for_model(rgb: np.ndarray, size: int) -> np.ndarray:
+    """'model' resolution: shorter side to the denoiser's size, aspect ratio kept (bicubic)."""
+    h, w = rgb.shape[:2]
+    if min(h, w) == size:
+        return rgb
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    return np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BICUBIC))
+
+
+class Bucketer:
+    """Groups a shard's images by padded size into batches, deterministically.
+
+    Each image is edge-padded to a multiple of ``multiple`` in both sides; images of the same padded size share
+    a bucket. A bucket is emitted when it holds ``batch_size`` images or ``max_batch_pixels`` pixels; if more
+    than ``max_pending`` images wait in all buckets, the bucket holding the oldest image (smallest
+    ``item.index``) is emitted early, so a shard of all-different sizes keeps memory bounded. :meth:`flush`
+    emits what is left, oldest first. A batch is ``(items, pixels)``: the items in the order they were added
+    and a uint8 N x 3 x H x W tensor.
+    """
+
+    def __init__(self, batch_size: int, multiple: int, max_batch_pixels: int, max_pending: int):
+        self.batch_size, self.multiple = batch_size, multiple
+        self.max_batch_pixels, self.max_pending = max_batch_pixels, max_pending
+        self.buckets: dict[tuple[int, int], list] = {}
+        self.pending = 0
+
+    def padded(self, h: int, w: int) -> tuple[int, int]:
+        m = self.multiple
+        return -(-h // m) * m, -(-w // m) * m
+
+    def add(self, item, rgb: np.ndarray) -> Iterator[tuple[list, torch.Tensor]]:
+        size = self.padded(*rgb.shape[:2])
+        bucket = self.buckets.setdefault(size, [])
+        bucket.append((item, rgb))
+        self.pending += 1
+        if len(bucket) >= self.batch_size or len(bucket) * size[0] * size[1] >= self.max_batch_pixels:
+            yield self._emit(size)
+        elif self.pending > self.max_pending:
+            yield self._emit(self._oldest())
+
+    def flush(self) -> Iterator[tuple[list, torch.Tensor]]:
+        while self.buckets:
+            yield self._emit(self._oldest())
+
+    def _oldest(self) -> tuple[int, int]:
+        return min(self.buckets, key=lambda s: self.buckets[s][0][0].index)
+
+    def _emit(self, size: tuple[int, int]) -> tuple[list, torch.Tensor]:
+        entries = self.buckets.pop(size)
+        self.pending -= len(entries)
+        ph, pw = size
+        pixels = np.stack([np.pad(rgb, ((0, ph - rgb.shape[0]), (0, pw - rgb.shape[1]), (0, 0)), mode="edge")
+                           for _, rgb in entries])
+        return [item for item, _ in entries], torch.from_numpy(pixels).permute(0, 3, 1, 2)

@@ -1,0 +1,127 @@
+"""The settings of purification, as frozen, validated dataclasses, with no heavy imports.
+
+``PurifierConfig`` says how images are purified; ``PurifyConfig`` adds how shards are read, batched and
+written. Their field defaults are the one source of defaults: the CLI's options take theirs from here
+(tests/test_cli.py checks every option that names a field), and every setting that decides the output bytes
+is recorded in each shard's stats file (:meth:`PurifyConfig.fingerprint`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from . import __version__
+from .defaults import (
+    CORRUPTIONS, DEFAULT_GRAY_P, DEFAULT_IMPULSE_THRESHOLD, DEFAULT_MAX_PIXELS, DEFAULT_RECIPE, DEFAULT_SIGMA,
+    ON_ERROR, PRECISIONS, PREFILTERS, RECIPES, RESOLUTIONS)
+
+__all__ = ["PurifierConfig", "PurifyConfig", "default_of", "default_workers"]
+
+
+def _check(checks) -> None:
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class PurifierConfig:
+    """How to purify; part of every output shard's recorded config."""
+
+    t_star: int = 100
+    steps: int | None = RECIPES[DEFAULT_RECIPE]["steps"]  # None: t_star (the paper's full chain)
+    precision: str = "fp32"
+    corruption: str = "none"  # "none" or "baked"
+    gray_p: float = DEFAULT_GRAY_P
+    noise_sigma: float = DEFAULT_SIGMA
+    prefilter: str = RECIPES[DEFAULT_RECIPE]["prefilter"]  # "none" (the paper) or "impulse" (prefilter.py)
+    impulse_threshold: float = DEFAULT_IMPULSE_THRESHOLD
+
+    @classmethod
+    def from_recipe(cls, recipe: str | None = None, **settings) -> PurifierConfig:
+        """A config from a named recipe (default: DEFAULT_RECIPE); settings that are not None override it."""
+        recipe = recipe or DEFAULT_RECIPE
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        return cls(**{**RECIPES[recipe], **{k: v for k, v in settings.items() if v is not None}})
+
+    def __post_init__(self) -> None:
+        if self.prefilter not in PREFILTERS:
+            raise ValueError(f"prefilter must be one of {', '.join(PREFILTERS)}, got {self.prefilter!r}")
+        if not 0.0 < self.impulse_threshold < 1.0:
+            raise ValueError(f"impulse threshold must be in (0, 1), got {self.impulse_threshold}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.corruption not in CORRUPTIONS:
+            raise ValueError(f"corruption must be 'none' or 'baked', got {self.corruption!r}")
+        if self.t_star < 1:
+            raise ValueError(f"t_star must be >= 1, got {self.t_star}")
+        if self.steps is not None and not 1 <= self.steps <= self.t_star:
+            raise ValueError(f"steps must be between 1 and t_star={self.t_star}, got {self.steps}")
+
+    @property
+    def num_steps(self) -> int:
+        return self.steps or self.t_star
+
+
+def default_workers() -> int:
+    """Decode worker processes: one per core, at most 8 (output does not depend on it)."""
+    return min(8, os.cpu_count() or 1)
+
+
+#: PurifyConfig fields that change how a run goes, not the bytes it writes (left out of the fingerprint).
+#: on_error decides which runs stop, not the bytes of a finished shard: resuming with the other mode is fine.
+EXECUTION_ONLY = ("workers", "encode_threads", "device", "overwrite", "on_error")
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    """Options of ``eclipse-stream purify``; everything that decides the output bytes is recorded."""
+
+    purifier: PurifierConfig = field(default_factory=PurifierConfig)
+    batch_size: int = 64
+    seed: int = 0
+    jpeg_quality: int = 95
+    image_key: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    resolution: str = "native"
+    bucket_multiple: int = 32
+    max_batch_pixels: int = 64 * 256 * 256
+    on_error: str = "fail"
+    # execution only (do not change the output):
+    workers: int = field(default_factory=default_workers)
+    encode_threads: int = 2
+    device: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check([
+            (self.batch_size >= 1, "batch size must be >= 1"),
+            (1 <= self.jpeg_quality <= 100, "JPEG quality must be in 1..100"),
+            (self.max_pixels >= 1, "max pixels must be >= 1"),
+            (self.resolution in RESOLUTIONS, f"resolution must be one of {RESOLUTIONS}"),
+            (self.bucket_multiple >= 1, "bucket multiple must be >= 1"),
+            (self.on_error in ON_ERROR, "on-error must be 'fail' or 'skip'"),
+            (self.workers >= 0, "workers must be >= 0"),
+            (self.encode_threads >= 1, "encode threads must be >= 1"),
+        ])
+
+    def resolved_device(self):
+        from .devices import resolve_device
+
+        return resolve_device(self.device)
+
+    def fingerprint(self, checkpoint_sha256: str, device_type: str) -> dict:
+        """What decides the output bytes: a rerun with a different fingerprint must not mix outputs."""
+        d = asdict(self)
+        for k in EXECUTION_ONLY:
+            d.pop(k)
+        d.update(checkpoint_sha256=checkpoint_sha256, device_type=device_type, package_version=__version__)
+        return d
+
+
+def default_of(cls, name: str):
+    """The default of dataclass ``cls``'s field ``name`` (its factory called): what the CLI shows and uses."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if callable(f.default_factory) else f.default

@@ -1,0 +1,262 @@
+"""WebDataset ``.tar`` shards: read with ``tarfile`` by WebDataset's grouping rules, written as webdataset's
+``TarWriter`` writes them.
+
+Reading (:func:`read_tar`) streams one tar, groups members into samples (key = the name up to the first dot
+of its last path part), keeps every member that belongs to no sample, and turns every way a tar can be broken
+or incomplete into a :class:`~eclipse_stream.errors.ShardError` naming the file. :class:`TarFormat` turns the
+samples into records: each image field decoded by :func:`~eclipse_stream.imageio.decode_image`.
+
+Writing (:class:`TarShardWriter`) puts samples byte for byte as ``TarWriter(encoder=False, mtime=0)`` does
+(fields in sorted order, mode 0444, owner bigdata, mtime 0) but keeps every field (TarWriter drops names
+starting with "_") and copies the other members unchanged; the output is hashed as it is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import io
+import lzma
+import os
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import ShardError
+from ..fsutil import HashingFile
+from ..imageio import ImageDecodeError, decode_image, encode_image, image_fields
+from . import Image, ReadPolicy, Record, ShardFormat, ShardWriter, WritePolicy, register
+
+__all__ = ["TarFormat", "TarItem", "TarShardWriter", "iter_tar_samples", "read_tar"]
+
+
+class TarItem(NamedTuple):
+    """One step of a WebDataset tar, in file order: a sample, or members that belong to no sample.
+
+    A sample (``key`` set) maps each field name (the member name after the key's first dot, case kept) to its
+    bytes. ``members`` (``key`` None) holds ``(TarInfo, bytes | None)`` pairs that WebDataset's reader skips:
+    links, directories and other non-regular members, regular members without a field name (no extension,
+    a name starting with a dot) and top-level ``__name__`` metadata members. They are copied unchanged.
+    """
+
+    key: str | None
+    fields: dict[str, bytes] | None = None
+    members: list | None = None
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's top-level metadata members (e.g. __index__)
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key, then all extensions
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "lzma"))
+
+
+def _field_of(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, field) of a member WebDataset reads as a sample field, else None (a member copied as is)."""
+    name = info.name
+    if not info.isreg() or ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
+        return None
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def read_tar(path: str | os.PathLike) -> Iterator[TarItem]:
+    """The samples (grouped by key as WebDataset groups them) and other members of one tar, in file order.
+
+    The shard must be complete: after its last member come the two zero blocks that end a tar archive, and
+    nothing but zeros follows them (tar's record padding). A tar cut anywhere, even exactly at a member
+    boundary, or with data after its end, raises :class:`ShardError` naming the file, the byte offset and the
+    last sample known to be complete (one followed by a member of another sample). gzip/bz2/xz-compressed
+    tars are read too. A sample field name repeated within one sample is a ShardError, as in WebDataset.
+    """
+    path = str(path)
+    complete = complete_fields = None  # the last sample followed by a member of another sample, its fields
+    pending: dict | None = None  # the sample being read: {"key", "fields"}
+    loose: list = []
+    info = reading = None  # the last member header read; the member whose data is being read
+
+    def where() -> str:
+        """The last complete sample. At an abrupt end (no member being read), the sample read last counts as
+        complete when it has the same fields as the one before it: tar has no sample boundaries to tell."""
+        last = complete
+        if (pending is not None and reading is None and complete_fields is not None
+                and set(pending["fields"]) == complete_fields):
+            last = pending["key"]
+        return f"after sample {last!r}" if last is not None else "before its first complete sample"
+
+    try:
+        with open(path, "rb") as raw:
+            magic = raw.read(6)
+            raw.seek(0)
+            kind = next((k for m, k in _COMPRESSED if magic.startswith(m)), None)
+            stream = raw if kind is None else importlib.import_module(kind).open(raw, "rb")
+            tf = tarfile.open(fileobj=stream, mode="r:")
+            while (info := tf.next()) is not None:
+                tf.members = []  # no index of every member: memory stays flat over big shards
+                kf = _field_of(info)
+                if kf is None:
+                    reading = info
+                    data = tf.extractfile(info).read() if info.isreg() else None
+                    reading = None
+                    loose.append((info, data))
+                    continue
+                key, field = kf
+                if pending is not None and key != pending["key"]:
+                    yield TarItem(pending["key"], pending["fields"])
+                    complete, complete_fields, pending = pending["key"], set(pending["fields"]), None
+                if pending is None:
+                    # other members met since the last sample started go right after it (before the first)
+                    if loose:
+                        yield TarItem(None, members=loose)
+                        loose = []
+                    pending = {"key": key, "fields": {}}
+                if field in pending["fields"]:
+                    raise ShardError(path, f"corrupt tar ({where()}): member {info.name!r} appears twice in "
+                                           f"sample {key!r}")
+                reading = info
+                pending["fields"][field] = tf.extractfile(info).read()
+                reading = None
+            _check_end(stream, tf.offset)
+            if pending is not None:
+                yield TarItem(pending["key"], pending["fields"])
+            if loose:
+                yield TarItem(None, members=loose)
+    except ShardError:
+        raise
+    except _Incomplete as e:
+        raise ShardError(path, f"incomplete tar ({where()}): {e}") from None
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
+        reason = str(e) or type(e).__name__
+        if reading is not None:
+            reason += f" in member {reading.name!r} (header at byte {reading.offset})"
+        elif info is not None:
+            reason += f" after member {info.name!r} (header at byte {info.offset})"
+        raise ShardError(path, f"corrupt or truncated tar ({where()}): {reason}") from e
+
+
+class _Incomplete(Exception):
+    pass
+
+
+def _check_end(stream, offset: int) -> None:
+    """After the last member at ``offset``: two zero blocks, then only zeros (the record padding)."""
+    stream.seek(offset)
+    marker = stream.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.count(0) != len(marker):
+        if marker.count(0) != len(marker):
+            what = "an unreadable member header follows it (cut short or corrupt)"
+        else:
+            what = (f"the file ends {len(marker)} bytes later, where a tar ends with two 512-byte zero blocks"
+                    if marker else "the file ends there, where a tar ends with two 512-byte zero blocks")
+        raise _Incomplete(f"no end-of-archive marker after the last complete member (byte {offset}): {what}")
+    pos = offset + len(marker)
+    while block := stream.read(1 << 16):
+        if block.count(0) != len(block):
+            first = pos + next(i for i, b in enumerate(block) if b)
+            raise _Incomplete(f"data after the end-of-archive marker (byte {first}); "
+                              "concatenated tars are not read (split them into shards)")
+        pos += len(block)
+
+
+def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
+    """Samples of one WebDataset tar in file order, fields as raw bytes, names as stored.
+
+    Field names keep their case so they can be written back unchanged; members that are not sample fields
+    are left out (see :func:`read_tar`, which the purify pipeline uses to copy them too). A truncated or
+    corrupt tar raises :class:`ShardError` naming the file.
+    """
+    for item in read_tar(path):
+        if item.key is not None:
+            yield {**item.fields, "__key__": item.key, "__url__": str(path)}
+
+
+class TarShardWriter(ShardWriter):
+    """Samples and other members, in order, into a tar at ``tmp`` (see the module docstring)."""
+
+    def __init__(self, tmp: str):
+        self._file = HashingFile(tmp)
+        try:
+            self._tar = tarfile.open(fileobj=self._file, mode="w|")
+        except BaseException:
+            self._file.close()
+            raise
+
+    def write_sample(self, key: str, fields: dict[str, bytes]) -> None:
+        for name in sorted(fields):
+            data = fields[name]
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size, info.mtime, info.mode = len(data), 0.0, 0o444
+            info.uname = info.gname = "bigdata"
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def write_members(self, members: list) -> None:
+        for info, data in members:
+            info = copy.copy(info)
+            if info.isreg():  # a sparse or contiguous-file member is written back as the plain file it reads as
+                info.type = tarfile.REGTYPE
+            if data is None:  # links and the like carry no data (some writers still record a size for them)
+                info.size = 0
+            self._tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+    def finish(self, stop=None) -> str:
+        try:
+            self._tar.close()  # the end-of-archive blocks and the record padding
+        except BaseException:
+            self._file.close()
+            raise
+        return self._file.finish()
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()  # else the tar stream writes its end blocks when collected, to a closed file
+        except Exception:  # noqa: BLE001 - best effort (the disk may be full): the file is removed anyway
+            pass
+        finally:
+            self._file.close()
+
+
+class TarFormat(ShardFormat):
+    suffix = ".tar"
+
+    def records(self, path: str, policy: ReadPolicy) -> Iterator[Record]:
+        sample_no = 0
+        for index, item in enumerate(read_tar(path)):
+            if item.key is None:
+                yield Record(index, None, members=item.members)
+                continue
+            no, sample_no = sample_no, sample_no + 1
+            try:
+                images = _decoded_images(item.fields, policy)
+            except (ImageDecodeError, ValueError) as e:
+                yield Record(index, item.key, no, error=str(e))
+                continue
+            names = {image.field for image in images}
+            passthrough = {k: v for k, v in item.fields.items() if k not in names}
+            yield Record(index, item.key, no, passthrough, images)
+
+    def encode(self, image: Image, rgb: np.ndarray, policy: WritePolicy) -> bytes:
+        return encode_image(rgb, image.source, image.field, jpeg_quality=policy.jpeg_quality)
+
+    def open_writer(self, tmp: str, source: str, policy: WritePolicy) -> TarShardWriter:
+        return TarShardWriter(tmp)
+
+
+def _decoded_images(fields: dict[str, bytes], policy: ReadPolicy) -> list[Image]:
+    """Every image field of a sample, decoded; one bad image rejects the sample (never half purified)."""
+    names = image_fields(fields, policy.image_key)
+    if not names:
+        raise ImageDecodeError(f"no image field (fields: {sorted(fields)})")
+    images = []
+    for name in names:
+        try:
+            decoded = decode_image(fields[name], max_pixels=policy.max_pixels)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"field {name!r}: {e}" if len(names) > 1 else str(e)) from None
+        rgb, decoded.rgb = decoded.rgb, None  # the pixels travel in the batch tensor, not twice
+        images.append(Image(name, rgb, decoded))
+    return images
+
+
+register(TarFormat())

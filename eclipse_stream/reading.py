@@ -1,0 +1,114 @@
+"""Stage 1 of purify, in DataLoader worker processes: read, decode and batch whole shards.
+
+:func:`read_shard` turns one shard's records (from its format's reader) into events: the resolution policy
+is applied to each image, images are bucketed into batches (``bucketing``), and bad samples, other members
+and an unreadable shard become their own events. :class:`ShardEvents` gives worker w the tasks w, w + n, ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .bucketing import Bucketer, resize_for_model
+from .errors import EclipseError, ShardError
+from .events import Batch, Item, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
+from .formats import Image, ReadPolicy
+from .outdir import Task, stat_record
+
+__all__ = ["ReadSettings", "ShardEvents", "read_shard", "reader_worker_init"]
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """What stage 1 needs: the format readers' policy, the resolution policy and the batching limits."""
+
+    policy: ReadPolicy
+    model_size: int | None  # the denoiser's image size, for resolution 'model'
+    resolution: str = "native"
+    batch_size: int = 64
+    bucket_multiple: int = 32
+    max_batch_pixels: int = 64 * 256 * 256
+
+    @classmethod
+    def from_config(cls, cfg, model_size: int | None) -> ReadSettings:
+        return cls(ReadPolicy(cfg.image_key, cfg.max_pixels), model_size, cfg.resolution, cfg.batch_size,
+                   cfg.bucket_multiple, cfg.max_batch_pixels)
+
+    def bucketer(self) -> Bucketer:
+        return Bucketer(self.batch_size, self.bucket_multiple, self.max_batch_pixels,
+                        max_pending=4 * self.batch_size)
+
+
+def read_shard(task: Task, settings: ReadSettings) -> Iterator:
+    """Events for one shard, in order: ShardStarted, (Batch | Rejected | Members)*, ShardEnded -- or ShardFailed."""
+    try:
+        st = os.stat(task.path)
+    except OSError as e:
+        yield ShardStarted(task.index, None)
+        yield ShardFailed(task.index, f"cannot read: {e.strerror or e}")
+        return
+    yield ShardStarted(task.index, stat_record(st))
+    bucketer = settings.bucketer()
+    batch_no = count = 0
+    try:
+        for rec in task.format.records(task.path, settings.policy):
+            count = rec.index + 1
+            if rec.members is not None:
+                yield Members(task.index, rec.index, rec.members)
+            elif rec.error is not None:
+                yield Rejected(task.index, rec.index, rec.sample_no, rec.key, rec.error)
+            else:
+                for part, image in enumerate(rec.images):
+                    rgb = image.rgb
+                    if settings.resolution == "model":
+                        rgb = resize_for_model(rgb, settings.model_size)
+                    item = Item(rec.index, rec.sample_no, rec.key, Image(image.field, None, image.source),
+                                len(rec.images), rgb.shape[:2], rec.fields if part == 0 else None)
+                    for items, pixels in bucketer.add(item, rgb):
+                        yield Batch(task.index, batch_no, items, pixels)
+                        batch_no += 1
+        for items, pixels in bucketer.flush():
+            yield Batch(task.index, batch_no, items, pixels)
+            batch_no += 1
+    except ShardError as e:
+        yield ShardFailed(task.index, e.reason)
+        return
+    except EclipseError as e:  # e.g. ffcv missing
+        yield ShardFailed(task.index, str(e))
+        return
+    yield ShardEnded(task.index, count)
+
+
+class ShardEvents(IterableDataset):
+    """Each DataLoader worker reads whole shards: worker w takes tasks w, w + n, ..."""
+
+    def __init__(self, tasks: list[Task], settings: ReadSettings):
+        self.tasks, self.settings = tasks, settings
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for task in self.tasks[wid::nw]:
+            yield from read_shard(task, self.settings)
+
+
+def reader_worker_init(_worker_id: int, parent: int) -> None:
+    """In each reader worker: die with the main process, whatever kills it; SIGTERM just ends the worker
+    (the main process, which gets it too, cleans up)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the inherited handler of the CLI's main process
+    with contextlib.suppress(Exception):  # Linux only: PR_SET_PDEATHSIG = 1
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the main process died before prctl took effect
+        os._exit(1)
+
+
+def as_is(event):
+    """DataLoader collate that leaves events alone."""
+    return event
