@@ -8,13 +8,15 @@ Data: WebDataset shards (jpg + cls) built from real CIFAR-10 JPEGs, cycled to ``
   batch, purify, encode, write), after a warm-up run on one small shard.
 
 Device busy fraction = (sum of the device time of the purifier calls) / wall time. The calls
-are timed by swapping ``eclipse_stream.pipeline.Purifier`` for a subclass that brackets
-``forward`` with CUDA events (perf_counter on a CPU). Under ``--quick`` on a CPU the purifier
+are timed by handing ``purify_shards`` a purifier (``purifier=``) that brackets each call of the
+ECLIPSE purifier with CUDA events (perf_counter on a CPU). Under ``--quick`` on a CPU the purifier
 and the I/O share the same few cores, so the ratio says little; the target is for a GPU.
 
     python -m benchmarks.bench_end_to_end                     # paper, small x 100, 10 steps, bf16
     python -m benchmarks.bench_end_to_end --presets paper --steps 100
     python -m benchmarks.bench_end_to_end --quick             # seconds on a CPU
+    python -m benchmarks.bench_end_to_end --device cpu --presets tiny --steps 1,10 --images 2000 \
+        --per-shard 500 --batch-size 64 --workers 1 --encode-threads 1 --precision fp32   # a CPU figure
 """
 
 from __future__ import annotations
@@ -37,20 +39,23 @@ QUICK = {"presets": ["tiny"], "steps": [2], "batch_size": 8, "images": 32, "per_
          "encode_threads": 1}
 
 
-class TimedPurifier(Purifier):
-    """A Purifier that appends the device time of each call (seconds) to ``self.log``."""
+class TimedPurifier:
+    """A purifier (callable) that appends the device time of each call (seconds, or a CUDA event pair) to
+    ``self.log``; handed to ``purify_shards(purifier=...)`` or called directly."""
 
-    log: list = []
+    def __init__(self, purifier: Purifier):
+        self.purifier, self.log = purifier, []
+        self.device = purifier.device
 
-    def forward(self, x, generator=None):
+    def __call__(self, x, generator=None):
         if x.device.type != "cuda":
             t0 = time.perf_counter()
-            out = super().forward(x, generator=generator)
+            out = self.purifier(x, generator=generator)
             self.log.append(time.perf_counter() - t0)
             return out
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = super().forward(x, generator=generator)
+        out = self.purifier(x, generator=generator)
         end.record()
         self.log.append((start, end))  # read after the run: no synchronisation inside the loop
         return out
@@ -60,15 +65,10 @@ def device_seconds(log: list) -> float:
     return sum(e if isinstance(e, float) else e[0].elapsed_time(e[1]) / 1e3 for e in log)
 
 
-def timed_purifier_class() -> type[TimedPurifier]:
-    """A TimedPurifier subclass with its own fresh call log."""
-    return type("TimedPurifier", (TimedPurifier,), {"log": []})
-
-
 def purifier_alone(denoiser, pcfg: PurifierConfig, x: torch.Tensor, batch_size: int, device) -> dict:
     """Host uint8 batches -> device -> purify, queued back to back with one sync at the end (the device's best
     case: no download and no per-batch wait, which the pipeline must overlap instead); after one warm-up batch."""
-    purifier = timed_purifier_class()(denoiser, pcfg)
+    purifier = TimedPurifier(Purifier(denoiser, pcfg))
     batches = [b.pin_memory() if device.type == "cuda" else b for b in x.split(batch_size)]
     purifier(batches[0].to(device), generator=torch.Generator(device).manual_seed(0)).cpu()
     purifier.log.clear()
@@ -81,17 +81,25 @@ def purifier_alone(denoiser, pcfg: PurifierConfig, x: torch.Tensor, batch_size: 
             "busy_fraction": device_seconds(purifier.log) / wall}
 
 
-def end_to_end(denoiser, cfg: PurifyConfig, shards: Path, warm: Path, out: Path) -> dict:
-    """purify_shards on ``shards`` (after a warm-up run on ``warm``), timed with perf_counter."""
+def end_to_end(denoiser, cfg: PurifyConfig, shards: Path, warm: Path, out: Path, profile: Path | None = None) -> dict:
+    """purify_shards on ``shards`` (after a warm-up run on ``warm``), timed with perf_counter; with ``profile``,
+    the timed run is also profiled (cProfile of the main process, written there)."""
     purify_shards(warm, out / "warm", denoiser, cfg, progress=False)
-    cls = timed_purifier_class()
-    with common.pipeline_purifier(cls, cls.log) as log:
-        t0 = time.perf_counter()
-        result = purify_shards(shards, out / "purified", denoiser, cfg, progress=False)
-        wall = time.perf_counter() - t0
+    timed = TimedPurifier(Purifier(denoiser, cfg.purifier))
+    profiler = None
+    if profile is not None:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
+    t0 = time.perf_counter()
+    result = purify_shards(shards, out / "purified", denoiser, cfg, purifier=timed, progress=False)
+    wall = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile)
     images = sum(s["written"] for s in result.processed)
     return {"images": images, "wall_s": wall, "images_per_s": images / wall,
-            "busy_fraction": device_seconds(log) / wall}
+            "busy_fraction": device_seconds(timed.log) / wall}
 
 
 def main(argv=None):
@@ -107,6 +115,8 @@ def main(argv=None):
     p.add_argument("--encode-threads", type=int, default=None)
     p.add_argument("--workdir", type=Path, default=None, help="where shards go (kept); default a temp dir")
     p.add_argument("--denoiser", default=None, help="a trained checkpoint instead of untrained presets")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="cProfile each end-to-end run's main process into PROFILE-<preset>-<steps>.prof")
     args = common.resolve(p.parse_args(argv), FULL, QUICK)
     if args.denoiser:  # one trained checkpoint instead of the untrained presets
         args.presets = [common.checkpoint_preset(args.denoiser)]
@@ -128,7 +138,9 @@ def main(argv=None):
                 cfg = PurifyConfig(purifier=pcfg, batch_size=args.batch_size, seed=args.seed, workers=args.workers,
                                    encode_threads=args.encode_threads, device=str(device), overwrite=True)
                 alone = purifier_alone(denoiser, pcfg, x, args.batch_size, device)
-                e2e = end_to_end(denoiser, cfg, shards, work / "warm", work / f"out-{preset}-{steps}")
+                prof = (args.profile.with_name(f"{args.profile.name}-{preset}-{steps}.prof")
+                        if args.profile else None)
+                e2e = end_to_end(denoiser, cfg, shards, work / "warm", work / f"out-{preset}-{steps}", prof)
                 row = {"preset": preset, "steps": steps, "precision": args.precision, "batch": args.batch_size,
                        "images": e2e["images"], "alone_images_per_s": alone["images_per_s"],
                        "e2e_images_per_s": e2e["images_per_s"],

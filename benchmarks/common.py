@@ -295,24 +295,6 @@ def make_denoiser(preset: str, image_size: int = 32, *, seed: int = 0, checkpoin
     return Denoiser(model, GaussianDiffusion.from_config(DiffusionConfig()), {"untrained_preset": preset})
 
 
-@contextlib.contextmanager
-def pipeline_purifier(cls, log: list):
-    """Make ``purify_shards`` build ``cls`` (a Purifier subclass that appends to ``log`` per call).
-
-    Raises if the pipeline never called it (i.e. it no longer builds ``pipeline.Purifier``).
-    """
-    from eclipse_stream import pipeline
-
-    old = pipeline.Purifier
-    pipeline.Purifier = cls
-    try:
-        yield log
-    finally:
-        pipeline.Purifier = old
-    if not log:
-        raise RuntimeError("purify_shards never called eclipse_stream.pipeline.Purifier: update the benchmark")
-
-
 def checkpoint_preset(path) -> str:
     """The preset a checkpoint was trained with (its label in result rows), else "checkpoint"."""
     from eclipse_stream.checkpoint import load_denoiser
