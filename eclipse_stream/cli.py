@@ -12,7 +12,16 @@ import sys
 import click
 
 from . import __version__
+from .config import PurifierConfig, PurifyConfig, default_of
+from .defaults import (CORRUPTIONS, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, IMAGE_SIZES, ON_ERROR, PRECISIONS, PRESETS,
+                       RESOLUTIONS, TRAIN_PRECISIONS)
 from .errors import EclipseError, Interrupted
+
+# Defaults of purify and preview come from the config dataclasses (config.py, no heavy imports); those of
+# train and scan are checked against TrainConfig and ScanConfig by tests/test_cli.py.
+_PURIFY = functools.partial(default_of, PurifyConfig)
+_PURIFIER = functools.partial(default_of, PurifierConfig)
+_IMAGE_EXTS = "/".join(IMAGE_EXTENSIONS)
 
 
 def _friendly_errors(fn):
@@ -71,9 +80,9 @@ def _device_option(fn):
 @click.argument("sparse")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="Where to write the exported (EMA) denoiser, a .safetensors file.")
-@click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="small",
+@click.option("--preset", type=click.Choice(PRESETS), default="small",
               help="UNet size: paper (52.5M params), small (7.3M), tiny (tests/CPU).")
-@click.option("--image-size", type=click.Choice(["32", "64", "128", "256"]), default="32",
+@click.option("--image-size", type=click.Choice([str(n) for n in IMAGE_SIZES]), default="32",
               help="Training resolution; other image sizes are resized (shorter side) and centre-cropped.")
 @click.option("--iterations", type=int, default=250_000, help="Optimizer steps (paper: 250K).")
 @click.option("--batch-size", type=int, default=128)
@@ -88,7 +97,7 @@ def _device_option(fn):
 @click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from this exported denoiser's weights (fine-tuning, e.g. onto a --max-timestep "
                    "range); its sha256 is recorded. Default: random initialisation.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32")
+@click.option("--precision", type=click.Choice(TRAIN_PRECISIONS), default="fp32")
 @click.option("--seed", type=int, default=0)
 @_device_option
 @click.option("--checkpoint-every", type=int, default=1000, help="Steps between training-state saves.")
@@ -116,17 +125,19 @@ def _purifier_options(fn):
     opts = [
         click.option("--denoiser", "-d", default=None,
                      help="Denoiser checkpoint; default: the one shipped in the package (see README)."),
-        click.option("--t-star", type=int, default=100, help="Forward noise level t* on the checkpoint's T."),
+        click.option("--t-star", type=int, default=_PURIFIER("t_star"),
+                     help="Forward noise level t* on the checkpoint's T."),
         click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=DEFAULT_RECIPE,
                      help="Named settings: paper (ECLIPSE as published: full chain, no prefilter) or robust "
                           "(impulse prefilter + the 1-step x0 estimate); --steps/--prefilter override it."),
         click.option("--steps", type=int, default=None,
                      help="Reverse steps [default: the recipe's; paper: t*, the full chain]. Fewer use the "
                           "respaced chain; 1 is the x0 estimate at t*."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32"),
-        click.option("--seed", type=int, default=0),
-        click.option("--gray-p", type=float, default=0.4, help="Corruption: grayscale probability p."),
-        click.option("--noise-sigma", type=float, default=0.05, help="Corruption: noise std in [0,1] units."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=_PURIFIER("precision")),
+        click.option("--seed", type=int, default=_PURIFY("seed")),
+        click.option("--gray-p", type=float, default=_PURIFIER("gray_p"), help="Corruption: grayscale probability p."),
+        click.option("--noise-sigma", type=float, default=_PURIFIER("noise_sigma"),
+                     help="Corruption: noise std in [0,1] units."),
         click.option("--prefilter", type=click.Choice(PREFILTERS), default=None,
                      help="Before the noise [default: the recipe's]: none (the paper), or impulse (replace "
                           "isolated extreme pixels, e.g. one-pixel shortcuts, by their neighbours' median)."),
@@ -150,24 +161,27 @@ def _resolve_denoiser(path):
 @click.argument("inputs", nargs=-1, required=True)
 @click.argument("out", type=click.Path(file_okay=False))
 @_purifier_options
-@click.option("--batch-size", type=int, default=64, help="Images per device batch.")
-@click.option("--corruption", type=click.Choice(["none", "baked"]), default="none",
+@click.option("--batch-size", type=int, default=_PURIFY("batch_size"), help="Images per device batch.")
+@click.option("--corruption", type=click.Choice(CORRUPTIONS), default=_PURIFIER("corruption"),
               help="baked: store one fixed corruption draw; none: leave it to training time.")
-@click.option("--jpeg-quality", type=int, default=95, help="Quality for re-encoded JPEG/WebP fields.")
-@click.option("--image-key", default=None,
+@click.option("--jpeg-quality", type=int, default=_PURIFY("jpeg_quality"),
+              help="Quality for re-encoded JPEG/WebP fields.")
+@click.option("--image-key", default=_PURIFY("image_key"),
               help="Field(s) to purify, comma-separated; other image fields are then left unchanged. "
-                   "Default: every field whose extension is jpg/jpeg/png/webp/... (every RGBImageField of a .beton).")
-@click.option("--max-pixels", type=int, default=None,
-              help="Reject images with more pixels (decompression bombs); default 178,956,970 (Pillow's error limit).")
-@click.option("--resolution", type=click.Choice(["native", "model"]), default="native",
+                   f"Default: every field whose extension is {_IMAGE_EXTS} (every RGBImageField of a .beton).")
+@click.option("--max-pixels", type=int, default=_PURIFY("max_pixels"),
+              help="Reject images with more pixels (decompression bombs); the default is Pillow's error limit.")
+@click.option("--resolution", type=click.Choice(RESOLUTIONS), default=_PURIFY("resolution"),
               help="native: purify and store at each image's size; model: shorter side to the "
                    "denoiser's size (aspect kept), stored at that size.")
-@click.option("--bucket-multiple", type=int, default=32, help="Batch images padded to multiples of this.")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+@click.option("--bucket-multiple", type=int, default=_PURIFY("bucket_multiple"),
+              help="Batch images padded to multiples of this.")
+@click.option("--on-error", type=click.Choice(ON_ERROR), default=_PURIFY("on_error"),
               help="fail: stop at the first bad sample; skip: record it in the shard's rejects and go on.")
 @click.option("--workers", type=int, default=None,
               help="Decode worker processes, each reading whole shards; default one per core, at most 8.")
-@click.option("--encode-threads", type=int, default=2, help="Threads encoding and writing outputs.")
+@click.option("--encode-threads", type=int, default=_PURIFY("encode_threads"),
+              help="Threads encoding and writing outputs.")
 @click.option("--overwrite", is_flag=True, help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly_errors
@@ -179,16 +193,13 @@ def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p
     <name>.stats.json; a rerun skips finished shards. manifest.json is written last.
     Run under torchrun to split shards over GPUs and nodes.
     """
-    from .imageio import DEFAULT_MAX_PIXELS
-    from .pipeline import PurifyConfig, purify_shards
-    from .purifier import PurifierConfig
+    from .pipeline import purify_shards
 
     pcfg = PurifierConfig.from_recipe(recipe, t_star=t_star, steps=steps, precision=precision,
                                       corruption=corruption, gray_p=gray_p, noise_sigma=noise_sigma,
                                       prefilter=prefilter)
-    if kwargs["workers"] is None:
+    if kwargs["workers"] is None:  # the config's default: one per core, at most 8
         kwargs.pop("workers")
-    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels, **kwargs)
     with _stop_on_sigterm():
         result = purify_shards(list(inputs), out, _resolve_denoiser(denoiser), cfg, progress=not quiet)
@@ -210,14 +221,13 @@ def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p
 @click.argument("shard", type=click.Path(exists=True, dir_okay=False))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--num", "-n", type=int, default=8, help="How many samples (rows).")
-@click.option("--image-key", default=None, help="Field to show; default first of jpg/jpeg/png/webp/...")
+@click.option("--image-key", default=None, help=f"Field to show; default the first of {_IMAGE_EXTS}.")
 @_purifier_options
 @_friendly_errors
 def preview(shard, output, num, image_key, denoiser, recipe, t_star, steps, precision, seed, gray_p, noise_sigma,
             prefilter, device):
     """Write a grid of a few samples of SHARD: input / noised at t* / purified / corrupted."""
     from .preview import preview as run_preview
-    from .purifier import PurifierConfig
 
     cfg = PurifierConfig.from_recipe(recipe, t_star=t_star, steps=steps, precision=precision, gray_p=gray_p,
                                      noise_sigma=noise_sigma, prefilter=prefilter)
@@ -231,7 +241,7 @@ def preview(shard, output, num, image_key, denoiser, recipe, t_star, steps, prec
 @click.option("--label-key", default=None,
               help="Label field (tar extension or .beton field); default first of cls, class, label, target "
                    "(a .beton: else its first IntField).")
-@click.option("--image-key", default=None, help="Image field; default first of jpg/jpeg/png/webp/... as purify.")
+@click.option("--image-key", default=None, help=f"Image field; default the first of {_IMAGE_EXTS}.")
 @click.option("--per-class", type=click.IntRange(min=4), default=100,
               help="Images sampled per class (uniformly over all INPUTS, seeded).")
 @click.option("--probe-size", type=click.IntRange(min=8), default=32,
@@ -248,9 +258,9 @@ def preview(shard, output, num, image_key, denoiser, recipe, t_star, steps, prec
               help="Score from which the verdict is 'likely poisoned'; default 0.6 (0.3 with --reference).")
 @click.option("--clean-below", type=float, default=None,
               help="Score under which it is 'no sign of poisoning'; default 0.45 (0.15 with --reference).")
-@click.option("--max-pixels", type=int, default=None,
-              help="Reject images with more pixels (decompression bombs); default 178,956,970, as purify.")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+              help="Reject images with more pixels (decompression bombs); as purify.")
+@click.option("--on-error", type=click.Choice(ON_ERROR), default="fail",
               help="fail: stop at the first bad sampled image; skip: record it in the report and go on.")
 @click.option("--null/--no-null", default=True, help="Also probe the same images with shuffled labels (plot).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
@@ -265,7 +275,6 @@ def scan(inputs, reference, threshold, clean_below, max_pixels, report, plot, **
     Exit status: 0 no sign of poisoning, 10 likely poisoned, 11 inconclusive;
     1 or 2 on errors (2: bad input, as purify).
     """
-    from .imageio import DEFAULT_MAX_PIXELS
     from .scan import ScanConfig, scan_shards
 
     bounds = {}
@@ -278,7 +287,6 @@ def scan(inputs, reference, threshold, clean_below, max_pixels, report, plot, **
         bounds[key_lo] = min(threshold, getattr(ScanConfig, key_lo))
     if clean_below is not None and threshold is None:
         bounds[key_hi] = max(clean_below, getattr(ScanConfig, key_hi))
-    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if max_pixels < 1:
         raise click.BadParameter("must be positive", param_hint="--max-pixels")
     cfg = ScanConfig(max_pixels=max_pixels, **bounds, **kwargs)

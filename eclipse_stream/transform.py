@@ -24,12 +24,14 @@ import torch
 from PIL import Image
 
 from .checkpoint import Denoiser, load_denoiser
+from .config import PurifierConfig
+from .defaults import IMAGE_EXTENSIONS
 from .devices import resolve_device
-from .purifier import Purifier, PurifierConfig
+from .purifier import Purifier
 
 __all__ = ["EclipseTransform"]
 
-DEFAULT_IMAGE_KEYS = "jpg;jpeg;png;webp;ppm;bmp"
+DEFAULT_IMAGE_KEYS = ";".join(IMAGE_EXTENSIONS)  # the one list of image fields, as purify and scan
 
 
 def _to_tensor(value) -> tuple[torch.Tensor, str]:
@@ -67,14 +69,16 @@ class EclipseTransform:
     """A WebDataset stage that purifies each sample's image (see the module docstring).
 
     ``denoiser``: a checkpoint path, a loaded :class:`Denoiser`, or None for the shipped default.
+    Purifier settings left None are the recipe's / :class:`PurifierConfig`'s defaults. ``image_key``: the
+    fields to look for, ';'-separated, first present wins (default: every image extension purify knows).
     Randomness comes from one generator seeded with ``seed``: the same stream in the same
     order gives the same output.
     """
 
     def __init__(self, denoiser: str | os.PathLike | Denoiser | None = None, *, recipe: str | None = None,
-                 t_star: int = 100, steps: int | None = None, precision: str = "fp32", corruption: str = "none",
-                 prefilter: str | None = None, batch_size: int = 64, device: str | torch.device | None = None,
-                 image_key: str = DEFAULT_IMAGE_KEYS, seed: int = 0):
+                 t_star: int | None = None, steps: int | None = None, precision: str | None = None,
+                 corruption: str | None = None, prefilter: str | None = None, batch_size: int = 64,
+                 device: str | torch.device | None = None, image_key: str = DEFAULT_IMAGE_KEYS, seed: int = 0):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         device = resolve_device(device)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_denoiser
+from helpers import make_denoiser
 from eclipse_stream.checkpoint import load_denoiser, load_train_state, save_denoiser, save_train_state
 from eclipse_stream.diffusion import DiffusionConfig
 from eclipse_stream.errors import CheckpointError

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cifar_samples, cli_env, rgb_array, tar_members, write_tar
+from helpers import cifar_samples, cli_env, rgb_array, tar_members, write_tar
 from eclipse_stream.errors import SampleError, ShardError
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
 from eclipse_stream.purifier import PurifierConfig

@@ -5,7 +5,7 @@ import torch
 from ffcv.fields import FloatField, IntField, NDArrayField, RGBImageField
 from ffcv.writer import DatasetWriter
 
-from conftest import cifar_samples, rgb_array
+from helpers import cifar_samples, rgb_array
 from eclipse_stream.formats.beton import BetonReader
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
 from eclipse_stream.purifier import PurifierConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cifar_samples, cli_env, write_tar
+from helpers import cifar_samples, cli_env, write_tar
 from eclipse_stream.errors import EclipseError
 from eclipse_stream.fsutil import file_sha256
 from eclipse_stream.pipeline import PurifyConfig, purify_shards

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cifar_samples, cli_env, tar_members, write_tar
+from helpers import cifar_samples, cli_env, tar_members, write_tar
 from eclipse_stream.errors import EclipseError, InputError, ShardError
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
 from eclipse_stream.purifier import PurifierConfig

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from conftest import cli_env
+from helpers import cli_env
 
 
 def test_preview_writes_grid_of_four_columns(shard_dir, tiny_ckpt, tmp_path):

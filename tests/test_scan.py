@@ -9,7 +9,7 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import read_cifar, rgb_array, write_tar
+from helpers import read_cifar, rgb_array, write_tar
 from eclipse_stream.cli import main
 from eclipse_stream.errors import InputError, SampleError, ShardError
 from eclipse_stream.scan import (

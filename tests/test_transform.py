@@ -5,8 +5,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from conftest import ROOT, cifar_samples, rgb_array, write_tar
+from helpers import ROOT, cifar_samples, rgb_array, write_tar
 from eclipse_stream import EclipseTransform
 
 
@@ -104,3 +105,12 @@ def test_pil_modes_come_back_with_gray_and_alpha_kept(tiny_ckpt):
     for k in ("rgba", "la"):
         assert np.array_equal(np.asarray(out[k].getchannel("A")), np.asarray(alpha))
     assert not np.array_equal(np.asarray(out["rgba"])[..., :3], np.asarray(rgb))  # the colours were purified
+
+
+def test_gif_and_tiff_images_are_purified_as_purify_does(tiny_ckpt):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    stage = EclipseTransform(str(tiny_ckpt), steps=2, device="cpu", batch_size=2)
+    out = list(stage([{"__key__": "a", "gif": image}, {"__key__": "b", "tiff": image}]))
+    for sample, field in zip(out, ["gif", "tiff"]):
+        assert np.abs(np.asarray(sample[field], dtype=int) - np.asarray(image, dtype=int)).mean() > 0, field
