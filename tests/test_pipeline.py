@@ -284,7 +284,7 @@ def test_a_pattern_that_matches_nothing_is_an_error_even_beside_real_shards(shar
 
 
 def test_in_memory_denoisers_are_told_apart_on_resume(shard_dir, tmp_path):
-    from conftest import make_denoiser
+    from helpers import make_denoiser
     from eclipse_stream.checkpoint import load_denoiser
     from eclipse_stream.errors import InputError
 

@@ -425,7 +425,7 @@ def test_a_beton_with_two_image_fields_gets_both_purified(cifar64, tiny_ckpt, tm
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    from conftest import rgb_array
+    from helpers import rgb_array
     from eclipse_stream.formats.beton import BetonReader
 
     images = [rgb_array(s["png"]) for s in cifar_samples(cifar64[:3])]
