@@ -193,8 +193,6 @@ def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p
     <name>.stats.json; a rerun skips finished shards. manifest.json is written last.
     Run under torchrun to split shards over GPUs and nodes.
     """
-    from .pipeline import purify_shards
-
     pcfg = PurifierConfig.from_recipe(recipe, t_star=t_star, steps=steps, precision=precision,
                                       corruption=corruption, gray_p=gray_p, noise_sigma=noise_sigma,
                                       prefilter=prefilter)
@@ -202,7 +200,19 @@ def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p
         kwargs.pop("workers")
     cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels, **kwargs)
     with _stop_on_sigterm():
-        result = purify_shards(list(inputs), out, _resolve_denoiser(denoiser), cfg, progress=not quiet)
+        status = run_purify(list(inputs), out, cfg, denoiser=_resolve_denoiser(denoiser), progress=not quiet)
+    if status:
+        sys.exit(status)
+
+
+def run_purify(inputs, out, cfg: PurifyConfig | None = None, *, denoiser=None, purifier=None,
+               progress: bool = True) -> int:
+    """``eclipse-stream purify`` from Python: run, print the JSON summary (and the failed shards to stderr),
+    return the exit status (0, or 1 when shards could not be read). ``denoiser`` None is the shipped one;
+    ``purifier`` replaces the ECLIPSE purifier, as in :func:`~eclipse_stream.pipeline.purify_shards`."""
+    from .pipeline import purify_shards
+
+    result = purify_shards(inputs, out, denoiser, cfg, purifier=purifier, progress=progress)
     summary = {
         "processed": len(result.processed), "already_done": len(result.skipped),
         "written": sum(s["written"] for s in result.processed),
@@ -214,7 +224,8 @@ def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p
         names = ", ".join(f["shard"] for f in result.failed)
         click.echo(f"error: {len(result.failed)} shard(s) could not be read: {names}; "
                    f"no output was written for them", err=True)
-        sys.exit(1)
+        return 1
+    return 0
 
 
 @main.command()

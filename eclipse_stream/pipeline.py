@@ -394,7 +394,7 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
     out_dir = Path(out_dir)
     fingerprint = cfg.fingerprint(stage.checkpoint_sha256, device.type)
     if stage.custom is not None:
-        fingerprint["purifier"] = stage.custom
+        fingerprint["device_stage"] = stage.custom  # the caller's purifier, not the ECLIPSE one
     ctx = RunContext(cfg, out_dir, fingerprint, device, ReadSettings.from_config(cfg, stage.model_size),
                      group.rank, progress)
 

@@ -20,7 +20,7 @@ from .corruption import corrupt
 from .devices import resolve_device
 from .errors import InputError
 from .fsutil import atomic_path
-from .imageio import ImageDecodeError, decode_image, find_image_key
+from .imageio import ImageDecodeError, decode_image
 from .purifier import Purifier, PurifierConfig
 from .sources import resize_center_crop
 
@@ -28,24 +28,16 @@ COLUMNS = ("input", "noised at t*", "purified", "corrupted")
 
 
 def _first_images(shard: Path, n: int, image_key: str | None, size: int) -> np.ndarray:
-    if shard.suffix == ".beton":
-        from .formats.beton import BetonReader, require_ffcv
-        require_ffcv(shard)
-        reader = BetonReader(shard, image_field=image_key)
-        arrays = [s[reader.image_field] for s in itertools.islice(reader, n)]
-    else:
-        from .sources import iter_tar_samples
-        arrays = []
-        for sample in iter_tar_samples(shard):
+    from .formats import format_for
+
+    arrays = []
+    for key, image in itertools.islice(format_for(shard).images(str(shard), image_key, skip_missing=True), n):
+        if isinstance(image, bytes):
             try:
-                key = find_image_key(sample, image_key)
-                if key is None:
-                    continue
-                arrays.append(decode_image(sample[key]).rgb)
-            except (ImageDecodeError, ValueError) as e:  # ValueError: no field named --image-key
-                raise InputError(f"{shard}: sample {sample['__key__']!r}: {e}")
-            if len(arrays) == n:
-                break
+                image = decode_image(image).rgb
+            except ImageDecodeError as e:
+                raise InputError(f"{shard}: sample {key!r}: {e}") from None
+        arrays.append(image)
     if not arrays:
         raise InputError(f"{shard}: no decodable images to preview")
     return np.stack([resize_center_crop(a, size) for a in arrays])

@@ -19,10 +19,10 @@ import torch
 from braceexpand import braceexpand
 from PIL import Image
 
-from .errors import InputError, SampleError
-from .formats import suffixes
+from .errors import InputError
+from .formats import format_for, suffixes
 from .formats.tar import TarItem, iter_tar_samples, read_tar  # noqa: F401  (re-exported)
-from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, find_image_key
+from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 
 SHARD_SUFFIXES = suffixes()  # (".tar", ".beton"): every format of the registry
 
@@ -42,7 +42,7 @@ def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
             # every entry named like a shard is one: a broken link or unreadable file is an error, never skipped
             shards = sorted(_checked_shard(q) for q in p.iterdir() if q.suffix in SHARD_SUFFIXES)
             if not shards:
-                raise InputError(f"{p}: no .tar or .beton shards in this folder")
+                raise InputError(f"{p}: no {' or '.join(SHARD_SUFFIXES)} shards in this folder")
             found += shards
             continue
         names = sorted(set(braceexpand(item)))
@@ -110,19 +110,8 @@ def _iter_training_items(source: str) -> Iterator[tuple[str, bytes | np.ndarray]
             yield str(q), q.read_bytes()
         return
     for shard in expand_shards(source):
-        if shard.suffix == ".beton":
-            from .formats.beton import BetonReader, require_ffcv
-            require_ffcv(shard)
-            reader = BetonReader(shard)
-            for sample in reader:
-                yield f"{shard}:{sample['__key__']}", sample[reader.image_field]
-            continue
-        for sample in iter_tar_samples(shard):
-            key = find_image_key(sample)
-            if key is None:
-                raise SampleError(str(shard), sample["__key__"], "no image field "
-                                  f"(fields: {sorted(k for k in sample if not k.startswith('__'))})")
-            yield f"{shard}:{sample['__key__']}", sample[key]
+        for key, image in format_for(shard).images(str(shard)):
+            yield f"{shard}:{key}", image
 
 
 def load_training_images(source: str, image_size: int) -> tuple[torch.Tensor, str]:

@@ -180,3 +180,27 @@ def test_read_shard_events_in_order(tmp_path):
     cut.write_bytes(src.read_bytes()[:1500])
     events = list(read_shard(Task(1, str(cut), "cut.tar"), settings))
     assert isinstance(events[-1], ShardFailed) and "tar" in events[-1].reason
+
+
+def test_any_purifier_can_be_handed_to_purify_and_is_recorded(shard_dir, tmp_path, capsys):
+    import torch
+
+    from eclipse_stream.cli import run_purify
+    from eclipse_stream.config import PurifyConfig
+    from eclipse_stream.pipeline import purify_shards
+
+    calls = []
+
+    def invert(x, generator=None):
+        calls.append(tuple(x.shape))
+        assert x.dtype == torch.uint8 and isinstance(generator, torch.Generator)
+        return 255 - x
+
+    cfg = PurifyConfig(batch_size=4, workers=0, device="cpu")
+    res = purify_shards(shard_dir / "part-001.tar", tmp_path / "o", cfg=cfg, purifier=invert, progress=False)
+    assert calls and res.processed[0]["written"] == 10
+    assert res.processed[0]["config"]["device_stage"].endswith("function")  # no fingerprint attribute: its type
+    invert.fingerprint = "invert-v1"
+    assert run_purify(shard_dir / "part-000.tar", tmp_path / "o2", cfg, purifier=invert, progress=False) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 12
+    assert json.loads((tmp_path / "o2" / "manifest.json").read_text())["config"]["device_stage"] == "invert-v1"

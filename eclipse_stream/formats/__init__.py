@@ -96,6 +96,12 @@ class ShardFormat:
         """The records of one shard, in order; a shard that cannot be read raises ShardError naming it."""
         raise NotImplementedError
 
+    def images(self, path: str, image_key: str | None = None, skip_missing: bool = False) -> Iterator[tuple]:
+        """``(key, image)`` for the samples of one shard, in order, one image each (``image_key``, else the
+        sample's first image field): encoded bytes or uint8 H x W x 3 pixels, as the format stores them. For
+        training sets, previews and the like. A sample without one raises SampleError (or is skipped)."""
+        raise NotImplementedError
+
     def encode(self, image: Image, rgb: np.ndarray, policy: WritePolicy):
         """One purified image as the writer takes it (runs on the encode threads); ValueError/OSError if not."""
         raise NotImplementedError

@@ -809,6 +809,12 @@ class BetonFormat(ShardFormat):
             yield Record(index, sample["__key__"], index, sample, images)
             index += 1
 
+    def images(self, path: str, image_key: str | None = None, skip_missing: bool = False) -> Iterator[tuple]:
+        require_ffcv(path)
+        reader = BetonReader(path, image_field=image_key)
+        for sample in reader:
+            yield sample["__key__"], sample[reader.image_field]
+
     def encode(self, image: Image, rgb: np.ndarray, policy: WritePolicy) -> np.ndarray:
         return rgb  # stored as pixels; the writer compresses as the input's storage mode says
 

@@ -26,9 +26,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import ShardError
+from ..errors import SampleError, ShardError
 from ..fsutil import HashingFile
-from ..imageio import ImageDecodeError, decode_image, encode_image, image_fields
+from ..imageio import ImageDecodeError, decode_image, encode_image, find_image_key, image_fields
 from . import Image, ReadPolicy, Record, ShardFormat, ShardWriter, WritePolicy, register
 
 __all__ = ["TarFormat", "TarItem", "TarShardWriter", "iter_tar_samples", "read_tar"]
@@ -235,6 +235,19 @@ class TarFormat(ShardFormat):
             names = {image.field for image in images}
             passthrough = {k: v for k, v in item.fields.items() if k not in names}
             yield Record(index, item.key, no, passthrough, images)
+
+    def images(self, path: str, image_key: str | None = None, skip_missing: bool = False) -> Iterator[tuple]:
+        for sample in iter_tar_samples(path):
+            key = sample["__key__"]
+            try:
+                field = find_image_key(sample, image_key)
+            except ValueError as e:  # no field named image_key
+                raise SampleError(str(path), key, str(e)) from None
+            if field is None and not skip_missing:
+                raise SampleError(str(path), key, "no image field "
+                                  f"(fields: {sorted(k for k in sample if not k.startswith('__'))})")
+            if field is not None:
+                yield key, sample[field]
 
     def encode(self, image: Image, rgb: np.ndarray, policy: WritePolicy) -> bytes:
         return encode_image(rgb, image.source, image.field, jpeg_quality=policy.jpeg_quality)
