@@ -67,6 +67,10 @@ class Bucketer:
         entries = self.buckets.pop(size)
         self.pending -= len(entries)
         ph, pw = size
-        pixels = np.stack([np.pad(rgb, ((0, ph - rgb.shape[0]), (0, pw - rgb.shape[1]), (0, 0)), mode="edge")
-                           for _, rgb in entries])
+        pixels = np.empty((len(entries), ph, pw, 3), np.uint8)
+        for out, (_, rgb) in zip(pixels, entries):  # edge padding, as np.pad(mode="edge"), without its overhead
+            h, w = rgb.shape[:2]
+            out[:h, :w] = rgb
+            out[:h, w:] = rgb[:, w - 1:w]
+            out[h:] = out[h - 1:h]
         return [item for item, _ in entries], torch.from_numpy(pixels).permute(0, 3, 1, 2)

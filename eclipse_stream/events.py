@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .formats import Image
@@ -37,13 +38,22 @@ class ShardStarted:
 
 @dataclass
 class Batch:
+    """``pixels``: uint8 N x H x W x 3 numpy (edge-padded), so it travels inside the event's pickle: a tensor
+    would be passed through shared memory, one file descriptor and a socket round trip per batch."""
+
     shard: int
     batch_no: int
     items: list[Item]
-    pixels: torch.Tensor  # uint8 N x 3 x H x W, edge-padded
+    pixels: np.ndarray | torch.Tensor
 
-    def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this
-        self.pixels = self.pixels.pin_memory()
+    def tensor(self) -> torch.Tensor:
+        """The batch as the purifier takes it: uint8 N x 3 x H x W (a view, no copy)."""
+        if isinstance(self.pixels, torch.Tensor):
+            return self.pixels
+        return torch.from_numpy(self.pixels).permute(0, 3, 1, 2)
+
+    def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this, in its pinning thread
+        self.pixels = self.tensor().pin_memory()
         return self
 
 

@@ -198,7 +198,7 @@ class DeviceLoop:
     def on_batch(self, ev: Batch) -> None:
         device = self.ctx.device
         gen = batch_generator(self.ctx.cfg.seed, self.tasks[ev.shard].name, ev.batch_no, device)
-        out = self.purifier(ev.pixels.to(device, non_blocking=True), gen)
+        out = self.purifier(ev.tensor().to(device, non_blocking=True), gen)
         out, ready = _to_host(out)
         self.bar.update(sum(item.fields is not None for item in ev.items))  # samples, not image fields
         self.encoder.submit(self.shards[ev.shard], ev.items, out, ready)

@@ -71,10 +71,10 @@ def read_shard(task: Task, settings: ReadSettings) -> Iterator:
                     item = Item(rec.index, rec.sample_no, rec.key, Image(image.field, None, image.source),
                                 len(rec.images), rgb.shape[:2], rec.fields if part == 0 else None)
                     for items, pixels in bucketer.add(item, rgb):
-                        yield Batch(task.index, batch_no, items, pixels)
+                        yield Batch(task.index, batch_no, items, pixels.permute(0, 2, 3, 1).numpy())
                         batch_no += 1
         for items, pixels in bucketer.flush():
-            yield Batch(task.index, batch_no, items, pixels)
+            yield Batch(task.index, batch_no, items, pixels.permute(0, 2, 3, 1).numpy())
             batch_no += 1
     except ShardError as e:
         yield ShardFailed(task.index, e.reason)

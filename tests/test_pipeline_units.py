@@ -204,3 +204,18 @@ def test_any_purifier_can_be_handed_to_purify_and_is_recorded(shard_dir, tmp_pat
     assert run_purify(shard_dir / "part-000.tar", tmp_path / "o2", cfg, purifier=invert, progress=False) == 0
     assert json.loads(capsys.readouterr().out)["written"] == 12
     assert json.loads((tmp_path / "o2" / "manifest.json").read_text())["config"]["device_stage"] == "invert-v1"
+
+
+def test_bucketer_pads_as_numpy_edge_padding():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (int(rng.integers(1, 70)), int(rng.integers(1, 70)), 3), dtype=np.uint8)
+              for _ in range(12)]
+    b = Bucketer(batch_size=3, multiple=32, max_batch_pixels=10**9, max_pending=100)
+    batches = [x for i, im in enumerate(images) for x in b.add(It(i), im)] + list(b.flush())
+    assert sum(len(items) for items, _ in batches) == 12
+    for items, pixels in batches:
+        ph, pw = pixels.shape[2:]
+        for item, got in zip(items, pixels):
+            im = images[item.index]
+            want = np.pad(im, ((0, ph - im.shape[0]), (0, pw - im.shape[1]), (0, 0)), mode="edge")
+            assert np.array_equal(got.permute(1, 2, 0).numpy(), want)

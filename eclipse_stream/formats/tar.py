@@ -14,8 +14,8 @@ starting with "_") and copies the other members unchanged; the output is hashed 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
-import io
 import lzma
 import os
 import re
@@ -93,12 +93,13 @@ def read_tar(path: str | os.PathLike) -> Iterator[TarItem]:
             kind = next((k for m, k in _COMPRESSED if magic.startswith(m)), None)
             stream = raw if kind is None else importlib.import_module(kind).open(raw, "rb")
             tf = tarfile.open(fileobj=stream, mode="r:")
-            while (info := tf.next()) is not None:
+            headers = _Headers(tf, stream)
+            while (info := headers.next()) is not None:
                 tf.members = []  # no index of every member: memory stays flat over big shards
                 kf = _field_of(info)
                 if kf is None:
-                    reading = info
-                    data = tf.extractfile(info).read() if info.isreg() else None
+                    reading = info = headers.full(info)
+                    data = headers.data(info) if info.isreg() else None
                     reading = None
                     loose.append((info, data))
                     continue
@@ -116,9 +117,9 @@ def read_tar(path: str | os.PathLike) -> Iterator[TarItem]:
                     raise ShardError(path, f"corrupt tar ({where()}): member {info.name!r} appears twice in "
                                            f"sample {key!r}")
                 reading = info
-                pending["fields"][field] = tf.extractfile(info).read()
+                pending["fields"][field] = headers.data(info)
                 reading = None
-            _check_end(stream, tf.offset)
+            _check_end(stream, headers.offset)
             if pending is not None:
                 yield TarItem(pending["key"], pending["fields"])
             if loose:
@@ -138,6 +139,134 @@ def read_tar(path: str | os.PathLike) -> Iterator[TarItem]:
 
 class _Incomplete(Exception):
     pass
+
+
+_NUMERIC = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345))
+
+
+class _Headers:
+    """The member headers of a tar in order, as ``tarfile.TarFile.next`` gives them, but faster.
+
+    tarfile's header parsing costs more than reading a CIFAR-sized sample, so the common members are parsed
+    here: a regular file (type '0' or NUL) with a valid unsigned checksum and octal numbers, optionally after a
+    pax header that only sets times, ids or owner names (webdataset's ``TarWriter`` and ours write one per
+    member, for the float mtime), with no global pax header in force. Anything else (the end-of-archive
+    blocks, other pax keys, GNU long names, links, directories, sparse files, a bad checksum, a short read)
+    is handed to tarfile at the same offset, after the truncation check tarfile makes before it reads a
+    header, so every error is tarfile's own. ``data(info)`` reads a member's bytes; ``full(info)`` is the
+    member's complete TarInfo, as tarfile parses it (for members copied as they are).
+    """
+
+    def __init__(self, tf: tarfile.TarFile, stream):
+        self.tf, self.stream = tf, stream
+        self.offset: int | None = None  # of the next header; after the end, of the end-of-archive blocks
+        self._fast: set[int] = set()  # header offsets of the members parsed here
+
+    def next(self) -> tarfile.TarInfo | None:
+        tf = self.tf
+        if self.offset is None:  # tarfile.open read the first header already
+            info = tf.next()
+            self.offset = tf.offset
+            return info
+        if not tf.pax_headers:
+            info = self._fast_member(self.offset)
+            if info is not None:
+                return info
+        if self.offset > 0:  # as TarFile.next: data or padding cut short before this header
+            self.stream.seek(self.offset - 1)
+            if not self.stream.read(1):
+                raise tarfile.ReadError("unexpected end of data")
+        tf.offset = self.offset
+        info = tf.next()
+        if info is not None:
+            self.offset = tf.offset
+        return info
+
+    def _fast_member(self, offset: int) -> tarfile.TarInfo | None:
+        self.stream.seek(offset)
+        header = _plain_header(self.stream.read(tarfile.BLOCKSIZE), b"0\0x")
+        if header is None:
+            return None
+        kind, size, buf = header
+        data_at = offset + tarfile.BLOCKSIZE
+        if kind == b"x":  # a pax header for the next member: only keys that change neither name nor size
+            pax = self.stream.read(_block(size))
+            if len(pax) < _block(size) or not _harmless_pax(pax[:size]):
+                return None
+            header = _plain_header(self.stream.read(tarfile.BLOCKSIZE), b"0\0")
+            if header is None:
+                return None
+            _, size, buf = header
+            data_at += _block(len(pax)) + tarfile.BLOCKSIZE
+        enc, err = self.tf.encoding, self.tf.errors
+        name = buf[:100].split(b"\0", 1)[0].decode(enc, err)
+        prefix = buf[345:500].split(b"\0", 1)[0].decode(enc, err)
+        if name.endswith("/"):  # a directory, in the old V7 way
+            return None
+        info = tarfile.TarInfo(prefix + "/" + name if prefix else name)
+        info.size, info.offset, info.offset_data = size, offset, data_at  # offset: of the pax header, as tarfile
+        self.offset = data_at + _block(size)
+        self._fast.add(offset)
+        return info
+
+    def full(self, info: tarfile.TarInfo) -> tarfile.TarInfo:
+        if info.offset not in self._fast:
+            return info
+        self.stream.seek(info.offset)
+        self.tf.offset = info.offset
+        return self.tf.next()
+
+    def data(self, info: tarfile.TarInfo) -> bytes:
+        if info.offset not in self._fast:
+            return self.tf.extractfile(info).read()
+        self.stream.seek(info.offset_data)
+        data = self.stream.read(info.size)
+        if len(data) != info.size:
+            raise tarfile.ReadError("unexpected end of data")  # as tarfile's own reader says it
+        return data
+
+
+_NUMERIC = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345))
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+_HARMLESS_PAX = {b"mtime", b"atime", b"ctime", b"uid", b"gid", b"uname", b"gname"}
+
+
+def _block(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _plain_header(buf: bytes, kinds: bytes) -> tuple[bytes, int, bytes] | None:
+    """(type, size, buf) of a well-formed header of one of ``kinds``, else None (tarfile then decides)."""
+    if len(buf) != tarfile.BLOCKSIZE or buf[156] not in kinds:
+        return None
+    try:
+        numbers = [_octal(buf[a:b]) for a, b in _NUMERIC]
+    except ValueError:
+        return None
+    if numbers[5] != 256 + sum(buf[:148]) + sum(buf[156:]):  # tarfile also takes a signed sum: its call
+        return None
+    return buf[156:157].replace(b"\0", b"0"), numbers[3], buf
+
+
+def _harmless_pax(records: bytes) -> bool:
+    """Whether pax records parse exactly and only set keys that change neither a member's name nor its size."""
+    pos = 0
+    while pos < len(records):
+        m = _PAX_RECORD.match(records, pos)
+        if m is None:
+            return False
+        length = int(m.group(1))
+        if length == 0 or m.group(2) not in _HARMLESS_PAX or records[m.start(1) + length - 1:][:1] != b"\n":
+            return False
+        pos = m.start(1) + length
+    return pos == len(records)
+
+
+def _octal(field: bytes) -> int:
+    """A numeric header field as tarfile reads it; ValueError where tarfile reads it otherwise or not at all."""
+    if field[0] in (0o200, 0o377):  # base-256: tarfile's
+        raise ValueError(field)
+    return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
 
 
 def _check_end(stream, offset: int) -> None:
@@ -173,48 +302,85 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
 
 
 class TarShardWriter(ShardWriter):
-    """Samples and other members, in order, into a tar at ``tmp`` (see the module docstring)."""
+    """Samples and other members, in order, into a tar at ``tmp`` (see the module docstring).
+
+    The bytes are those of ``tarfile.open(fileobj, "w|")`` with ``addfile`` per member and ``close`` (pax
+    format: a pax header with the float mtime before each sample field), but a sample field's headers come
+    from :func:`_sample_header` (tarfile's header code costs more than encoding a CIFAR image), and the whole
+    sample is written in one call.
+    """
 
     def __init__(self, tmp: str):
         self._file = HashingFile(tmp)
-        try:
-            self._tar = tarfile.open(fileobj=self._file, mode="w|")
-        except BaseException:
-            self._file.close()
-            raise
+        self._offset = 0
+
+    def _write(self, parts: list[bytes]) -> None:
+        data = b"".join(parts)
+        self._file.write(data)
+        self._offset += len(data)
 
     def write_sample(self, key: str, fields: dict[str, bytes]) -> None:
+        parts = []
         for name in sorted(fields):
             data = fields[name]
-            info = tarfile.TarInfo(f"{key}.{name}")
-            info.size, info.mtime, info.mode = len(data), 0.0, 0o444
-            info.uname = info.gname = "bigdata"
-            self._tar.addfile(info, io.BytesIO(data))
+            parts += [_sample_header(f"{key}.{name}", len(data)), data, _padding(len(data))]
+        self._write(parts)
 
     def write_members(self, members: list) -> None:
+        parts = []
         for info, data in members:
             info = copy.copy(info)
             if info.isreg():  # a sparse or contiguous-file member is written back as the plain file it reads as
                 info.type = tarfile.REGTYPE
             if data is None:  # links and the like carry no data (some writers still record a size for them)
                 info.size = 0
-            self._tar.addfile(info, io.BytesIO(data) if data is not None else None)
+            parts.append(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+            if data is not None:
+                parts += [data, _padding(len(data))]
+        self._write(parts)
 
     def finish(self, stop=None) -> str:
-        try:
-            self._tar.close()  # the end-of-archive blocks and the record padding
-        except BaseException:
-            self._file.close()
-            raise
+        end = self._offset + 2 * tarfile.BLOCKSIZE  # the end-of-archive blocks, then zeros to a whole record
+        self._write([bytes(2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE)])
         return self._file.finish()
 
     def abort(self) -> None:
-        try:
-            self._tar.close()  # else the tar stream writes its end blocks when collected, to a closed file
-        except Exception:  # noqa: BLE001 - best effort (the disk may be full): the file is removed anyway
-            pass
-        finally:
-            self._file.close()
+        self._file.close()
+
+
+def _padding(size: int) -> bytes:
+    return bytes(-size % tarfile.BLOCKSIZE)
+
+
+def _tarfile_sample_header(name: str, size: int) -> bytes:
+    """What ``TarFile.addfile`` writes before a sample field (webdataset's TarWriter: mode 0444, owner
+    bigdata, float mtime 0 -> a pax header)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0.0, 0o444
+    info.uname = info.gname = "bigdata"
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+@functools.cache
+def _header_template() -> tuple[bytes, bytearray]:
+    """(the pax header, which does not depend on name or size; the ustar header of a placeholder member)."""
+    whole = _tarfile_sample_header("x", 0)
+    return whole[:-tarfile.BLOCKSIZE], bytearray(whole[-tarfile.BLOCKSIZE:])
+
+
+def _sample_header(name: str, size: int) -> bytes:
+    """The bytes of :func:`_tarfile_sample_header`, made from a template when tarfile would put nothing but
+    the name and the size in other places (an ASCII name of at most 100 characters, a size under 8 GiB);
+    tarfile's own otherwise. tests/test_tar_reader.py checks both agree."""
+    if size >= 8 ** 11 or len(name) > 100 or not name.isascii():
+        return _tarfile_sample_header(name, size)
+    pax, ustar = _header_template()
+    header = ustar.copy()
+    header[0:100] = name.encode("ascii").ljust(100, b"\0")
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"        "
+    header[148:155] = b"%06o\0" % (256 + sum(header[:148]) + sum(header[156:]))
+    return pax + bytes(header)
 
 
 class TarFormat(ShardFormat):
