@@ -219,3 +219,22 @@ def test_bucketer_pads_as_numpy_edge_padding():
             im = images[item.index]
             want = np.pad(im, ((0, ph - im.shape[0]), (0, pw - im.shape[1]), (0, 0)), mode="edge")
             assert np.array_equal(got.permute(1, 2, 0).numpy(), want)
+
+
+def test_shards_are_finished_on_the_finisher_thread_not_the_device_loop(shard_dir, tmp_path, monkeypatch):
+    import threading
+
+    from eclipse_stream import finisher
+    from eclipse_stream.config import PurifyConfig
+    from eclipse_stream.pipeline import purify_shards
+
+    threads, real = [], finisher.finish_shard
+
+    def spy(*a, **k):
+        threads.append(threading.current_thread().name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(finisher, "finish_shard", spy)
+    cfg = PurifyConfig(batch_size=4, workers=0, device="cpu")
+    purify_shards(shard_dir, tmp_path / "o", cfg=cfg, purifier=lambda x, generator=None: x, progress=False)
+    assert threads == ["eclipse-finish"] * 3
