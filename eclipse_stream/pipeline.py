@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from .assembly import OutputShard
 from .checkpoint import Denoiser, load_denoiser
 from .config import PurifyConfig, default_workers  # noqa: F401  (PurifyConfig is part of this module's API)
+from .distributed import ProcessGroup, RankZeroError
 from .errors import EclipseError, SampleError, ShardError
 from .events import Batch, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
 from .finisher import Finisher
@@ -53,6 +54,7 @@ from .outdir import (MANIFEST, Task, check_no_overlap, partial_path, plan, prepa
                      write_manifest)
 from .purifier import Purifier
 from .reading import ReadSettings, ShardEvents, as_is, reader_worker_init
+from .seeding import batch_generator, stream_seed  # noqa: F401  (part of this module's API)
 from .sources import expand_shards
 
 log = logging.getLogger(__name__)
@@ -61,17 +63,6 @@ __all__ = ["PurifyConfig", "RunResult", "batch_generator", "purify_shards", "str
 
 #: (uint8 N x 3 x H x W batch on the device, generator) -> uint8 batch of the same shape
 PurifierFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-def stream_seed(*parts) -> int:
-    """A 63-bit seed that depends on ``parts`` only (not on process, worker or rank)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def batch_generator(seed: int, shard_name: str, batch_no: int, device: torch.device) -> torch.Generator:
-    """The noise source of one batch: a function of (seed, shard file name, batch number) only."""
-    return torch.Generator(device=device).manual_seed(stream_seed(seed, shard_name, batch_no))
 
 
 @dataclass
@@ -323,54 +314,6 @@ def _weights_sha256(model: torch.nn.Module) -> str:
     return "weights:" + h.hexdigest()
 
 
-class _ProcessGroup:
-    """torchrun: rank and world size from the environment; the few collectives a run needs (none alone)."""
-
-    def __init__(self, device: torch.device):
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.dist, self.owned = None, False
-        if self.world > 1:
-            import torch.distributed as dist
-            self.dist = dist
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # --device cpu on a GPU box
-                self.owned = True
-
-    def share_go(self, problem):
-        """Rank 0's verdict on OUT (None: go on), on every rank."""
-        if self.dist is None:
-            return problem
-        box = [problem]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_failed(self, failed: list) -> list:
-        if self.dist is None:
-            return failed
-        gathered = [None] * self.world
-        self.dist.all_gather_object(gathered, failed)
-        return [f for part in gathered for f in part]
-
-    def barrier(self) -> None:
-        if self.dist is not None:
-            self.dist.barrier()
-
-    def close(self) -> None:
-        # A process group left for interpreter exit can abort the process ("terminate called without an
-        # active exception": gloo's threads outlive Python). Only on success: after an error the other
-        # ranks may still be in a collective, and torchrun tears them down anyway.
-        if self.owned:
-            self.dist.destroy_process_group()
-
-
-class _RankZeroError(EclipseError):
-    """Rank 0's refusal (OUT in use, unwritable, other settings), raised on the other ranks too."""
-
-    def __init__(self, exit_code: int, message: str):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None = None,
                   cfg: PurifyConfig | None = None, *, purifier=None, progress: bool = True) -> RunResult:
     """Purify every shard of ``inputs`` into ``out_dir``; under torchrun each rank takes shards[rank::world].
@@ -387,7 +330,7 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
     if device.type == "cuda":
         # cuda:LOCAL_RANK must also be the current device: NCCL collectives and default streams use it
         torch.cuda.set_device(device)
-    group = _ProcessGroup(device)
+    group = ProcessGroup(device)
     shards = expand_shards(inputs)
     check_no_overlap(inputs, shards, out_dir)
     stage = _device_stage(denoiser, purifier, cfg, device)
@@ -411,7 +354,7 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
         if error is not None:
             raise error
         if problem is not None:
-            raise _RankZeroError(*problem)
+            raise RankZeroError(*problem)
 
         todo, done = plan(shards, out_dir, fingerprint, cfg.overwrite)
         mine = [t for t in todo if t.index % group.world == group.rank]
