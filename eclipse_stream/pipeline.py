@@ -237,7 +237,7 @@ def _to_host(out: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     return host, ready
 
 
-def run_tasks(ctx: RunContext, tasks: list[Task], purifier: PurifierFn, total_shards: int | None = None):
+def run_tasks(ctx: RunContext, tasks: list[Task], purifier: PurifierFn):
     """Purify ``tasks`` into ``ctx.out_dir``: reader workers -> device loop -> encode -> finish.
     Returns (stats of each processed shard, failed shards)."""
     if not tasks:
@@ -358,7 +358,7 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
 
         todo, done = plan(shards, out_dir, fingerprint, cfg.overwrite)
         mine = [t for t in todo if t.index % group.world == group.rank]
-        processed, failed = run_tasks(ctx, mine, stage.fn, len(shards))
+        processed, failed = run_tasks(ctx, mine, stage.fn)
         failed = group.all_failed(failed)
         manifest = None
         if group.rank == 0 and not failed:
