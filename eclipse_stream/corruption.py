@@ -2,37 +2,63 @@
 
 With probability ``p`` an image becomes its luma (ITU-R 601 weights, torchvision's
 ``rgb_to_grayscale``) replicated to 3 channels; then N(0, sigma^2) noise is added in
-[0, 1] pixel units and the result clamped. The paper applies it once; the reference code
+[0, 1] pixel units and the result clamped.
+
+Beyond the paper, ``lowfreq_sigma`` adds smooth Gaussian noise (:func:`lowfreq_noise`: one
+N(0, lowfreq_sigma^2) value per channel on a 4 x 4 lattice, bilinearly upsampled). White
+noise of std sigma averages to sigma/8 over an 8 x 8 patch, too little to hide a patch-wise
+shortcut such as LSP, which purification leaves almost untouched (it is low-frequency); the
+smooth term does not average away. ``lowfreq_sigma=0`` is the paper's corruption, drawing
+exactly the same random numbers. The default (``DEFAULT_LOWFREQ_SIGMA``) is the measured one
+(docs/results/cpu-grid.md).
+
+The paper applies it once; the reference code
 applies it afresh every time an image is read (per epoch), which is what
 :class:`RandomCorruption` and :func:`corrupt_samples` do. ``purify --corruption baked``
-applies one fixed draw and stores it.
+applies one fixed draw of the paper's corruption and stores it (no low-frequency term: a fixed
+smooth field would itself be a pattern to learn; use the fresh per-epoch corruption instead).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torchvision.transforms.functional import rgb_to_grayscale
 from webdataset.filters import pipelinefilter
 
-__all__ = ["DEFAULT_GRAY_P", "DEFAULT_SIGMA", "RandomCorruption", "corrupt", "corrupt_samples"]
+__all__ = ["DEFAULT_GRAY_P", "DEFAULT_LOWFREQ_SIGMA", "DEFAULT_SIGMA", "RandomCorruption", "corrupt",
+           "corrupt_samples", "lowfreq_noise"]
 
-from .defaults import DEFAULT_GRAY_P, DEFAULT_SIGMA  # noqa: E402
+from .defaults import DEFAULT_GRAY_P, DEFAULT_LOWFREQ_SIGMA, DEFAULT_SIGMA, IMAGE_EXTENSIONS, LOWFREQ_GRID  # noqa: E402
 
 
-def _check(p: float, sigma: float) -> None:
+def _check(p: float, sigma: float, lowfreq_sigma: float = 0.0) -> None:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"grayscale probability must be in [0, 1], got {p}")
     if sigma < 0:
         raise ValueError(f"noise sigma must be >= 0, got {sigma}")
+    if lowfreq_sigma < 0:
+        raise ValueError(f"low-frequency noise sigma must be >= 0, got {lowfreq_sigma}")
+
+
+def lowfreq_noise(shape, sigma: float, generator: torch.Generator | None = None, device=None,
+                  grid: int = LOWFREQ_GRID) -> torch.Tensor:
+    """Smooth noise of an (N, C, H, W) batch: N(0, sigma^2) per channel on a grid x grid lattice,
+    bilinearly upsampled to (H, W), so each region of about (H/grid) x (W/grid) pixels moves together."""
+    n, c, h, w = shape
+    coarse = sigma * torch.randn((n, c, grid, grid), device=device, generator=generator)
+    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def corrupt(x: torch.Tensor, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Corrupt a float batch in [0, 1], shape (N, 3, H, W) or (3, H, W); one draw per image."""
-    _check(p, sigma)
+            generator: torch.Generator | None = None, lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA) -> torch.Tensor:
+    """Corrupt a float batch in [0, 1], shape (N, 3, H, W) or (3, H, W); one draw per image.
+
+    ``lowfreq_sigma=0`` is the paper's corruption (grayscale, white noise)."""
+    _check(p, sigma, lowfreq_sigma)
     single = x.ndim == 3
     if single:
         x = x.unsqueeze(0)
@@ -43,6 +69,8 @@ def corrupt(x: torch.Tensor, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_S
     x = torch.where(gray[:, None, None, None], rgb_to_grayscale(x, num_output_channels=3), x)
     if sigma > 0:
         x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
+    if lowfreq_sigma > 0:
+        x = x + lowfreq_noise(x.shape, lowfreq_sigma, generator, x.device)
     x = x.clamp(0.0, 1.0)
     return x[0] if single else x
 
@@ -68,46 +96,48 @@ class RandomCorruption(nn.Module):
     """
 
     def __init__(self, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA):
         super().__init__()
-        _check(p, sigma)
-        self.p, self.sigma, self.generator = p, sigma, generator
+        _check(p, sigma, lowfreq_sigma)
+        self.p, self.sigma, self.generator, self.lowfreq_sigma = p, sigma, generator, lowfreq_sigma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unit, was_uint8 = _to_unit(x)
-        return _from_unit(corrupt(unit, self.p, self.sigma, self.generator), was_uint8, x.dtype)
+        out = corrupt(unit, self.p, self.sigma, self.generator, self.lowfreq_sigma)
+        return _from_unit(out, was_uint8, x.dtype)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, sigma={self.sigma}"
+        return f"p={self.p}, sigma={self.sigma}, lowfreq_sigma={self.lowfreq_sigma}"
 
 
-def _corrupt_value(value, p, sigma, generator):
+def _corrupt_value(value, p, sigma, generator, lowfreq_sigma):
     """Corrupt one decoded image of whatever type a WebDataset decoder produced; keep that type."""
     if isinstance(value, Image.Image):
         arr = torch.from_numpy(np.array(value.convert("RGB"))).permute(2, 0, 1)
-        out = corrupt(arr.float() / 255.0, p, sigma, generator)
+        out = corrupt(arr.float() / 255.0, p, sigma, generator, lowfreq_sigma)
         return Image.fromarray((out * 255).round().byte().permute(1, 2, 0).numpy())
     if isinstance(value, np.ndarray):  # HWC, uint8 or float in [0, 1]
         t = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
         unit, was_uint8 = _to_unit(t)
-        out = _from_unit(corrupt(unit, p, sigma, generator), was_uint8, t.dtype)
+        out = _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma), was_uint8, t.dtype)
         return out.permute(1, 2, 0).numpy()
     if torch.is_tensor(value):  # CHW
         unit, was_uint8 = _to_unit(value)
-        return _from_unit(corrupt(unit, p, sigma, generator), was_uint8, value.dtype)
+        return _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma), was_uint8, value.dtype)
     raise TypeError(f"cannot corrupt a {type(value).__name__}; decode images first (e.g. .decode('pil'))")
 
 
 def _corrupt_samples(data, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
-                     image_key: str = "jpg;jpeg;png;webp", seed: int | None = None):
+                     image_key: str = ";".join(IMAGE_EXTENSIONS), seed: int | None = None,
+                     lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA):
     """WebDataset stage: corrupt each decoded sample's image afresh; other fields untouched."""
-    _check(p, sigma)
+    _check(p, sigma, lowfreq_sigma)
     keys = image_key.split(";")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for sample in data:
         key = next((k for k in keys if k in sample), None)
         if key is not None:
-            sample = {**sample, key: _corrupt_value(sample[key], p, sigma, generator)}
+            sample = {**sample, key: _corrupt_value(sample[key], p, sigma, generator, lowfreq_sigma)}
         yield sample
 
 

@@ -33,6 +33,11 @@ PREFILTERS = ("none", "impulse")  # prefilter.py
 DEFAULT_IMPULSE_THRESHOLD = 0.25  # [0, 1] units (64/255): see prefilter.py
 DEFAULT_GRAY_P = 0.4  # training-time corruption: grayscale probability (corruption.py)
 DEFAULT_SIGMA = 0.05  # training-time corruption: noise std in [0, 1] units
+# Training-time corruption, beyond the paper: smooth (low-frequency) Gaussian noise, std per channel in
+# [0, 1] units on a LOWFREQ_GRID x LOWFREQ_GRID lattice, bilinearly upsampled (corruption.py). It masks
+# low-frequency shortcuts (LSP) that white noise averages away; 0 is the paper's corruption.
+DEFAULT_LOWFREQ_SIGMA = 0.05  # measured on the CPU grid (docs/results/cpu-grid.md)
+LOWFREQ_GRID = 4
 
 # Named purification recipes: the settings a name stands for (each can still be set on its own).
 # paper:  ECLIPSE as published: the full t*-step reverse chain, no prefilter.

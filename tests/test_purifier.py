@@ -6,7 +6,7 @@ import torch
 import webdataset as wds
 
 from eclipse_stream.checkpoint import load_denoiser
-from eclipse_stream.corruption import RandomCorruption, corrupt, corrupt_samples
+from eclipse_stream.corruption import DEFAULT_LOWFREQ_SIGMA, RandomCorruption, corrupt, corrupt_samples
 from eclipse_stream.purifier import Purifier, PurifierConfig
 
 
@@ -70,19 +70,44 @@ def test_t_star_above_checkpoint_T_is_refused(den):
 
 
 def test_corruption_definition():
+    """The paper's corruption (lowfreq_sigma=0): grayscale with probability p, then white noise."""
     torch.manual_seed(0)
     x = torch.rand(400, 3, 8, 8)
-    assert torch.equal(corrupt(x, p=0.0, sigma=0.0), x)
-    gray = corrupt(x, p=1.0, sigma=0.0)
+    assert torch.equal(corrupt(x, p=0.0, sigma=0.0, lowfreq_sigma=0.0), x)
+    gray = corrupt(x, p=1.0, sigma=0.0, lowfreq_sigma=0.0)
     assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
     luma = 0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     assert torch.allclose(gray[:, 0], luma, atol=1e-3)
     mid = torch.full((200, 3, 16, 16), 0.5)
-    noisy = corrupt(mid, p=0.0, sigma=0.05)
+    noisy = corrupt(mid, p=0.0, sigma=0.05, lowfreq_sigma=0.0)
     assert abs((noisy - mid).std().item() - 0.05) < 0.002
-    out = corrupt(x, p=0.4, sigma=0.0)
+    out = corrupt(x, p=0.4, sigma=0.0, lowfreq_sigma=0.0)
     frac_gray = (out[:, 0] == out[:, 1]).all(-1).all(-1).float().mean().item()
     assert 0.3 < frac_gray < 0.5
+
+
+def test_lowfreq_noise_is_smooth_and_survives_patch_averaging():
+    """The low-frequency term moves 8x8 patches together (white noise of the same std averages to ~1/8 of it
+    over a patch), and with lowfreq_sigma=0 the corruption draws exactly the paper's random numbers."""
+    mid = torch.full((300, 3, 32, 32), 0.5)
+    smooth = corrupt(mid, p=0.0, sigma=0.0, lowfreq_sigma=0.05) - mid
+    white = corrupt(mid, p=0.0, sigma=0.05, lowfreq_sigma=0.0) - mid
+    patch = torch.nn.functional.avg_pool2d
+    assert patch(smooth, 8).std() > 0.025 > 0.01 > patch(white, 8).std()
+    step = (smooth[..., 1:] - smooth[..., :-1]).abs().mean()  # neighbours agree (white noise: ~1.1x its mean)
+    assert step < 0.25 * smooth.abs().mean()
+    assert smooth[:, 0].sub(smooth[:, 1]).abs().mean() > 0.01  # each channel has its own field (colour)
+    x = torch.rand(8, 3, 32, 32)
+    paper = corrupt(x, 0.4, 0.05, torch.Generator().manual_seed(3), lowfreq_sigma=0.0)
+    g = torch.Generator().manual_seed(3)
+    gray = torch.rand(8, generator=g) < 0.4
+    want = torch.where(gray[:, None, None, None], x.mul(torch.tensor([0.2989, 0.587, 0.114])[:, None, None])
+                       .sum(1, keepdim=True).expand_as(x), x) + 0.05 * torch.randn(x.shape, generator=g)
+    assert torch.allclose(paper, want.clamp(0, 1), atol=1e-3)
+    default = RandomCorruption()
+    assert default.lowfreq_sigma == DEFAULT_LOWFREQ_SIGMA > 0 and "lowfreq_sigma" in repr(default)
+    with pytest.raises(ValueError, match="low-frequency"):
+        RandomCorruption(lowfreq_sigma=-0.1)
 
 
 def test_random_corruption_module_draws_fresh_and_keeps_dtype():
@@ -97,7 +122,8 @@ def test_corrupt_samples_stage_in_webdataset_pipeline():
     from PIL import Image
 
     samples = [{"__key__": f"k{i}", "png": Image.new("RGB", (8, 8), (200, 10, 10)), "cls": i} for i in range(5)]
-    out = list(wds.DataPipeline(lambda: iter(samples), corrupt_samples(p=1.0, sigma=0.0, seed=0)))
+    out = list(wds.DataPipeline(lambda: iter(samples), corrupt_samples(p=1.0, sigma=0.0, seed=0,
+                                                                                  lowfreq_sigma=0.0)))
     assert [s["__key__"] for s in out] == [f"k{i}" for i in range(5)] and [s["cls"] for s in out] == list(range(5))
     arr = np.asarray(out[0]["png"])
     assert (arr[..., 0] == arr[..., 1]).all()

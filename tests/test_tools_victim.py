@@ -103,6 +103,11 @@ def test_defense_names_and_parts():
         get_defense("eclipse-steps0")
     with pytest.raises(ToolError):
         get_defense("mixup")
+    robust = get_defense("eclipse-steps1+impulse-lf0.05")
+    assert (robust.purify_steps, robust.prefilter, robust.lowfreq_sigma, robust.gray_p) == (1, "impulse", 0.05, 0.4)
+    assert robust.purify_tag == "-steps1-impulse"  # the same purified set as without the training-time term
+    assert get_defense("corruption-lf0.1").lowfreq_sigma == 0.1 and not get_defense("corruption-lf0.1").purify
+    assert "lowfreq_sigma" not in get_defense("eclipse").to_dict()  # the paper's rows record what they did before
 
 
 def test_once_only_transforms():
@@ -118,6 +123,8 @@ def test_training_corruption_is_the_package_module():
     from eclipse_stream import corruption
     module = training_corruption(get_defense("eclipse"))
     assert isinstance(module, corruption.RandomCorruption) and module.p == 0.4 and module.sigma == 0.05
+    assert module.lowfreq_sigma == 0.0  # the paper's rows stay the paper's whatever the package default
+    assert training_corruption(get_defense("eclipse-steps1+impulse-lf0.05")).lowfreq_sigma == 0.05
     assert training_corruption(get_defense("iss-jpeg10")) is None
     x = torch.rand(8, 3, 32, 32)
     torch.manual_seed(0)

@@ -8,7 +8,10 @@ only: a model trained on gray images is tested on gray images).
 
 Names: ``none``, ``iss-gray``, ``iss-jpeg10``, ``corruption`` (training-time corruption
 alone), ``eclipse`` (purified shards + corruption) and ``eclipse-steps<K>`` (purified with
-K reverse steps instead of the default).
+K reverse steps instead of the default). Suffixes: ``+impulse`` (purify's impulse prefilter),
+``-grayP`` (the corruption's grayscale probability) and ``-lfS`` (the corruption's low-frequency
+noise std, 0 unless given: every row without it is the paper's corruption); ``corruption-lfS`` is
+that corruption alone. The recommended setting is ``eclipse-steps1+impulse-lf0.05``.
 """
 
 from __future__ import annotations
@@ -49,11 +52,13 @@ class Defense:
     purify_steps: int | None = None    # None: the CLI's default (t* = 100 reverse steps)
     prefilter: str = "none"            # purify --prefilter, always passed: "none" is the paper's recipe
     gray_p: float = 0.4                # training-time corruption: grayscale probability (the paper's 0.4)
+    lowfreq_sigma: float = 0.0         # training-time corruption: low-frequency noise std (0: the paper's)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "train_once": self.train_once, "test_once": self.test_once,
                 "train_corruption": self.train_corruption, "purify": self.purify,
-                "purify_steps": self.purify_steps, "prefilter": self.prefilter, "gray_p": self.gray_p}
+                "purify_steps": self.purify_steps, "prefilter": self.prefilter, "gray_p": self.gray_p,
+                **({"lowfreq_sigma": self.lowfreq_sigma} if self.lowfreq_sigma else {})}
 
     @property
     def purify_tag(self) -> str:
@@ -79,13 +84,18 @@ def get_defense(name: str) -> Defense:
     }
     if name in table:
         return table[name]
-    match = re.fullmatch(r"eclipse(?:-steps(\d+))?(?:\+(none|impulse))?(?:-gray(0(?:\.\d+)?|1(?:\.0+)?))?", name)
+    match = re.fullmatch(r"eclipse(?:-steps(\d+))?(?:\+(none|impulse))?(?:-gray(0(?:\.\d+)?|1(?:\.0+)?))?"
+                         r"(?:-lf(0(?:\.\d+)?))?", name)
     if match and (match.group(1) is None or int(match.group(1)) > 0):
         steps = int(match.group(1)) if match.group(1) else None
         gray = float(match.group(3)) if match.group(3) else CORRUPTION_P
         return Defense(name, train_corruption=True, purify=True, purify_steps=steps,
-                       prefilter=match.group(2) or "none", gray_p=gray)
-    raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or eclipse-steps<K>[+impulse]")
+                       prefilter=match.group(2) or "none", gray_p=gray,
+                       lowfreq_sigma=float(match.group(4)) if match.group(4) else 0.0)
+    match = re.fullmatch(r"corruption-lf(0(?:\.\d+)?)", name)
+    if match:
+        return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(1)))
+    raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or eclipse-steps<K>[+impulse][-grayP][-lfS]")
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:
@@ -125,7 +135,8 @@ def training_corruption(defense: Defense, generator: torch.Generator | None = No
     except ImportError as exc:
         raise ToolError(f"defense {defense.name!r} needs eclipse_stream.corruption.RandomCorruption, "
                         f"which cannot be imported: {exc}") from exc
-    return RandomCorruption(p=defense.gray_p, sigma=CORRUPTION_SIGMA, generator=generator)
+    return RandomCorruption(p=defense.gray_p, sigma=CORRUPTION_SIGMA, generator=generator,
+                            lowfreq_sigma=defense.lowfreq_sigma)
 
 
 def eclipse_stream_command() -> list[str]:
