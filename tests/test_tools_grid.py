@@ -136,3 +136,18 @@ def test_cpu_protocol_grid_end_to_end_at_toy_size(tmp_path):
     assert "not comparable" in md and "### Calibration" in md and "### Targets" in md and "(n=2)" in md
     assert "(—)" not in md  # no paper column in the CPU protocol
     assert results_path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_cpu_protocol_recommended_row_is_the_package_default():
+    """The grid's recommended row must be what a user gets by default: purify's default recipe, then the
+    default training-time corruption (so changing a package default without re-measuring fails here)."""
+    from eclipse_stream.corruption import RandomCorruption
+    from eclipse_stream.defaults import DEFAULT_RECIPE, RECIPES
+    from tools.defenses import get_defense
+    from tools.grid import PROTOCOLS, RECOMMENDED
+
+    d, default = get_defense(RECOMMENDED), RandomCorruption()
+    assert RECOMMENDED in PROTOCOLS["cpu"].defenses
+    assert (d.purify_steps, d.prefilter) == (RECIPES[DEFAULT_RECIPE]["steps"], RECIPES[DEFAULT_RECIPE]["prefilter"])
+    assert (d.gray_p, d.lowfreq_sigma) == (default.p, default.lowfreq_sigma)
+    assert default.sigma == 0.05  # tools.defenses.CORRUPTION_SIGMA, the paper's

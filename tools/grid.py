@@ -47,18 +47,21 @@ class Protocol:
     paper_comparable: bool = True       # whether the paper's numbers go beside ours as a reference
 
 
+RECOMMENDED = "eclipse-steps1+impulse-lf0.05"  # = purify --recipe robust, then RandomCorruption()
+
 PROTOCOLS = {
     # The paper's setting (full CIFAR-10, ResNet18): needs a GPU.
     "gpu": Protocol("gpu", DEFAULT_WORK, None, None, "fast", "auto",
                     poisons=("clean", "urp", "lsp", "ar", "ops", "em", "tap"),
                     defenses=("none", "iss-gray", "iss-jpeg10", "corruption", "eclipse")),
     # What a 2-core CPU can run in about two hours (docs/evaluation.md, "CPU protocol").
+    # RECOMMENDED is what README recommends: purify's default (robust) + the default training-time corruption.
     "cpu": Protocol("cpu", PROJECT_ROOT / "runs" / "eval-cpu", 1000, None, "cpu", "cpu",
                     poisons=("clean", "urp", "lsp", "ar", "ops"),
                     defenses=("none", "iss-gray", "iss-jpeg10", "corruption", "eclipse-steps1", "eclipse-steps10",
-                              "eclipse-steps1+impulse"),
+                              RECOMMENDED),
                     purify_args=("--precision", "bf16"), purify_batch_size=256,
-                    extra_seeds=(1, 2), seed_cells=("clean/none", "clean/eclipse-steps1"),
+                    extra_seeds=(1, 2), seed_cells=("clean/none", f"clean/{RECOMMENDED}", f"lsp/{RECOMMENDED}"),
                     paper_comparable=False),
 }
 
