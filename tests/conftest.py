@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import (  # noqa: F401  (re-exported for tests that still import them from conftest)
-    CIFAR_DIR, CLASSES, ROOT, cifar_samples, cli_env, make_denoiser, read_cifar, rgb_array, tar_members, to_png,
-    write_tar)
+from helpers import cifar_samples, make_denoiser, read_cifar, write_tar
 
 # 2-core CI machines: one intra-op thread per process avoids OpenMP oversubscription stalls.
 torch.set_num_threads(1)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from conftest import read_cifar, rgb_array
+from helpers import read_cifar, rgb_array
 from tools.denoiser_quality import measure, psnr
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import cifar_samples, cli_env, read_cifar, write_tar
+from helpers import cifar_samples, cli_env, read_cifar, write_tar
 from eclipse_stream.checkpoint import load_denoiser, save_train_state
 from eclipse_stream.errors import CheckpointError, InputError
 from eclipse_stream.train import ReplicatedSampler, TrainConfig, ema_decay_at, train
