@@ -4,8 +4,10 @@ A format reads one shard as :class:`Record` s, in order (a sample with the image
 that cannot be used with the reason, or container members that belong to no sample), and writes one output
 shard through a :class:`ShardWriter`: ``write_sample`` / ``write_members`` in input order, then ``finish``
 (complete the file at its temporary name and return its sha256) or ``abort``. The pipeline knows no format
-by name: it asks :func:`format_for` with the shard's path. Adding a format is one module that subclasses
-:class:`ShardFormat`, calls :func:`register`, and is imported at the end of this file.
+by name: it asks :func:`format_for` with the shard's path; so does ``eclipse-stream scan``, which reads each
+sample's class label and, only for the samples it keeps, the image (:meth:`ShardFormat.labelled`). Adding a
+format is one module that subclasses :class:`ShardFormat`, calls :func:`register`, and is imported at the end
+of this file.
 
     suffix   module      reader                                   writer
     .tar     tar.py      tarfile, WebDataset's grouping rules     tarfile, as webdataset's TarWriter
@@ -16,14 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..defaults import DEFAULT_MAX_PIXELS
-from ..errors import InputError
+from ..errors import InputError, SampleError
+from ..imageio import find_image_key
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,17 @@ class Record:
     members: list | None = None
 
 
+class Labelled(NamedTuple):
+    """One sample as :meth:`ShardFormat.labelled` reads it: its class ``label`` (see :func:`class_label`) and
+    ``load()`` -> its image as uint8 H x W x 3 (decoded only then; SampleError if it cannot be), or, for a
+    sample that cannot be used, ``error`` (the reason; the caller records it or fails, as ``--on-error`` says)."""
+
+    key: str
+    label: int | str | None = None
+    load: Callable[[], np.ndarray] | None = None
+    error: str | None = None
+
+
 class ShardWriter:
     """One output shard being written to a temporary path, in input order."""
 
@@ -88,7 +103,12 @@ class ShardWriter:
 
 
 class ShardFormat:
-    """A shard format: its suffix, a reader of records and a writer of output shards."""
+    """A shard format: its suffix, a reader of records and a writer of output shards.
+
+    ``records`` / ``encode`` / ``open_writer`` / ``session`` / ``temporary_names`` serve ``purify``; ``images``
+    serves training and previews; ``labelled`` serves ``scan``: each sample's class label at the cost of
+    reading it (no image decoded where the format can avoid it), and the image only for the samples kept.
+    """
 
     suffix: str = ""
 
@@ -100,6 +120,15 @@ class ShardFormat:
         """``(key, image)`` for the samples of one shard, in order, one image each (``image_key``, else the
         sample's first image field): encoded bytes or uint8 H x W x 3 pixels, as the format stores them. For
         training sets, previews and the like. A sample without one raises SampleError (or is skipped)."""
+        raise NotImplementedError
+
+    def labelled(self, path: str, label_key: str | None, image_key: str | None,
+                 max_pixels: int | None) -> Iterator[Labelled]:
+        """:class:`Labelled` for the samples of one shard, in order. The label is field ``label_key``, else the
+        first of :data:`LABEL_KEYS` present (a format may add its own fallback), as :func:`class_label` reads
+        it; the image is field ``image_key``, else the sample's first image field; images over ``max_pixels``
+        pixels fail to load. A sample without a usable label or image field is yielded with ``error``; a
+        shard that cannot be read (or, for a format whose fields are per shard, has no such field) raises."""
         raise NotImplementedError
 
     def encode(self, image: Image, rgb: np.ndarray, policy: WritePolicy):
@@ -119,6 +148,60 @@ class ShardFormat:
         """A regex (alternative) of the extra temporary names a writer leaves next to ``.<name>.partial-<pid>``
         when killed (a rerun removes them); '' if none."""
         return ""
+
+
+#: Label fields tried in order when none is named (a tar sample's field extensions, a .beton's field names).
+LABEL_KEYS = ("cls", "class", "label", "target")
+
+
+def class_label(value, where: tuple[str, str], field_name: str) -> int | str:
+    """A class label from a field value: int when it reads as one, else its text; SampleError at ``where``
+    (shard, key) if it is neither (e.g. a dict, a float with a fraction, bytes that are not UTF-8)."""
+    torch = sys.modules.get("torch")  # a tensor's module is loaded; this one need not import it
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else None
+    elif isinstance(value, np.ndarray):
+        value = value.item() if value.size == 1 else None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            value = bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            value = None
+    if isinstance(value, (bool, np.bool_)):
+        value = int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str) and value:
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    raise SampleError(*where, f"label field {field_name!r} holds {type(value).__name__} {str(value)[:40]!r}, "
+                              "not a class label (an integer or a class name)")
+
+
+def sample_label(sample: dict, label_key: str | None, image_key: str | None,
+                 where: tuple[str, str]) -> tuple[int | str, str]:
+    """(class label, image field name) of a WebDataset-style sample dict (``__``-prefixed keys are metadata),
+    chosen as :meth:`ShardFormat.labelled` says; SampleError at ``where`` naming what is missing."""
+    fields = sorted(k for k in sample if not str(k).startswith("__"))
+    if label_key is not None and label_key not in sample:
+        raise SampleError(*where, f"no label field {label_key!r} (--label-key); its fields are: "
+                                  f"{', '.join(fields) or '(none)'}")
+    key = label_key if label_key is not None else next((k for k in LABEL_KEYS if k in sample), None)
+    if key is None:
+        raise SampleError(*where, f"no label field (looked for {', '.join(LABEL_KEYS)}; name one with "
+                                  f"--label-key); its fields are: {', '.join(fields) or '(none)'}")
+    label = class_label(sample[key], where, key)
+    try:
+        image = find_image_key(sample, image_key)
+    except ValueError as e:  # an explicit --image-key that the sample lacks
+        raise SampleError(*where, str(e)) from None
+    if image is None:
+        raise SampleError(*where, f"no image field (fields: {fields})")
+    return label, image
 
 
 FORMATS: dict[str, ShardFormat] = {}

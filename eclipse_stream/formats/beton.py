@@ -749,7 +749,18 @@ def _image_field(storage: dict, jpeg_quality: int):
 # The pipeline's view: a registered ShardFormat
 # ---------------------------------------------------------------------------------------------------------
 
-from . import Image, ReadPolicy, Record, ShardFormat, ShardWriter, WritePolicy, register  # noqa: E402
+from . import (  # noqa: E402
+    LABEL_KEYS,
+    Image,
+    Labelled,
+    ReadPolicy,
+    Record,
+    ShardFormat,
+    ShardWriter,
+    WritePolicy,
+    class_label,
+    register,
+)
 
 
 class BetonShardWriter(ShardWriter):
@@ -814,6 +825,41 @@ class BetonFormat(ShardFormat):
         reader = BetonReader(path, image_field=image_key)
         for sample in reader:
             yield sample["__key__"], sample[reader.image_field]
+
+    def labelled(self, path: str, label_key: str | None, image_key: str | None,
+                 max_pixels: int | None) -> Iterator[Labelled]:
+        """Fields are per file: a missing label field raises InputError; without ``label_key`` the first
+        IntField stands in for :data:`LABEL_KEYS`. An IntField or FloatField label is read from the metadata
+        column, no image decoded. A label that is not a class label, or (other label types, read sample by
+        sample) an image that cannot be decoded, raises SampleError: it ends the scan whatever ``--on-error``."""
+        require_ffcv(path)
+        reader = BetonReader(path, image_field=image_key, max_pixels=max_pixels)
+        names = reader.field_names
+        if label_key is not None:
+            if label_key not in names:
+                raise InputError(f"{path}: no label field {label_key!r} (--label-key); fields: {names}")
+            label_field = label_key
+        else:
+            found = [k for k in LABEL_KEYS if k in names]
+            ints = [n for n in names if reader._field_types[n].__name__ == "IntField"]
+            if not found and not ints:
+                raise InputError(f"{path}: no label field (looked for {', '.join(LABEL_KEYS)} or an IntField; "
+                                 f"name one with --label-key); fields: {names}")
+            label_field = found[0] if found else ints[0]
+        kind = reader._field_types[label_field].__name__
+        data = np.memmap(reader.path, dtype=np.uint8, mode="r")
+
+        def load(index: int) -> np.ndarray:
+            return reader._sample(data, index)[reader.image_field]  # SampleError for a bad image
+
+        if kind in ("IntField", "FloatField"):
+            metadata = reader._reader.metadata
+            column = np.asarray(metadata[metadata.dtype.names[names.index(label_field)]])
+            values = ((f"{i:09d}", v) for i, v in enumerate(column.tolist()))
+        else:
+            values = ((s["__key__"], s[label_field]) for s in reader)
+        for index, (key, value) in enumerate(values):
+            yield Labelled(key, class_label(value, (str(path), key), label_field), functools.partial(load, index))
 
     def encode(self, image: Image, rgb: np.ndarray, policy: WritePolicy) -> np.ndarray:
         return rgb  # stored as pixels; the writer compresses as the input's storage mode says

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import SampleError, ShardError
 from ..fsutil import HashingFile
 from ..imageio import ImageDecodeError, decode_image, encode_image, find_image_key, image_fields
-from . import Image, ReadPolicy, Record, ShardFormat, ShardWriter, WritePolicy, register
+from . import Image, Labelled, ReadPolicy, Record, ShardFormat, ShardWriter, WritePolicy, register, sample_label
 
 __all__ = ["TarFormat", "TarItem", "TarShardWriter", "iter_tar_samples", "read_tar"]
 
@@ -415,11 +415,31 @@ class TarFormat(ShardFormat):
             if field is not None:
                 yield key, sample[field]
 
+    def labelled(self, path: str, label_key: str | None, image_key: str | None,
+                 max_pixels: int | None) -> Iterator[Labelled]:
+        for sample in iter_tar_samples(path):
+            key = sample["__key__"]
+            where = (str(path), key)
+            try:
+                label, field = sample_label(sample, label_key, image_key, where)
+            except SampleError as e:
+                yield Labelled(key, error=e.reason)
+                continue
+            yield Labelled(key, label, functools.partial(_rgb, sample[field], where, max_pixels))
+
     def encode(self, image: Image, rgb: np.ndarray, policy: WritePolicy) -> bytes:
         return encode_image(rgb, image.source, image.field, jpeg_quality=policy.jpeg_quality)
 
     def open_writer(self, tmp: str, source: str, policy: WritePolicy) -> TarShardWriter:
         return TarShardWriter(tmp)
+
+
+def _rgb(data: bytes, where: tuple[str, str], max_pixels: int | None) -> np.ndarray:
+    """One image field's pixels (uint8 H x W x 3); SampleError at ``where`` if it cannot be decoded."""
+    try:
+        return decode_image(bytes(data), max_pixels=max_pixels).rgb
+    except ImageDecodeError as e:
+        raise SampleError(*where, str(e)) from None
 
 
 def _decoded_images(fields: dict[str, bytes], policy: ReadPolicy) -> list[Image]:
