@@ -77,9 +77,10 @@ import torch.nn.functional as F
 
 from .devices import resolve_device
 from .errors import InputError, SampleError
+from .formats import LABEL_KEYS, class_label, format_for, sample_label  # noqa: F401  (LABEL_KEYS re-exported)
 from .fsutil import atomic_path
-from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, find_image_key
-from .sources import expand_shards, iter_tar_samples, resize_center_crop
+from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from .sources import expand_shards, resize_center_crop
 
 __all__ = [
     "LIKELY_POISONED", "NO_SIGN", "INCONCLUSIVE", "EXIT_CODES", "LABEL_KEYS",
@@ -91,8 +92,6 @@ NO_SIGN = "no sign of poisoning"
 INCONCLUSIVE = "inconclusive"
 #: Exit status of ``eclipse-stream scan`` per verdict; errors keep 1 (other), 2 (bad input/usage), 3 (checkpoint).
 EXIT_CODES = {NO_SIGN: 0, LIKELY_POISONED: 10, INCONCLUSIVE: 11}
-#: Label fields tried in order when none is named (tar field extensions, or .beton field names).
-LABEL_KEYS = ("cls", "class", "label", "target")
 MIN_PER_CLASS = 4  # a class with fewer readable sampled images is left out (one per fold at most 4 folds)
 PROBES = ("pixels", "texture", "blocks")
 
@@ -180,67 +179,20 @@ class _Reservoir:
                 bucket[j] = item
 
 
-def _label_value(value, where: tuple[str, str], field_name: str):
-    """A class label from a field value: int when it reads as one, else its text."""
-    if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else None
-    elif isinstance(value, np.ndarray):
-        value = value.item() if value.size == 1 else None
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            value = bytes(value).decode("utf-8").strip()
-        except UnicodeDecodeError:
-            value = None
-    if isinstance(value, (bool, np.bool_)):
-        value = int(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return int(value)
-    if isinstance(value, str) and value:
-        try:
-            return int(value)
-        except ValueError:
-            return value
-    raise SampleError(*where, f"label field {field_name!r} holds {type(value).__name__} {str(value)[:40]!r}, "
-                              "not a class label (an integer or a class name)")
-
-
-def _label_key(sample: dict, label_key: str | None, where: tuple[str, str]) -> str:
-    fields = sorted(k for k in sample if not str(k).startswith("__"))
-    if label_key is not None:
-        if label_key not in sample:
-            raise SampleError(*where, f"no label field {label_key!r} (--label-key); its fields are: "
-                                      f"{', '.join(fields) or '(none)'}")
-        return label_key
-    for key in LABEL_KEYS:
-        if key in sample:
-            return key
-    raise SampleError(*where, f"no label field (looked for {', '.join(LABEL_KEYS)}; name one with "
-                              f"--label-key); its fields are: {', '.join(fields) or '(none)'}")
-
-
-def _image_key(sample: dict, image_key: str | None, where: tuple[str, str]) -> str:
-    try:
-        key = find_image_key(sample, image_key)
-    except ValueError as e:  # an explicit --image-key that the sample lacks
-        raise SampleError(*where, str(e)) from None
-    if key is None:
-        fields = sorted(k for k in sample if not str(k).startswith("__"))
-        raise SampleError(*where, f"no image field (fields: {fields})")
-    return key
-
-
 def _label_and_image(sample: dict, where: tuple[str, str], cfg, skipped: list) -> tuple | None:
     """(label, undecoded image) of a sample; None (recorded in ``skipped``) when bad under on_error=skip."""
     try:
-        key = _label_key(sample, cfg.label_key, where)
-        return _label_value(sample[key], where, key), sample[_image_key(sample, cfg.image_key, where)]
+        label, field = sample_label(sample, cfg.label_key, cfg.image_key, where)
+        return label, sample[field]
     except SampleError as e:
-        if cfg.on_error == "fail":
-            raise
-        skipped.append({"shard": e.shard, "key": e.key, "reason": e.reason})
-        return None
+        return _skip(e, cfg, skipped)
+
+
+def _skip(e: SampleError, cfg, skipped: list) -> None:
+    """Record a bad sample under on_error=skip; raise it otherwise."""
+    if cfg.on_error == "fail":
+        raise e
+    skipped.append({"shard": e.shard, "key": e.key, "reason": e.reason})
 
 
 def _to_rgb(value, where: tuple[str, str], max_pixels: int) -> np.ndarray:
@@ -316,61 +268,18 @@ def _finish(reservoir: _Reservoir, load, cfg: ScanConfig, sources: list[str], sk
 
 
 def sample_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike], cfg: ScanConfig) -> _Sampled:
-    """Choose up to ``cfg.per_class`` images per class from tar / .beton shards (one pass each)."""
+    """Choose up to ``cfg.per_class`` images per class from shards of any registered format (one pass each):
+    labels as each shard's format reads them, images decoded only for the chosen samples."""
     shards = expand_shards(inputs)
     reservoir = _Reservoir(cfg.per_class, cfg.seed)
     skipped: list[dict] = []
-    handles: dict[str, object] = {}
     for shard in shards:
-        if shard.suffix == ".beton":
-            _reserve_beton(shard, cfg, reservoir, skipped, handles)
-            continue
-        for sample in iter_tar_samples(shard):
-            where = (str(shard), sample["__key__"])
-            found = _label_and_image(sample, where, cfg, skipped)
-            if found is not None:
-                reservoir.add(found[0], ("tar", where, found[1]))
-
-    def load(item):
-        kind, where, payload = item
-        if kind == "tar":
-            return _to_rgb(payload, where, cfg.max_pixels)
-        reader, data = handles[where[0]]
-        index = payload
-        return reader._sample(data, index)[reader.image_field]  # SampleError for a bad image
-
-    return _finish(reservoir, load, cfg, [str(s) for s in shards], skipped)
-
-
-def _reserve_beton(shard: Path, cfg: ScanConfig, reservoir: _Reservoir, skipped: list, handles: dict) -> None:
-    """Labels of a .beton come from its metadata column (no image decoded); images are read when chosen."""
-    from .formats.beton import BetonReader, require_ffcv
-
-    require_ffcv(shard)
-    reader = BetonReader(shard, image_field=cfg.image_key, max_pixels=cfg.max_pixels)
-    names = reader.field_names
-    if cfg.label_key is not None:
-        if cfg.label_key not in names:
-            raise InputError(f"{shard}: no label field {cfg.label_key!r} (--label-key); fields: {names}")
-        label_field = cfg.label_key
-    else:
-        found = [k for k in LABEL_KEYS if k in names]
-        ints = [n for n in names if reader._field_types[n].__name__ == "IntField"]
-        if not found and not ints:
-            raise InputError(f"{shard}: no label field (looked for {', '.join(LABEL_KEYS)} or an IntField; "
-                             f"name one with --label-key); fields: {names}")
-        label_field = found[0] if found else ints[0]
-    kind = reader._field_types[label_field].__name__
-    data = np.memmap(reader.path, dtype=np.uint8, mode="r")
-    handles[str(shard)] = (reader, data)
-    if kind in ("IntField", "FloatField"):
-        metadata = reader._reader.metadata
-        column = np.asarray(metadata[metadata.dtype.names[names.index(label_field)]])
-        values = (_label_value(v, (str(shard), f"{i:09d}"), label_field) for i, v in enumerate(column.tolist()))
-    else:
-        values = (_label_value(s[label_field], (str(shard), s["__key__"]), label_field) for s in reader)
-    for index, label in enumerate(values):
-        reservoir.add(label, ("beton", (str(shard), f"{index:09d}"), index))
+        for item in format_for(shard).labelled(str(shard), cfg.label_key, cfg.image_key, cfg.max_pixels):
+            if item.error is not None:
+                _skip(SampleError(str(shard), item.key, item.error), cfg, skipped)
+            else:
+                reservoir.add(item.label, item.load)
+    return _finish(reservoir, lambda load: load(), cfg, [str(s) for s in shards], skipped)
 
 
 def sample_samples(samples: Iterable[dict], cfg: ScanConfig) -> _Sampled:
@@ -649,7 +558,7 @@ def _from_arrays(images, labels, cfg: ScanConfig) -> _Sampled:
                          f"and {len(labels)} labels")
     reservoir = _Reservoir(cfg.per_class, cfg.seed)
     for i, label in enumerate(labels):
-        reservoir.add(_label_value(label, ("<arrays>", str(i)), "labels"), i)
+        reservoir.add(class_label(label, ("<arrays>", str(i)), "labels"), i)
     return _finish(reservoir, lambda i: images[i], cfg, ["<arrays>"], [])
 
 
