@@ -24,7 +24,6 @@ from .formats import format_for, suffixes
 from .formats.tar import TarItem, iter_tar_samples, read_tar  # noqa: F401  (re-exported)
 from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
 
-SHARD_SUFFIXES = suffixes()  # (".tar", ".beton"): every format of the registry
 
 
 def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -40,9 +39,9 @@ def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         p = Path(item)
         if p.is_dir():
             # every entry named like a shard is one: a broken link or unreadable file is an error, never skipped
-            shards = sorted(_checked_shard(q) for q in p.iterdir() if q.suffix in SHARD_SUFFIXES)
+            shards = sorted(_checked_shard(q) for q in p.iterdir() if q.suffix in suffixes())
             if not shards:
-                raise InputError(f"{p}: no {' or '.join(SHARD_SUFFIXES)} shards in this folder")
+                raise InputError(f"{p}: no {' or '.join(suffixes())} shards in this folder")
             found += shards
             continue
         names = sorted(set(braceexpand(item)))
@@ -54,8 +53,8 @@ def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
             q = Path(name)
             if not q.is_file() and not q.is_symlink():
                 raise InputError(f"{q}: no such shard")
-            if q.suffix not in SHARD_SUFFIXES:
-                raise InputError(f"{q}: not a shard (expected a {' or '.join(SHARD_SUFFIXES)} file)")
+            if q.suffix not in suffixes():
+                raise InputError(f"{q}: not a shard (expected a {' or '.join(suffixes())} file)")
             found.append(_checked_shard(q))
     if not found:
         raise InputError(f"no shards found in {list(map(str, inputs))}")
@@ -100,7 +99,7 @@ def _folder_images(folder: Path) -> tuple[list[Path], list[Path]]:
 def _iter_training_items(source: str) -> Iterator[tuple[str, bytes | np.ndarray]]:
     """(name, encoded bytes or decoded RGB array) for every image of a training source."""
     p = Path(source)
-    if p.is_dir() and not any(q.suffix in SHARD_SUFFIXES for q in p.iterdir()):
+    if p.is_dir() and not any(q.suffix in suffixes() for q in p.iterdir()):
         images, others = _folder_images(p)
         if not images:
             listed = ", ".join(q.name for q in others[:5])

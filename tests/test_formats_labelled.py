@@ -36,7 +36,6 @@ class ToyFormat(ShardFormat):
 @pytest.fixture
 def toy_format(monkeypatch):
     monkeypatch.setitem(FORMATS, ".toy", ToyFormat())
-    monkeypatch.setattr(sources, "SHARD_SUFFIXES", suffixes())  # sources takes the registry's at import
     yield
 
 
