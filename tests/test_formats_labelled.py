@@ -12,7 +12,6 @@ from helpers import write_tar
 from PIL import Image
 
 import eclipse_stream.scan as scan_module
-import eclipse_stream.sources as sources
 from eclipse_stream.errors import SampleError
 from eclipse_stream.formats import FORMATS, Labelled, ShardFormat, class_label, format_for, suffixes
 from eclipse_stream.scan import ScanConfig, sample_shards
