@@ -48,7 +48,7 @@ def _plot(results: dict, path: Path) -> None:
     ref = results.get("reference")
     if ref:
         ax.axhline(ref["psnr"]["1"], color="k", ls="--", lw=1,
-                   label=f"shipped denoiser, 1 step ({ref['psnr']['1']:.2f} dB)")
+                   label=f"reference {ref['sha256'][:8]}, 1 step ({ref['psnr']['1']:.2f} dB)")
     ax.set_xscale("log")
     ax.set_xlabel("K: training timesteps [0, K) of T = 4000 (log)")
     ax.set_ylabel(f"PSNR vs clean at t* = {results['t_star']} (dB)")
@@ -78,7 +78,7 @@ def _markdown(results: dict) -> str:
     ref = results.get("reference")
     if ref:
         p = ref["psnr"]
-        lines.append(f"| shipped default (full range, {ref['step']} steps) | - | {ref['psnr_noised_db']:.2f} | "
+        lines.append(f"| reference `{ref['sha256'][:8]}` (full range, {ref['step']} steps) | - | {ref['psnr_noised_db']:.2f} | "
                      f"{p['1']:.2f} | {p['10']:.2f} | {p[str(t)]:.2f} |")
     prov = results.get("provenance", {})
     lines += ["", f"Machine: {prov.get('host', '?')}, {prov.get('device', '?')}, torch {prov.get('torch', '?')}, "
