@@ -156,7 +156,7 @@ def _check_resume(meta: dict, cfg: TrainConfig, files_hash: str, path: str, init
     # AdamW's load_state_dict would silently bring back the saved lr and weight decay
     for key in ("preset", "image_size", "batch_size", "replicate", "seed", "diffusion_steps", "lr",
                 "weight_decay", "ema_decay", "precision", "max_timestep", "init_from_sha256"):
-        now = init_sha or None if key == "init_from_sha256" else getattr(cfg, key)
+        now = init_sha if key == "init_from_sha256" else getattr(cfg, key)
         if saved.get(key) != now and (key in saved or now is not None):
             raise CheckpointError(f"{path}: cannot resume: {key} was {saved.get(key)!r}, now {now!r}")
     if meta.get("train_files_sha256") != files_hash:
