@@ -78,3 +78,22 @@ def test_tar_labelled_reads_labels_and_decodes_on_load(tmp_path):
     assert items[0].load().shape == (4, 4, 3) and int(items[0].load()[0, 0, 0]) == 7
     with pytest.raises(SampleError, match=r"a\.tar: sample 'c': "):
         items[2].load()
+
+
+def test_a_format_with_some_roles_says_which_it_lacks_and_writers_must_be_complete():
+    with pytest.raises(NotImplementedError, match=r"\.toy shards cannot be read for purify"):
+        ToyFormat().records("x.toy", None)
+    with pytest.raises(NotImplementedError, match=r"\.toy shards cannot be written"):
+        ToyFormat().open_writer("tmp", "x.toy", None)
+
+    from eclipse_stream.formats import ShardWriter
+
+    class NoAbort(ShardWriter):
+        def write_sample(self, key, fields):
+            pass
+
+        def finish(self, stop=None):
+            return None
+
+    with pytest.raises(TypeError, match="abort"):
+        NoAbort()

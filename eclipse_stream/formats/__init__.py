@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from abc import ABC, abstractmethod
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,24 +83,25 @@ class Labelled(NamedTuple):
     error: str | None = None
 
 
-class ShardWriter:
+class ShardWriter(ABC):
     """One output shard being written to a temporary path, in input order."""
 
+    @abstractmethod
     def write_sample(self, key: str, fields: dict) -> None:
-        raise NotImplementedError
+        """Append one sample (its fields, already encoded by the format's ``encode``)."""
 
     def write_members(self, members: list) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no members that belong to no sample")
 
+    @abstractmethod
     def finish(self, stop=None) -> str | None:
         """Complete the file (closed and fsynced at its temporary path) and return its sha256, or None when
         the format wrote no file (nothing survived where the format cannot hold an empty shard). ``stop``, a
         threading.Event, asks a long finish to give up (it then raises)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def abort(self) -> None:
         """Drop everything written so far (best effort: the run is already failing)."""
-        raise NotImplementedError
 
 
 class ShardFormat:
@@ -108,19 +110,24 @@ class ShardFormat:
     ``records`` / ``encode`` / ``open_writer`` / ``session`` / ``temporary_names`` serve ``purify``; ``images``
     serves training and previews; ``labelled`` serves ``scan``: each sample's class label at the cost of
     reading it (no image decoded where the format can avoid it), and the image only for the samples kept.
+    A format may offer only some of these roles (e.g. read-only); the others raise NotImplementedError
+    naming the format and the role.
     """
 
     suffix: str = ""
 
+    def _lacks(self, role: str):
+        return NotImplementedError(f"{self.suffix or type(self).__name__} shards cannot be {role}")
+
     def records(self, path: str, policy: ReadPolicy) -> Iterator[Record]:
         """The records of one shard, in order; a shard that cannot be read raises ShardError naming it."""
-        raise NotImplementedError
+        raise self._lacks("read for purify")
 
     def images(self, path: str, image_key: str | None = None, skip_missing: bool = False) -> Iterator[tuple]:
         """``(key, image)`` for the samples of one shard, in order, one image each (``image_key``, else the
         sample's first image field): encoded bytes or uint8 H x W x 3 pixels, as the format stores them. For
         training sets, previews and the like. A sample without one raises SampleError (or is skipped)."""
-        raise NotImplementedError
+        raise self._lacks("read as an image set")
 
     def labelled(self, path: str, label_key: str | None, image_key: str | None,
                  max_pixels: int | None) -> Iterator[Labelled]:
@@ -129,15 +136,15 @@ class ShardFormat:
         it; the image is field ``image_key``, else the sample's first image field; images over ``max_pixels``
         pixels fail to load. A sample without a usable label or image field is yielded with ``error``; a
         shard that cannot be read (or, for a format whose fields are per shard, has no such field) raises."""
-        raise NotImplementedError
+        raise self._lacks("scanned")
 
     def encode(self, image: Image, rgb: np.ndarray, policy: WritePolicy):
         """One purified image as the writer takes it (runs on the encode threads); ValueError/OSError if not."""
-        raise NotImplementedError
+        raise self._lacks("written")
 
     def open_writer(self, tmp: str, source: str, policy: WritePolicy) -> ShardWriter:
         """A writer of the output of input shard ``source`` at the temporary path ``tmp``."""
-        raise NotImplementedError
+        raise self._lacks("written")
 
     def session(self):
         """A context manager around one pipeline run, for what the format's writers share (a process, a
