@@ -182,11 +182,14 @@ def _resolve_denoiser(path):
               help="Decode worker processes, each reading whole shards; default one per core, at most 8.")
 @click.option("--encode-threads", type=int, default=_PURIFY("encode_threads"),
               help="Threads encoding and writing outputs.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the denoiser: about 3x faster on CPU after a compilation of a minute or so "
+                   "per batch shape; may differ from an eager run in the last bit, so it is recorded.")
 @click.option("--overwrite", is_flag=True, help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly_errors
 def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p, noise_sigma, prefilter, corruption,
-           max_pixels, quiet, **kwargs):
+           max_pixels, quiet, compile_, **kwargs):
     """Purify shards: INPUTS... (folders of .tar/.beton, brace patterns or files) into folder OUT.
 
     One output shard per input shard, same file name. Each finished shard gets a
@@ -198,7 +201,7 @@ def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p
                                       prefilter=prefilter)
     if kwargs["workers"] is None:  # the config's default: one per core, at most 8
         kwargs.pop("workers")
-    cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels, **kwargs)
+    cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels, compile=compile_, **kwargs)
     with _stop_on_sigterm():
         status = run_purify(list(inputs), out, cfg, denoiser=_resolve_denoiser(denoiser), progress=not quiet)
     if status:

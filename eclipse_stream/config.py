@@ -89,6 +89,7 @@ class PurifyConfig:
     bucket_multiple: int = 32
     max_batch_pixels: int = 64 * 256 * 256
     on_error: str = "fail"
+    compile: bool = False  # torch.compile the UNet: faster, may differ from eager in the last bit (so recorded)
     # execution only (do not change the output):
     workers: int = field(default_factory=default_workers)
     encode_threads: int = 2

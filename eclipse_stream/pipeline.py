@@ -291,7 +291,11 @@ def _device_stage(denoiser, purifier, cfg: PurifyConfig, device: torch.device) -
     custom = None
     if purifier is None:
         purifier = Purifier(den, cfg.purifier)
+        if cfg.compile:
+            purifier.compile_denoiser()
     else:
+        if cfg.compile:
+            raise ValueError("compile applies to the ECLIPSE purifier; torch.compile your own purifier yourself")
         custom = getattr(purifier, "fingerprint", None) or \
             f"{type(purifier).__module__}.{type(purifier).__qualname__}"
     model_size = den.image_size if den is not None else getattr(purifier, "image_size", None)

@@ -53,6 +53,19 @@ class Purifier(nn.Module):
         self.config = config
         self.model = denoiser.model.eval().requires_grad_(False)
         self.chain = full.respace(purification_timesteps(config.t_star, config.num_steps))
+        self._compiled: list = []  # [torch.compile(model)] once compiled (in a list: not a second submodule)
+
+    def compile_denoiser(self, **compile_kwargs) -> Purifier:
+        """``torch.compile`` the UNet (weights in channels-last), in place; returns self.
+
+        The chain then calls the compiled UNet: about 3x the eager speed on a 2-core CPU at 32 px
+        (``python -m benchmarks.bench_purifier --compile``), at the cost of a compilation on the first batch of each new
+        shape. Compiled kernels may round differently from eager ones, so outputs can differ from an
+        eager run in the last bit; ``purify --compile`` therefore records it in each shard's config.
+        """
+        self.model.to(memory_format=torch.channels_last)
+        self._compiled = [torch.compile(self.model, **compile_kwargs)]
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -97,12 +110,13 @@ class Purifier(nn.Module):
         return self._reverse(x, generator)[..., :h, :w].clamp(-1.0, 1.0)
 
     def _reverse(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        net = self._compiled[0] if self._compiled else self.model
         with self._autocast(x.device):
             for i in reversed(range(self.chain.num_timesteps)):
                 t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
                 noise = (torch.randn(x.shape, device=x.device, generator=generator) if i > 0
                          else torch.zeros((), device=x.device))  # no noise at the last step
-                x = self.chain.p_sample(self.model, x, t, noise=noise)
+                x = self.chain.p_sample(net, x, t, noise=noise)
         return x
 
     @torch.no_grad()

@@ -304,3 +304,20 @@ def test_a_bad_checkpoint_leaves_no_output_folder(shard_dir, tiny_ckpt, tmp_path
                         "-d", str(bad), "-q"], capture_output=True, text=True, env=cli_env())
     assert r.returncode == 3 and "bad.safetensors: not a readable safetensors checkpoint" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_compile_is_recorded_and_refused_for_a_custom_purifier(shard_dir, tiny_ckpt, tmp_path):
+    """--compile may round differently from eager, so a shard records it and a resume must agree."""
+    out = tmp_path / "out"
+    purify_shards(shard_dir / "part-000.tar", out, tiny_ckpt, cfg(compile=True), progress=False)
+    stats = json.loads((out / "part-000.tar.stats.json").read_text())
+    assert '"compile": true' in json.dumps(stats)
+    eager = tmp_path / "eager"
+    purify_shards(shard_dir / "part-000.tar", eager, tiny_ckpt, cfg(), progress=False)
+    a, b = tar_members(out / "part-000.tar"), tar_members(eager / "part-000.tar")
+    assert [n for n, _ in a] == [n for n, _ in b]  # same keys and fields, in order
+    with pytest.raises(Exception, match="different settings"):
+        purify_shards(shard_dir / "part-000.tar", out, tiny_ckpt, cfg(), progress=False)
+    with pytest.raises(ValueError, match="your own purifier"):
+        purify_shards(shard_dir / "part-000.tar", tmp_path / "c", None, cfg(compile=True),
+                      purifier=lambda x, generator=None: x, progress=False)

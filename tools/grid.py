@@ -91,6 +91,7 @@ class GridConfig:
     extra_seeds: tuple[int, ...] = ()
     seed_cells: tuple[str, ...] = ()
     extra_cells: tuple[str, ...] = ()
+    compile: bool = False  # purify --compile: speed only (recorded per cell, not a setting of the results file)
 
     @classmethod
     def from_protocol(cls, name: str, **overrides) -> GridConfig:
@@ -208,7 +209,7 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
     out = purify(source, work / "purified" / tag, cfg.denoiser, steps=defense.purify_steps,
                  device=None if cfg.device == "auto" else cfg.device, batch_size=cfg.purify_batch_size,
                  timeout=None if left is None else max(1.0, left - SAFETY_SECONDS),
-                 extra_args=(*cfg.purify_args, *defense.purify_args()))
+                 extra_args=(*cfg.purify_args, *(("--compile",) if cfg.compile else ()), *defense.purify_args()))
     return out, norms, time.time() - t0
 
 
@@ -228,7 +229,8 @@ def run_cell(cfg: GridConfig, poison: str, defense: str, seed: int, clock: Clock
     result.pop("history", None)
     return {"poison": poison, "defense": defense, "seed": seed, "accuracy": result["test_accuracy"],
             "paper": paper_value(poison, defense), "poison_norms": norms, "cell_seconds": round(time.time() - t0, 2),
-            "purify_seconds": round(purify_seconds, 2), **result}
+            "purify_seconds": round(purify_seconds, 2), "purify_compiled": cfg.compile if purify_seconds else None,
+            **result}
 
 
 def run_grid(cfg: GridConfig, log=print) -> dict:
