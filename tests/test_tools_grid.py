@@ -151,3 +151,23 @@ def test_cpu_protocol_recommended_row_is_the_package_default():
     assert (d.purify_steps, d.prefilter) == (RECIPES[DEFAULT_RECIPE]["steps"], RECIPES[DEFAULT_RECIPE]["prefilter"])
     assert (d.gray_p, d.lowfreq_sigma) == (default.p, default.lowfreq_sigma)
     assert default.sigma == 0.05  # tools.defenses.CORRUPTION_SIGMA, the paper's
+
+
+def test_cpu_protocol_makes_em_at_cpu_scale_unless_told_otherwise(tmp_path, monkeypatch):
+    """The CPU protocol's EM is the small one documented in docs/evaluation.md; --poison-options wins."""
+    seen = {}
+
+    def fake_poison_split(kind, clean, out, seed, device, options, log):
+        seen[kind] = options
+        out.mkdir(parents=True)
+        (out / "norms.json").write_text("{}")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(grid, "poison_split", fake_poison_split)
+    for options, width in (({}, 0.125), ({"em": {"settings": {"width": 0.5}}}, 0.5)):
+        cfg = GridConfig.from_protocol("cpu", work_dir=tmp_path / str(width), poison_options=options)
+        with pytest.raises(RuntimeError, match="stop here"):
+            grid.training_set(cfg, "em", "none", grid.Clock(None), log=lambda *a: None)
+        assert seen["em"]["settings"]["width"] == width
+    assert grid.PROTOCOLS["cpu"].poison_defaults["em"]["settings"] == {"width": 0.125, "pgd_steps": 10,
+                                                                       "max_rounds": 40}

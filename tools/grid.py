@@ -45,6 +45,8 @@ class Protocol:
     seed_cells: tuple[str, ...] = ()
     extra_cells: tuple[str, ...] = ()   # "poison/defense" cells beyond the poisons x defenses product
     paper_comparable: bool = True       # whether the paper's numbers go beside ours as a reference
+    # how this protocol makes a poison when --poison-options does not say (recorded in the set's norms.json)
+    poison_defaults: dict = field(default_factory=dict)
 
 
 RECOMMENDED = "eclipse-steps1+impulse-lf0.05"  # = purify --recipe robust, then RandomCorruption()
@@ -62,7 +64,9 @@ PROTOCOLS = {
                               RECOMMENDED),
                     purify_args=("--precision", "bf16"), purify_batch_size=256,
                     extra_seeds=(1, 2), seed_cells=("clean/none", f"clean/{RECOMMENDED}", f"lsp/{RECOMMENDED}"),
-                    paper_comparable=False),
+                    paper_comparable=False,
+                    # EM at CPU scale: a ResNet18 of width 0.125, 10 PGD steps a round (docs/evaluation.md)
+                    poison_defaults={"em": {"settings": {"width": 0.125, "pgd_steps": 10, "max_rounds": 40}}}),
 }
 
 
@@ -195,7 +199,7 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
         source = work / "poisoned" / poison
         left = clock.left()
         if not is_poisoned(source):
-            opts = dict(cfg.poison_options.get(poison, {}))
+            opts = dict(cfg.poison_options.get(poison, PROTOCOLS[cfg.protocol].poison_defaults.get(poison, {})))
             if poison in ("em", "tap") and left is not None:
                 opts["max_seconds"] = max(1.0, left - SAFETY_SECONDS)
             poison_split(poison, clean, source, seed=cfg.seed, device=cfg.device, options=opts, log=log)

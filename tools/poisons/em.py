@@ -5,7 +5,9 @@ the model on the perturbed data with, for every image, ``pgd_steps`` of sign-gra
 descent on the model's loss w.r.t. the perturbation (L-inf 8/255, step 0.8/255), until
 the model classifies the perturbed training set with accuracy above ``stop_accuracy``.
 Perturbations start uniform in the ball, as in the authors' code. The real run needs a
-GPU; progress is saved every round (``state_path``) so it resumes across calls.
+GPU; progress is saved every round (``state_path``) so it resumes across calls. The CPU
+protocol makes a smaller EM (``tools/grid.py``: ``PROTOCOLS["cpu"].poison_defaults``): a
+ResNet18 of width 0.125 and 10 PGD steps a round, on its 10,000-image subset.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
              max_seconds: float | None = None, log=print) -> np.ndarray:
     """Float NHWC delta of sample-wise error-minimising noise."""
     device = resolve_device(device)
-    amp = device.type == "cuda"
+    amp = device.type in ("cuda", "cpu")  # bf16 autocast, on a CPU too: 2x faster there (0.85 vs 1.71 s a PGD step of 512 at width 0.25)
     s = settings
     torch.manual_seed(seed)
     x, y = to_device(images, labels, device)
