@@ -172,3 +172,27 @@ def test_reusing_a_split_poisoned_with_another_seed_is_refused(clean, tmp_path):
     poison_split("urp", clean, tmp_path / "urp", seed=0, log=lambda m: None)
     with pytest.raises(ToolError, match="poisoned with seed=0"):
         poison_split("urp", clean, tmp_path / "urp", seed=1, log=lambda m: None)
+
+
+def test_em_trains_on_shuffled_passes_of_a_class_sorted_set():
+    """EM's model must see mixed classes: sets stored class by class gave one-class batches, a model that
+    only learnt the current class's bias and an EM stuck at chance accuracy."""
+    from tools.poisons import em
+
+    n, batch = 100, 20
+    x = (torch.arange(n, dtype=torch.float32) / n).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    y = torch.arange(n) // 10  # sorted by class, as prepare writes them
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10))
+    model.register_forward_hook(lambda m, i, o: seen.append((i[0][:, 0, 0, 0] * n).round().long()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    s = em.EMSettings(train_steps=n // batch, batch_size=batch)
+    cursor = em._train_steps(model, opt, x, y, torch.zeros_like(x), 0, s, amp=False, seed=0)
+    assert cursor == n
+    first_pass = torch.cat(seen)
+    assert sorted(first_pass.tolist()) == list(range(n))  # each sample once per pass
+    assert all(len(set((b // 10).tolist())) >= 5 for b in seen)  # every batch mixes classes
+    seen.clear()
+    em._train_steps(model, opt, x, y, torch.zeros_like(x), cursor, s, amp=False, seed=0)
+    assert not torch.equal(torch.cat(seen), first_pass)  # a new order each pass
+    assert torch.equal(em._epoch_order(n, 0, 1, "cpu"), em._epoch_order(n, 0, 1, "cpu"))  # resumable

@@ -67,7 +67,7 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
     gen = torch.Generator(device=device).manual_seed(seed)
     delta = (torch.rand(x.shape, device=device, generator=gen) * 2 - 1) * s.eps
     # max_rounds only says when to stop, so a run may be resumed with a larger one.
-    signature = {"kind": "em", "seed": seed, "n": len(y),
+    signature = {"kind": "em", "seed": seed, "n": len(y), "order": "shuffled",
                  "settings": {k: v for k, v in asdict(s).items() if k != "max_rounds"}}
     first_round, cursor, done = 0, 0, False
     state = load_state(state_path, device, signature)
@@ -82,7 +82,7 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
         if rnd > first_round and clock.over(round_cost):
             raise PoisonIncomplete(f"EM stopped after round {rnd} (time budget); rerun to resume")
         t_round = time.time()
-        cursor = _train_steps(model, opt, x, y, delta, cursor, s, amp)
+        cursor = _train_steps(model, opt, x, y, delta, cursor, s, amp, seed)
         model.eval()
         for start in range(0, len(y), s.batch_size):
             sl = slice(start, start + s.batch_size)
@@ -99,12 +99,25 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
     return to_numpy_delta(delta)
 
 
-def _train_steps(model, opt, x, y, delta, cursor: int, s: EMSettings, amp: bool) -> int:
-    """The "train" half of min-min: a few SGD steps on the currently perturbed data, cycling through it."""
+def _epoch_order(n: int, seed: int, epoch: int, device) -> torch.Tensor:
+    """The training order of one pass over the data: a permutation drawn from (seed, epoch) alone, so a resumed
+    run trains in the same order. Sets are often stored class by class; unshuffled batches of one class
+    teach the model only that class's bias, and EM then never leaves chance accuracy."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).to(device)
+
+
+def _train_steps(model, opt, x, y, delta, cursor: int, s: EMSettings, amp: bool, seed: int = 0) -> int:
+    """The "train" half of min-min: a few SGD steps on the currently perturbed data, in shuffled passes.
+
+    ``cursor`` counts the samples trained on so far (pass = cursor // n); returns the new count.
+    """
     model.train()
+    n = len(y)
     for _ in range(s.train_steps):
-        idx = torch.arange(cursor, cursor + s.batch_size, device=x.device) % len(y)
-        cursor = (cursor + s.batch_size) % len(y)
+        epoch, pos = divmod(cursor, n)
+        idx = _epoch_order(n, seed, epoch, x.device)[pos:pos + s.batch_size]  # the pass's last batch may be short
+        cursor += len(idx)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model((x[idx] + delta[idx]).clamp(0, 1)), y[idx])
         opt.zero_grad(set_to_none=True)
