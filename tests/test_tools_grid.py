@@ -171,3 +171,22 @@ def test_cpu_protocol_makes_em_at_cpu_scale_unless_told_otherwise(tmp_path, monk
         assert seen["em"]["settings"]["width"] == width
     assert grid.PROTOCOLS["cpu"].poison_defaults["em"]["settings"] == {"width": 0.125, "pgd_steps": 10,
                                                                        "max_rounds": 40}
+
+
+def test_two_grid_runs_on_one_results_file_keep_each_others_cells(tmp_path, monkeypatch):
+    """Cells are merged into the file under a lock: a run that loaded the file before another run added a
+    cell must not write it back without that cell (two grids, e.g. one per core, on disjoint cells)."""
+    cfg = GridConfig(poisons=["clean"], defenses=["none", "corruption"], work_dir=tmp_path, limit_per_class=5,
+                     recipe="reference", epochs=1, width=0.125, device="cpu")
+    other = GridConfig(**{**cfg.__dict__, "defenses": ["iss-gray"]})
+    real_cell = grid.run_cell
+
+    def cell_while_another_run_finishes_one(c, poison, defense, seed, clock, log):
+        if defense == "none":  # meanwhile, a second run fills another cell of the same file
+            assert run_grid(other, log=lambda m: None)["complete"]
+        return real_cell(c, poison, defense, seed, clock, log)
+
+    monkeypatch.setattr(grid, "run_cell", cell_while_another_run_finishes_one)
+    results = run_grid(cfg, log=lambda m: None)
+    assert sorted(results["cells"]) == ["clean/corruption", "clean/iss-gray", "clean/none"]
+    assert sorted(read_json(cfg.results_path())["cells"]) == sorted(results["cells"]) and results["complete"]

@@ -9,6 +9,8 @@ call, so the grid can be filled by repeated 10-minute calls on a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,18 +240,23 @@ def run_cell(cfg: GridConfig, poison: str, defense: str, seed: int, clock: Clock
 
 
 def run_grid(cfg: GridConfig, log=print) -> dict:
-    """Fill every missing cell (poison-major, so each poisoned set is made once); returns the results."""
+    """Fill every missing cell (poison-major, so each poisoned set is made once); returns the results.
+
+    Each finished cell is merged into the results file under a lock (re-read, add, write), so two grid runs
+    filling *different* cells of one file (e.g. one per core) both keep every cell.
+    """
     _validate(cfg)
     clock = Clock(cfg.max_seconds)
     path = cfg.results_path()
-    results = load_results(path, cfg.settings())
+    with results_lock(path):
+        results = load_results(path, cfg.settings())
     prepare(cfg.data_dir, Path(cfg.work_dir) / "clean", limit_per_class=cfg.limit_per_class, beton=False,
             test_limit_per_class=cfg.test_limit_per_class)
     wanted = [(p, d, s, cell_key(p, d, s, cfg.seed)) for p, d, s in cfg.cells()]
-    results["complete"] = False
     for poison, defense, seed, key in wanted:
-        if key in results["cells"]:
-            continue
+        with results_lock(path):
+            if key in load_results(path, cfg.settings())["cells"]:
+                continue
         if clock.spent():
             break
         log(f"== cell {key}")
@@ -260,15 +267,36 @@ def run_grid(cfg: GridConfig, log=print) -> dict:
             break
         if record is None:
             break
-        results["cells"][key] = record
-        results["updated_by"] = provenance(record["settings"]["device"])
+        _save(path, cfg, lambda r: r["cells"].__setitem__(key, record) or r.__setitem__(
+            "updated_by", provenance(record["settings"]["device"])))
+    results = _save(path, cfg, lambda r: None, wanted=wanted)
+    missing = sum(key not in results["cells"] for *_, key in wanted)
+    log(f"{path}: {missing} cell(s) left" + ("; rerun the same command to continue" if missing else ""))
+    return results
+
+
+@contextlib.contextmanager
+def results_lock(path: Path):
+    """Hold an exclusive lock on ``PATH.lock`` (a POSIX lock: the kernel drops it if the holder dies)."""
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+def _save(path: Path, cfg: GridConfig, change, wanted=None) -> dict:
+    """Under the lock: re-read the results file (another run may have added cells), apply ``change``, set
+    ``complete`` (every wanted cell present; False while a run is filling it), write JSON and reports."""
+    with results_lock(path):
+        results = load_results(path, cfg.settings())
+        change(results)
+        results["complete"] = wanted is not None and all(key in results["cells"] for *_, key in wanted)
         write_json(path, results)
         write_reports(results, path)
-    missing = sum(key not in results["cells"] for *_, key in wanted)
-    results["complete"] = missing == 0
-    write_json(path, results)
-    write_reports(results, path)
-    log(f"{path}: {missing} cell(s) left" + ("; rerun the same command to continue" if missing else ""))
     return results
 
 
