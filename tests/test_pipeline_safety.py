@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -492,8 +493,11 @@ def test_a_signal_to_the_main_process_stops_the_workers_and_leaves_nothing_parti
                                                                                    signum, status):
     src, out = _many(cifar64, tmp_path / "in"), tmp_path / "out"
     args = ["purify", src, out, "-d", tiny_ckpt, "--steps", "12", "--batch-size", "2", "--workers", "2", "-q"]
+    # A suite started in the background (`cmd &` in a script, nohup) passes SIGINT down as ignored, and Python
+    # then keeps it ignored, as a background job should; start purify as a terminal would, with the default.
     proc = subprocess.Popen([sys.executable, "-m", "eclipse_stream.cli", *map(str, args)], env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert _wait_for(lambda: len(_children(proc.pid)) >= 2 and list(out.glob(".*.partial-*")))
     workers = _children(proc.pid)
     proc.send_signal(signum)  # the main process only, as `kill PID` does
