@@ -183,7 +183,7 @@ def _resolve_denoiser(path):
 @click.option("--encode-threads", type=int, default=_PURIFY("encode_threads"),
               help="Threads encoding and writing outputs.")
 @click.option("--compile", "compile_", is_flag=True,
-              help="torch.compile the denoiser: about 3x faster on CPU after a compilation of a minute or so "
+              help="torch.compile the denoiser: 2-3x faster on CPU after a compilation of a minute or so "
                    "per batch shape; may differ from an eager run in the last bit, so it is recorded.")
 @click.option("--overwrite", is_flag=True, help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -58,9 +58,9 @@ class Purifier(nn.Module):
     def compile_denoiser(self, **compile_kwargs) -> Purifier:
         """``torch.compile`` the UNet (weights in channels-last), in place; returns self.
 
-        The chain then calls the compiled UNet: about 3x the eager speed on a 2-core CPU at 32 px
-        (``python -m benchmarks.bench_purifier --compile``), at the cost of a compilation on the first batch of each new
-        shape. Compiled kernels may round differently from eager ones, so outputs can differ from an
+        The chain then calls the compiled UNet: 2.3-3x the eager speed on a 2-core CPU at 32 px
+        (``python -m benchmarks.bench_purifier --compile``), at the cost of a compilation on the first
+        batch of each new shape. Compiled kernels may round differently from eager ones, so outputs can differ from an
         eager run in the last bit; ``purify --compile`` therefore records it in each shard's config.
         """
         self.model.to(memory_format=torch.channels_last)

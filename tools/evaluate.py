@@ -159,7 +159,7 @@ def victim(train, test, recipe, defense, epochs, batch_size, width, device, seed
 @click.option("--purify-arg", "purify_args", multiple=True, help="Extra argument for `eclipse-stream purify`.")
 @click.option("--poison-options", default="{}", help='JSON, e.g. {"em": {"settings": {"max_rounds": 20}}}.')
 @click.option("--compile", "compile_", is_flag=True,
-              help="Purify with `eclipse-stream purify --compile` (about 3x faster on CPU); speed only, so cells "
+              help="Purify with `eclipse-stream purify --compile` (2-3x faster on CPU); speed only, so cells "
                    "with and without it share a results file, and each cell records whether it was used.")
 @click.option("--max-seconds", type=float, default=None,
               help="Stop cleanly before this many seconds (exit 75 if cells remain); rerun to continue.")
