@@ -268,9 +268,8 @@ def run_grid(cfg: GridConfig, log=print) -> dict:
             break
         if record is None:
             break
-        _save(path, cfg, lambda r: r["cells"].__setitem__(key, record) or r.__setitem__(
-            "updated_by", provenance(record["settings"]["device"])))
-    results = _save(path, cfg, lambda r: None, wanted=wanted)
+        _save(path, cfg, wanted, cell=(key, record))
+    results = _save(path, cfg, wanted)
     missing = sum(key not in results["cells"] for *_, key in wanted)
     log(f"{path}: {missing} cell(s) left" + ("; rerun the same command to continue" if missing else ""))
     return results
@@ -289,13 +288,16 @@ def results_lock(path: Path):
             fcntl.lockf(f, fcntl.LOCK_UN)
 
 
-def _save(path: Path, cfg: GridConfig, change, wanted=None) -> dict:
-    """Under the lock: re-read the results file (another run may have added cells), apply ``change``, set
-    ``complete`` (every wanted cell present; False while a run is filling it), write JSON and reports."""
+def _save(path: Path, cfg: GridConfig, wanted, cell: tuple[str, dict] | None = None) -> dict:
+    """Under the lock: re-read the results file (another run may have added cells), add ``cell`` (key,
+    record) if given, set ``complete`` (every wanted cell present), write JSON and reports."""
     with results_lock(path):
         results = load_results(path, cfg.settings())
-        change(results)
-        results["complete"] = wanted is not None and all(key in results["cells"] for *_, key in wanted)
+        if cell is not None:
+            key, record = cell
+            results["cells"][key] = record
+            results["updated_by"] = provenance(record["settings"]["device"])
+        results["complete"] = all(key in results["cells"] for *_, key in wanted)
         write_json(path, results)
         write_reports(results, path)
     return results
