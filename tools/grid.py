@@ -482,7 +482,7 @@ def bar_plot(results: dict, path: Path) -> None:
     paper = _paper(results)
     fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(cols)), 4.2))
     width = 0.8 / max(1, len(rows))
-    colors = plt.get_cmap("tab10").colors
+    colors = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors  # no two defenses share a colour
     for i, d in enumerate(rows):
         color = colors[i % len(colors)]
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
@@ -510,7 +510,7 @@ def bar_plot(results: dict, path: Path) -> None:
     else:
         s = results.get("settings", {})
         ax.set_title(f"CPU protocol ({s.get('limit_per_class')} train images/class, small victim): CIFAR-10 test "
-                     "accuracy; not comparable with the paper's absolute numbers", fontsize=8)
+                     "accuracy;\nnot comparable with the paper's absolute numbers", fontsize=8)  # 2 lines: fits
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
