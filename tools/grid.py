@@ -392,7 +392,7 @@ def _cpu_table(results: dict) -> str:
             f"{recipe.get('epochs')} epochs, batch {recipe.get('batch_size')}) trained on "
             f"{s.get('train_images', '?')} training images ({settings.get('limit_per_class')} per class), tested on "
             f"{s.get('test_images', '?')} clean test images; seed {settings.get('seed')}; `± sd (n)` where a cell was "
-            f"repeated with other seeds. Purify: shipped default denoiser unless stated, "
+            f"repeated with other seeds. Purify: the denoiser below unless stated, "
             f"`{' '.join(settings.get('purify_args', []))}` batch {settings.get('purify_batch_size')}; "
             f"denoiser sha256 {str(settings.get('denoiser_sha256'))[:12]}. **CPU protocol: not comparable in "
             "absolute terms with the paper's ResNet18 / full-data numbers.** "
