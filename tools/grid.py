@@ -69,7 +69,11 @@ PROTOCOLS = {
                     paper_comparable=False,
                     # EM at CPU scale: a ResNet18 of width 0.125, 10 PGD steps a round (docs/evaluation.md);
                     # on the 10,000 images it stops after 4 rounds (99.96% on the perturbed set), 5.3 min of one core
-                    poison_defaults={"em": {"settings": {"width": 0.125, "pgd_steps": 10, "max_rounds": 40}}}),
+                    poison_defaults={"em": {"settings": {"width": 0.125, "pgd_steps": 10, "max_rounds": 40}},
+                                     # TAP at CPU scale: the surrogate is this protocol's own victim (ResNet-9,
+                                     # width 0.25) trained on the clean subset; 100 sign steps of 1/255
+                                     "tap": {"surrogate_recipe": "cpu",
+                                             "settings": {"steps": 100, "step_size": 1 / 255, "batch_size": 250}}}),
 }
 
 

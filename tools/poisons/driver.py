@@ -79,14 +79,15 @@ def _tap_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
     from .pgd import PoisonIncomplete
     from .tap import load_surrogate
 
-    width = options.pop("surrogate_width", 1.0)
+    width = options.pop("surrogate_width", None)  # None: the recipe's own width (1.0 for fast, 0.25 for cpu)
     ckpt = options.pop("surrogate", None)
     recipe = options.pop("surrogate_recipe", "fast")
     epochs = options.pop("surrogate_epochs", None)
+    seed = options.pop("surrogate_seed", 0)
     if ckpt is None:
         ckpt = out_dir.with_name(out_dir.name + ".surrogate.pt")
         result = train_victim(VictimConfig(train=str(in_dir), test=None, recipe=recipe, epochs=epochs, width=width,
-                                           device=device or "auto", checkpoint=str(ckpt), resume=True,
+                                           device=device or "auto", checkpoint=str(ckpt), resume=True, seed=seed,
                                            max_seconds=options.get("max_seconds")), log=log)
         if not result["complete"]:
             raise PoisonIncomplete("TAP surrogate training stopped (time budget); rerun to resume")
