@@ -283,3 +283,28 @@ def test_tap_cpu_surrogate_is_the_cpu_victim_and_steps_toward_the_targets(clean,
     poison_split("tap", clean, again, seed=0, device="cpu",
                  options={**opts, "surrogate": str(tmp_path / "tap.surrogate.pt")}, log=lambda m: None)
     assert np.array_equal(read_split(again)[1], poisoned)
+
+
+def test_sep_ascends_the_checkpoint_ensembles_loss(clean, tmp_path):
+    """SEP: checkpoints of one clean training run (snapshots), untargeted ascent in the L-inf ball."""
+    import torch.nn.functional as F
+
+    from tools.poisons.tap import load_surrogate
+
+    opts = {"settings": {"steps": 3, "step_size": 2 / 255, "batch_size": 100}, "surrogate_recipe": "cpu",
+            "surrogate_epochs": 2, "snapshot_every": 1}
+    out = tmp_path / "sep"
+    poison_split("sep", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
+    norms, images, poisoned, labels = _check_poisoned(clean, out, "sep")
+    assert 0 < norms["linf_max_255"] <= 8
+    snapshots = sorted(tmp_path.glob("sep.surrogate.epoch*.pt"))
+    assert [p.name for p in snapshots] == ["sep.surrogate.epoch1.pt", "sep.surrogate.epoch2.pt"]
+    models = [load_surrogate(p, None, torch.device("cpu")) for p in snapshots]
+    y = torch.from_numpy(labels)
+
+    def ensemble_loss(x):
+        with torch.no_grad():
+            t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+            return sum(F.cross_entropy(m(t), y).item() for m in models) / len(models)
+
+    assert ensemble_loss(poisoned) > ensemble_loss(images)  # error-maximising for the true labels

@@ -59,10 +59,10 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 @click.option("--device", default="auto", show_default=True, help="EM/TAP: torch device.")
 @click.option("--width", type=float, default=None,
               help="EM model / TAP surrogate width multiplier (default: 1, or the surrogate recipe's own).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="TAP: PGD steps (default 250).")
-@click.option("--step-size", type=float, default=None, help="TAP: PGD step size in [0, 1] units (0.5/255).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="TAP/SEP: PGD steps (default 250 / 30).")
+@click.option("--step-size", type=float, default=None, help="TAP/SEP: PGD step size in [0, 1] units (0.5/255 / 1/255).")
 @click.option("--surrogate-recipe", type=click.Choice(["fast", "cpu", "reference"]), default=None,
-              help="TAP: victim recipe of the surrogate it trains (default fast; cpu: the CPU protocol's victim).")
+              help="TAP/SEP: victim recipe of the model(s) they train (default fast; cpu: the CPU protocol's victim).")
 @click.option("--blur-parameter", type=float, default=None, help="CUDA: kernel weights U(0, this) (0.3).")
 @click.option("--pgd-steps", type=click.IntRange(min=1), default=None, help="EM: PGD steps per round (20).")
 @click.option("--train-steps", type=click.IntRange(min=1), default=None, help="EM: model steps per round (10).")
@@ -91,6 +91,11 @@ def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surroga
         options = {"settings": settings, "max_seconds": max_seconds, "surrogate_width": width,
                    "surrogate": surrogate, "surrogate_epochs": surrogate_epochs,
                    "surrogate_recipe": surrogate_recipe or "fast"}
+    elif kind == "sep":
+        settings = {k: v for k, v in {"steps": steps, "step_size": step_size, "batch_size": batch_size}.items()
+                    if v is not None}
+        options = {"settings": settings, "max_seconds": max_seconds, "surrogate_width": width,
+                   "surrogate_epochs": surrogate_epochs, "surrogate_recipe": surrogate_recipe or "fast"}
     elif kind == "cuda" and blur_parameter is not None:
         options = {"blur_parameter": blur_parameter}
     record = poison_split(kind, in_dir, out_dir, seed=seed, device=device, options=options, log=_echo)

@@ -9,6 +9,6 @@ LSP, AR, OPS and CUDA take seconds on a CPU for all of CIFAR-10; EM and TAP trai
 scale on a GPU; the CPU protocol makes smaller versions, ``tools/grid.py``).
 """
 
-from . import ar, cuda, em, lsp, ops, tap, urp
+from . import ar, cuda, em, lsp, ops, sep, tap, urp
 
-POISONS = {"urp": urp, "lsp": lsp, "ar": ar, "ops": ops, "em": em, "tap": tap, "cuda": cuda}
+POISONS = {"urp": urp, "lsp": lsp, "ar": ar, "ops": ops, "em": em, "tap": tap, "cuda": cuda, "sep": sep}
