@@ -145,9 +145,10 @@ def test_wrapped_and_prefixed_state_dicts_convert_alike(tmp_path, converted):
     sd = torch.load(REF_PT, map_location="cpu", weights_only=True)
     reference = load_denoiser(converted).model.state_dict()
     for i, obj in enumerate([{"model": sd}, {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
-                             {k: v.half() for k, v in sd.items()}]):
+                             {k: v.half() for k, v in sd.items()}, sd]):
         src, out = tmp_path / f"wrapped{i}.pt", tmp_path / f"wrapped{i}.safetensors"
-        torch.save(obj, src)
+        torch.save(obj, src, _use_new_zipfile_serialization=i != 3)  # 3: torch's legacy (pre-1.6) format
+        assert src.read_bytes()[:2] == (b"\x80\x02" if i == 3 else b"PK")
         r = run("convert", src, out, *TINY)
         assert r.exit_code == 0, r.output
         got = load_denoiser(out).model.state_dict()
@@ -281,6 +282,11 @@ def test_output_rules(tmp_path, converted):
     link.symlink_to(src)
     r = run("convert", src, link, *TINY, "--overwrite")
     assert r.exit_code == 2 and "is the input checkpoint" in r.output
+    hard = tmp_path / "hard.safetensors"
+    os.link(src, hard)
+    r = run("convert", src, hard, *TINY, "--overwrite")
+    assert r.exit_code == 2 and "is the input checkpoint" in r.output
+    hard.unlink()
     assert src.read_bytes() == before and link.is_symlink()
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"keep me")
