@@ -323,6 +323,8 @@ def test_options_not_in_the_file(tmp_path):
 
 
 def test_cli_defaults_are_the_config_defaults():
+    r = run("convert", "--help")
+    assert r.exit_code == 0 and "--num-heads INTEGER" in r.output and "[default: 4]" in r.output
     params = {p.name: p for p in main.commands["convert"].params}
     for f in dataclasses.fields(ConvertConfig):
         option = params[f.name]
