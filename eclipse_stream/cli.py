@@ -1,4 +1,4 @@
-"""The ``eclipse-stream`` command line: train, purify, preview, scan, info."""
+"""The ``eclipse-stream`` command line: train, purify, preview, scan, info, convert."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .config import PurifierConfig, PurifyConfig, default_of
+from .convert import SCHEDULES, ConvertConfig
 from .defaults import (CORRUPTIONS, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, IMAGE_SIZES, ON_ERROR, PRECISIONS, PRESETS,
                        RESOLUTIONS, TRAIN_PRECISIONS)
 from .errors import EclipseError, Interrupted
@@ -322,6 +323,40 @@ def info(checkpoint):
 
     den = load_denoiser(checkpoint)
     click.echo(json.dumps({"path": checkpoint, "sha256": den.sha256, **den.metadata}, indent=2))
+
+
+_CONVERT = functools.partial(default_of, ConvertConfig)
+
+
+@main.command()
+@click.argument("reference", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--num-heads", type=int, default=_CONVERT("num_heads"),
+              help="Attention heads the model was trained with: a .pt does not record it (improved-diffusion's "
+                   "and ECLIPSE's default is 4).")
+@click.option("--image-size", type=int, default=_CONVERT("image_size"),
+              help="Training resolution [default: inferred from the channel multipliers, improved-diffusion's "
+                   "table: (1,2,2,2) 32, (1,2,3,4) 64, (1,1,2,3,4) 128, (1,1,2,2,4,4) 256].")
+@click.option("--diffusion-steps", type=int, default=_CONVERT("diffusion_steps"),
+              help="T of the schedule the model was trained with (not in a .pt; ECLIPSE: 4000).")
+@click.option("--noise-schedule", type=click.Choice(SCHEDULES), default=_CONVERT("noise_schedule"),
+              help="Schedule the model was trained with (not in a .pt; ECLIPSE: cosine).")
+@click.option("--max-timestep", type=int, default=_CONVERT("max_timestep"),
+              help="The model was trained on timesteps [0, K) only (purify then refuses a larger --t-star); "
+                   "default: all of T, as improved-diffusion trains.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never the input).")
+@_friendly_errors
+def convert(reference, out, **kwargs):
+    """Convert an improved-diffusion checkpoint (REFERENCE, e.g. ECLIPSE's ema_0.9999_250000.pt) to OUT.
+
+    The architecture is read from the weights' names and shapes; the file is loaded without running any code
+    from it (torch.load weights_only=True). OUT is an eclipse-stream denoiser (.safetensors) for purify,
+    preview and EclipseTransform; its metadata records the source file's sha256.
+    """
+    from .convert import convert_checkpoint
+
+    summary = convert_checkpoint(reference, out, ConvertConfig(**kwargs))
+    click.echo(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":  # pragma: no cover
