@@ -45,7 +45,7 @@ from .assembly import OutputShard
 from .checkpoint import Denoiser, load_denoiser
 from .config import PurifyConfig, default_workers  # noqa: F401  (PurifyConfig is part of this module's API)
 from .distributed import ProcessGroup, RankZeroError
-from .errors import EclipseError, SampleError, ShardError
+from .errors import EclipseError, OutputError, SampleError, ShardError
 from .events import Batch, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
 from .finisher import Finisher
 from .formats import WritePolicy
@@ -56,6 +56,7 @@ from .purifier import Purifier
 from .reading import ReadSettings, ShardEvents, as_is, reader_worker_init
 from .seeding import batch_generator, stream_seed  # noqa: F401  (part of this module's API)
 from .sources import expand_shards
+from .storage import local_path, redact
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,14 @@ def _weights_sha256(model: torch.nn.Module) -> str:
     return "weights:" + h.hexdigest()
 
 
+def _local_out(out_dir) -> Path:
+    """OUT as a local folder: a path or a file:// URL (never a folder named 'file:')."""
+    local = local_path(out_dir, output=True)
+    if local is None:
+        raise OutputError(f"{redact(out_dir)}: purify writes to a local folder (or a file:// URL) only")
+    return Path(local)
+
+
 def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None = None,
                   cfg: PurifyConfig | None = None, *, purifier=None, progress: bool = True) -> RunResult:
     """Purify every shard of ``inputs`` into ``out_dir``; under torchrun each rank takes shards[rank::world].
@@ -335,6 +344,7 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
         # cuda:LOCAL_RANK must also be the current device: NCCL collectives and default streams use it
         torch.cuda.set_device(device)
     group = ProcessGroup(device)
+    out_dir = _local_out(out_dir)
     shards = expand_shards(inputs)
     check_no_overlap(inputs, shards, out_dir)
     stage = _device_stage(denoiser, purifier, cfg, device)

@@ -23,6 +23,7 @@ from .errors import InputError
 from .formats import format_for, suffixes
 from .formats.tar import TarItem, iter_tar_samples, read_tar  # noqa: F401  (re-exported)
 from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from .storage import local_path, redact
 
 
 
@@ -36,6 +37,10 @@ def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     found: list[Path] = []
     for item in inputs:
         item = str(item)
+        local = local_path(item)
+        if local is None:
+            raise InputError(f"{redact(item)}: only local paths and file:// URLs are read")
+        item = local
         p = Path(item)
         if p.is_dir():
             # every entry named like a shard is one: a broken link or unreadable file is an error, never skipped
