@@ -178,6 +178,8 @@ class RemoteStore(OutputStore):
         return ObjectLock(self)
 
     def create(self) -> None:
+        if self.atomic_upload:  # an object store has no folders; its bucket is never created here
+            return
         with self._remote("", "create the output location"):
             self.fs.makedirs(self.root, exist_ok=True)
 

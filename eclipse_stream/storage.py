@@ -23,9 +23,11 @@ import contextlib
 import errno
 import functools
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -173,6 +175,8 @@ def explain(e: BaseException) -> str:
     """Why a remote operation failed, in words, without credentials."""
     name = type(e).__name__
     text = _scrub(str(e))
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return "no such bucket"
     if isinstance(e, FileNotFoundError):
         return "not found (no such object or file)"
     if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
@@ -185,8 +189,6 @@ def explain(e: BaseException) -> str:
     if ("Connect" in name or "EndpointConnection" in name or isinstance(e, (ConnectionError, TimeoutError))
             or getattr(e, "errno", None) in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ETIMEDOUT)):
         return f"cannot connect ({text or name})"
-    if "NoSuchBucket" in text:
-        return "no such bucket"
     return f"{name}: {text}" if text else name
 
 
@@ -344,8 +346,9 @@ class _Stream:
 
 
 def open_input(location: str | os.PathLike):
-    """A binary file object reading ``location``: a local file, a gopen stream (not seekable), or an fsspec
-    file (seekable, read ahead in large blocks). Raises RemoteError (an OSError) if it cannot be opened."""
+    """A binary file object reading ``location`` front to back: a local file, a gopen stream, or an fsspec
+    file read ahead on a thread (4 MiB requests, 3 ahead; the last two are not seekable). Raises RemoteError
+    (an OSError) if it cannot be opened or read."""
     kind = kind_of(location)
     if kind == "local":
         return open(local_path(location), "rb")
@@ -359,9 +362,85 @@ def open_input(location: str | os.PathLike):
             raise RemoteError(_scrub(str(e))) from None
     fs, path = filesystem(location)
     try:
-        return fs.open(path, "rb")
+        return _Prefetch(fs.open(path, "rb", block_size=_CHUNK, cache_type="none"))
     except Exception as e:  # noqa: BLE001
         raise RemoteError(explain(e)) from None
+
+
+_CHUNK = 4 << 20  # bytes per request when an object is read front to back
+
+
+class _Prefetch:
+    """An fsspec file read front to back by a thread, up to ``depth`` chunks ahead of the reader, so the
+    requests overlap with decoding (as curl's process does for a gopen stream). Not seekable; memory stays
+    within ``depth`` + 1 chunks. Failures of the thread are raised, explained, by the next read."""
+
+    def __init__(self, f, chunk: int = _CHUNK, depth: int = 3):
+        self._f, self._chunk = f, chunk
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._buf, self._pos, self._eof = b"", 0, False
+        self._thread = threading.Thread(target=self._run, name="eclipse-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        size = min(self._chunk, 1 << 18)  # a small first request: the reader starts sooner
+        while not self._stop.is_set():
+            try:
+                data = self._f.read(size)
+                size = self._chunk
+            except Exception as e:  # noqa: BLE001 - handed to the reader
+                data = RemoteError(explain(e))
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(data, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(data, bytes) or not data:
+                return
+
+    def _next(self) -> None:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        self._buf, self._pos = item, 0
+        if not item:
+            self._eof = True
+
+    def read(self, n: int = -1) -> bytes:
+        parts = []
+        while n is None or n < 0 or n > 0:
+            if self._pos >= len(self._buf):
+                if self._eof:
+                    break
+                self._next()
+                continue
+            take = len(self._buf) - self._pos if n is None or n < 0 else min(n, len(self._buf) - self._pos)
+            parts.append(self._buf[self._pos:self._pos + take])
+            self._pos += take
+            if n is not None and n >= 0:
+                n -= take
+        return b"".join(parts)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def alive(pid: int) -> bool:

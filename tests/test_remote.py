@@ -7,6 +7,7 @@ Every test talks to a real server it starts on a free local port: Python's http.
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,9 +72,9 @@ def s3(shard_dir):
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-def s3_objects(fs, prefix: str) -> dict[str, bytes]:
+def s3_objects(fs, prefix: str, bucket: str = BUCKET) -> dict[str, bytes]:
     fs.invalidate_cache()
-    return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in sorted(fs.find(f"{BUCKET}/{prefix}"))}
+    return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in sorted(fs.find(f"{bucket}/{prefix}"))}
 
 
 # --- the tar reader's stream entry -------------------------------------------------------------------------
@@ -220,6 +221,10 @@ def test_s3_errors_name_the_url(s3, tiny_ckpt, tmp_path):
         purify_shards(f"s3://{BUCKET}/empty/", tmp_path / "o", tiny_ckpt, cfg(), progress=False)
     with pytest.raises(InputError, match="overlaps the input"):
         purify_shards(f"s3://{BUCKET}/in/", f"s3://{BUCKET}/in/sub", tiny_ckpt, cfg(), progress=False)
+    with pytest.raises(OutputError, match=r"s3://no-such-bucket/out/\.eclipse-stream\.lock: cannot write: no such bucket"):
+        purify_shards(f"s3://{BUCKET}/in/part-000.tar", "s3://no-such-bucket/out", tiny_ckpt, cfg(), progress=False)
+    _, fs = s3
+    assert not fs.exists("no-such-bucket")  # never created behind the user's back
     with pytest.raises(OutputError, match="cannot write to a pipe"):
         purify_shards(f"s3://{BUCKET}/in/part-000.tar", "pipe:cat > x.tar", tiny_ckpt, cfg(), progress=False)
 
@@ -300,3 +305,49 @@ def test_a_remote_beton_is_staged_and_gives_the_local_output(s3, cifar64, tiny_c
     purify_shards(f"s3://{BUCKET}/beton/b.beton", tmp_path / "remote", tiny_ckpt, cfg(workers=1), progress=False)
     assert (tmp_path / "remote" / "b.beton").read_bytes() == (tmp_path / "local" / "b.beton").read_bytes()
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"eclipse-stream-stage-{os.getpid()}-*"))
+
+
+# --- the README's examples, against the local servers -----------------------------------------------------------
+
+def readme_examples() -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- remote-examples", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("eclipse-stream ")]
+
+
+def test_the_readme_examples_run_against_local_servers(s3, shard_dir, tiny_ckpt, tmp_path, monkeypatch):
+    """README's https / pipe: / s3:// lines, run as written but for the host: data.example.org is the local
+    http.server (plain http), my-bucket lives in the local moto server."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from eclipse_stream.cli import main
+
+    endpoint, fs = s3
+    site = tmp_path / "site" / "cifar"
+    site.mkdir(parents=True)
+    fs.mkdir("my-bucket")
+    for i, p in enumerate(sorted(shard_dir.glob("*.tar"))):
+        shutil.copy(p, site / f"train-{i:06d}.tar")
+        fs.put_file(str(p), f"my-bucket/cifar/train/train-{i:06d}.tar")
+    purify_shards(site, tmp_path / "reference", tiny_ckpt, cfg(), progress=False)
+    expected = tars(tmp_path / "reference")
+    lines = readme_examples()
+    assert [shlex.split(line)[2].split(":")[0] for line in lines] == ["https", "pipe", "s3"]
+    settings = ["-d", str(tiny_ckpt), "--steps", "2", "--batch-size", "4", "--workers", "0", "-q",
+                "--storage-options", json.dumps({"endpoint_url": endpoint})]
+    with http_server(tmp_path / "site") as base:
+        for n, line in enumerate(lines):
+            cwd = tmp_path / f"run{n}"
+            cwd.mkdir()
+            monkeypatch.chdir(cwd)
+            args = shlex.split(line.replace("https://data.example.org", base))[1:]
+            r = CliRunner().invoke(main, [*args, *settings])
+            assert r.exit_code == 0, (line, r.output)
+            if args[2].startswith("s3://"):
+                got = {k: v for k, v in s3_objects(fs, "cifar/purified", "my-bucket").items() if k.endswith(".tar")}
+            else:
+                got = tars(cwd / "purified")
+            assert got and got == {k: expected[k] for k in got}, line
+    assert len(got) == 3

@@ -58,3 +58,27 @@ def test_a_file_url_output_is_that_folder_not_a_folder_named_file(shard_dir, tin
 def test_a_file_url_output_over_the_input_is_refused(shard_dir, tiny_ckpt, tmp_path):
     with pytest.raises(InputError, match="overlaps the input"):
         purify_shards(shard_dir, f"file://{shard_dir}", tiny_ckpt, cfg(), progress=False)
+
+
+def test_a_missing_cloud_package_says_how_to_install_it(monkeypatch):
+    import fsspec.core
+
+    from eclipse_stream.sources import expand_shards
+
+    def no_s3fs(url, **kw):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", no_s3fs)
+    with pytest.raises(InputError, match=r"s3://b/k\.tar: s3:// needs a package .*eclipse-stream\[cloud\]"):
+        expand_shards("s3://b/k.tar")
+
+
+def test_storage_options_must_be_a_json_object(shard_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from eclipse_stream.cli import main
+
+    for bad, why in (("{nope", "not JSON"), ("[1, 2]", "must be a JSON object")):
+        r = CliRunner().invoke(main, ["purify", str(shard_dir), str(tmp_path / "o"), "--storage-options", bad])
+        assert r.exit_code == 2 and why in r.output, r.output
+    assert not (tmp_path / "o").exists()

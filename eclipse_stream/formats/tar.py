@@ -175,14 +175,17 @@ class _Lookback:
     def read(self, n: int = -1) -> bytes:
         want = None if n is None or n < 0 else self.pos + n
         while not self.eof and (want is None or self.start + len(self.buf) < want):
-            chunk = self.raw.read(max(1 << 16, (want or 0) - self.start - len(self.buf)))
+            chunk = self.raw.read(max(1 << 20, (want or 0) - self.start - len(self.buf)))
             if not chunk:
                 self.eof = True
                 break
             self.buf += chunk
         end = self.start + len(self.buf)
         stop = end if want is None else min(want, end)
-        data = bytes(self.buf[self.pos - self.start:stop - self.start]) if stop > self.pos else b""
+        if stop <= self.pos:
+            return b""
+        with memoryview(self.buf) as view:
+            data = bytes(view[self.pos - self.start:stop - self.start])
         self.pos += len(data)
         drop = self.pos - self.keep - self.start
         if drop > self.keep:  # trim in big steps: deleting from the front of a bytearray moves the rest
