@@ -221,7 +221,8 @@ def test_s3_errors_name_the_url(s3, tiny_ckpt, tmp_path):
         purify_shards(f"s3://{BUCKET}/empty/", tmp_path / "o", tiny_ckpt, cfg(), progress=False)
     with pytest.raises(InputError, match="overlaps the input"):
         purify_shards(f"s3://{BUCKET}/in/", f"s3://{BUCKET}/in/sub", tiny_ckpt, cfg(), progress=False)
-    with pytest.raises(OutputError, match=r"s3://no-such-bucket/out/\.eclipse-stream\.lock: cannot write: no such bucket"):
+    with pytest.raises(OutputError, match=r"s3://no-such-bucket/out/\.eclipse-stream\.lock: cannot write: "
+                                          r"no such bucket"):
         purify_shards(f"s3://{BUCKET}/in/part-000.tar", "s3://no-such-bucket/out", tiny_ckpt, cfg(), progress=False)
     _, fs = s3
     assert not fs.exists("no-such-bucket")  # never created behind the user's back
