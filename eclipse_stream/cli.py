@@ -72,6 +72,27 @@ def main(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+def _set_storage_options(ctx, param, value):
+    from .storage import set_options
+
+    if value is None:
+        return
+    try:
+        options = json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"endpoint_url\": \"http://host:9000\"}'")
+    set_options(options)
+
+
+def _storage_option(fn):
+    return click.option("--storage-options", default=None, expose_value=False, callback=_set_storage_options,
+                        help="JSON object of fsspec options for s3://, gs://, ... inputs and outputs, e.g. "
+                             "'{\"endpoint_url\": \"http://localhost:9000\"}' or '{\"anon\": true}'; "
+                             "credentials come from the usual environment and config files.")(fn)
+
+
 def _device_option(fn):
     return click.option("--device", default=None,
                         help="torch device; default cuda when present, else cpu.")(fn)
@@ -105,11 +126,13 @@ def _device_option(fn):
 @click.option("--state", default=None, help="Training-state file; default <out>.state.safetensors.")
 @click.option("--resume", is_flag=True, help="Continue from the training state at its saved step.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_storage_option
 @_friendly_errors
 def train(sparse, out, image_size, quiet, **kwargs):
     """Train the purification denoiser on a sparse clean set.
 
-    SPARSE is an image folder, a folder or brace pattern of WebDataset .tar shards, or an FFCV .beton.
+    SPARSE is an image folder, a folder or brace pattern of WebDataset .tar shards, or an FFCV .beton;
+    shards may be URLs as for purify.
     """
     from .train import TrainConfig
     from .train import train as run_train
@@ -160,7 +183,7 @@ def _resolve_denoiser(path):
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out")
 @_purifier_options
 @click.option("--batch-size", type=int, default=_PURIFY("batch_size"), help="Images per device batch.")
 @click.option("--corruption", type=click.Choice(CORRUPTIONS), default=_PURIFIER("corruption"),
@@ -188,10 +211,14 @@ def _resolve_denoiser(path):
                    "per batch shape; may differ from an eager run in the last bit, so it is recorded.")
 @click.option("--overwrite", is_flag=True, help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_storage_option
 @_friendly_errors
 def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p, noise_sigma, prefilter, corruption,
            max_pixels, quiet, compile_, **kwargs):
     """Purify shards: INPUTS... (folders of .tar/.beton, brace patterns or files) into folder OUT.
+
+    INPUTS may be URLs: http(s):// and pipe:CMD (streamed, as WebDataset opens them, brace patterns too)
+    and fsspec URLs (s3://bucket/prefix/, gs://..., globs); OUT may be an fsspec URL (s3://bucket/out).
 
     One output shard per input shard, same file name. Each finished shard gets a
     <name>.stats.json; a rerun skips finished shards. manifest.json is written last.
@@ -280,6 +307,7 @@ def preview(shard, output, num, image_key, denoiser, recipe, t_star, steps, prec
 @click.option("--null/--no-null", default=True, help="Also probe the same images with shuffled labels (plot).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the PNG plot here.")
+@_storage_option
 @_friendly_errors
 def scan(inputs, reference, threshold, clean_below, max_pixels, report, plot, **kwargs):
     """Does a labelled dataset look poisoned (availability poisons / shortcuts)? INPUTS as for purify.
