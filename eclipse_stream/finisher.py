@@ -10,6 +10,7 @@ there is raised again on the main thread at its next look (:meth:`Finisher.check
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -22,6 +23,8 @@ from .fsutil import write_json
 from .outdir import stat_record, stats_path, writing
 
 __all__ = ["Finisher", "finish_shard"]
+
+log = logging.getLogger(__name__)
 
 
 def finish_shard(shard: OutputShard, fingerprint: dict, rank: int, stop: threading.Event | None = None) -> dict:
@@ -45,12 +48,15 @@ def finish_shard(shard: OutputShard, fingerprint: dict, rank: int, stop: threadi
     # between the rename below and the new stats file then leaves an unrecorded shard, which a rerun redoes.
     with writing(stats_file, "remove the old stats file"):
         stats_file.unlink(missing_ok=True)
+    written = {}
     if sha256 is None:  # the format wrote no file (a .beton none of whose samples survived)
         with writing(final, "remove the old output"):
             final.unlink(missing_ok=True)
     else:
         with writing(final):
             os.replace(shard.tmp, final)
+            st = os.stat(final)  # a rerun checks these before it trusts the output (outdir.output_problem)
+        written = {"output_size": st.st_size, "output_mtime_ns": st.st_mtime_ns}
     stats = {
         "shard": task.name,
         "input": task.path,
@@ -61,15 +67,21 @@ def finish_shard(shard: OutputShard, fingerprint: dict, rank: int, stop: threadi
         "written": shard.written,
         "rejected": n_rejected,
         "rejects": sorted(shard.rejects, key=lambda r: r["index"]),
+        "converted": shard.converted,  # image fields read as 8-bit from 16-bit, written in input order
         "other_members_copied": shard.members_copied,
         "seconds": round(time.time() - shard.started, 3),
         "output_sha256": sha256,
+        "output_size": written.get("output_size"),
+        "output_mtime_ns": written.get("output_mtime_ns"),
         "config": fingerprint,
         "package_version": __version__,
         "rank": rank,
     }
     with writing(stats_file):
         write_json(stats_file, stats)
+    if shard.converted:
+        log.warning("%s: %d image field(s) read as 8-bit from 16-bit (%s ...), recorded under 'converted' in %s",
+                    task.path, len(shard.converted), shard.converted[0]["how"], stats_file)
     shard.state = DONE  # only now: if anything above fails, the run's error path still aborts this shard
     return stats
 

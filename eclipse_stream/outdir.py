@@ -3,7 +3,8 @@
 * :func:`check_no_overlap`: OUT never is, contains or lies inside a folder holding input shards.
 * :func:`prepare_out` (rank 0, OUT locked): remove what killed runs left, check the plan, drop the manifest.
 * :func:`plan`: which shards still need work (a shard is done when its stats file records the current
-  settings and the input's current size and mtime); other settings are refused, a changed input is redone.
+  settings and the input's current size and mtime, and its output still has the size, and mtime or sha256,
+  recorded); other settings are refused, a changed input or a cut output is redone.
 * :func:`write_manifest`: after every shard of every rank is done.
 """
 
@@ -22,7 +23,8 @@ from pathlib import Path
 from . import __version__
 from .errors import InputError, OutputError
 from .formats import FORMATS, ShardFormat, format_for
-from .fsutil import DirLock, write_json
+from .fsutil import DirLock, file_sha256, write_json
+from .outputs import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,18 @@ def writing(path, what: str = "write"):
         raise OutputError(f"{path}: cannot {what}: {e.strerror or e}") from e
 
 
-def plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool) -> tuple[list[Task], list[str]]:
-    """(tasks to do, names of shards done); refuses to mix outputs made with different settings."""
+def plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool,
+         quiet: bool = False) -> tuple[list[Task], list[str]]:
+    """(tasks to do, names of shards done); refuses to mix outputs made with different settings.
+
+    A shard is done when its stats file records the current settings and the input's current size and mtime,
+    and its output is still the one written (:func:`output_problem`); a changed input or a cut output is redone,
+    with a warning (``quiet``: none, for the ranks that plan again after rank 0)."""
     names = [s.name for s in shards]
     dup = {n for n, c in Counter(names).items() if c > 1}
     if dup:
         raise InputError(f"two input shards share the output name(s) {sorted(dup)}: outputs would collide")
+    warn = (lambda *a: None) if quiet else log.warning
     todo, done = [], []
     for i, s in enumerate(shards):
         task = Task(i, str(s), s.name)
@@ -74,11 +82,8 @@ def plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool) 
         if overwrite or not sp.is_file():
             todo.append(task)
             continue
-        try:
-            stats = json.loads(sp.read_text())
-            previous = stats["config"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise InputError(f"{sp}: unreadable stats file ({e}); use --overwrite to redo this shard")
+        stats = read_stats(sp)
+        previous = stats["config"]
         if stats.get("output") and not (out_dir / s.name).is_file():  # output deleted since: redo
             todo.append(task)
             continue
@@ -87,33 +92,62 @@ def plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool) 
         except OSError as e:
             raise InputError(f"{s}: cannot read: {e.strerror or e}") from e
         if (stats.get("input_size"), stats.get("input_mtime_ns")) != (now["size"], now["mtime_ns"]):
-            log.warning("%s changed since its output was made (size or modification time): redoing it", s)
+            warn("%s changed since its output was made (size or modification time): redoing it", s)
             todo.append(task)  # the finisher removes the old stats file before it replaces the output
             continue
         if previous != fingerprint:
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
             raise InputError(f"{out_dir / s.name} was purified with different settings ({', '.join(changed)}); "
                              f"use --overwrite or another output folder")
+        problem = output_problem(out_dir / s.name, stats)
+        if problem:
+            warn("%s: %s: redoing it", out_dir / s.name, problem)
+            todo.append(task)
+            continue
         done.append(s.name)
     return todo, done
 
 
-def check_no_overlap(inputs, shards: list[Path], out_dir) -> None:
-    """Refuse an OUT that is, contains or lies inside a folder holding input shards (or named as input).
+def read_stats(path: Path) -> dict:
+    """A shard's stats file as a dict with a ``config`` object; InputError (suggesting --overwrite) otherwise."""
+    try:
+        stats = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: unreadable stats file ({e}); use --overwrite to redo this shard") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the stats file: {e.strerror or e}") from None
+    if not isinstance(stats, dict) or not isinstance(stats.get("config"), dict):
+        what = "no settings ('config')" if isinstance(stats, dict) else f"a JSON {type(stats).__name__}"
+        raise InputError(f"{path}: not a stats file of eclipse-stream (it holds {what}, not an object with the "
+                         "shard's settings); use --overwrite to redo this shard")
+    return stats
 
-    Outputs keep their input's file name, so OUT equal to an input folder would replace the input in place;
-    nested folders are refused too, as a slip of the same kind (a rerun would read its own output).
-    """
-    out = Path(os.path.realpath(out_dir))
-    folders = {Path(os.path.realpath(s)).parent for s in shards}  # where the bytes really are
-    folders |= {Path(os.path.realpath(s.parent)) for s in shards}  # where the user put them (links)
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    folders |= {Path(os.path.realpath(i)) for i in items if Path(i).is_dir()}
-    for folder in sorted(folders):
-        if out == folder or folder in out.parents or out in folder.parents:
-            where = "is" if out == folder else "is inside" if folder in out.parents else "contains"
-            raise InputError(f"output folder {out} overlaps the input: it {where} the input folder {folder}; "
-                             "purify never writes into, below or above its input; choose another output folder")
+
+def output_problem(output: Path, stats: dict) -> str | None:
+    """Why a finished output cannot be trusted any more, or None. Its size must be the recorded one; when its
+    modification time is the recorded one too, that is enough (as for inputs); otherwise (a copy, an edit, or
+    stats of a version that did not record them) its sha256 must be the recorded one."""
+    try:
+        st = os.stat(output)
+    except OSError as e:
+        return f"cannot read the output: {e.strerror or e}"
+    size = stats.get("output_size")
+    if size is not None and st.st_size != size:
+        return f"the output is {st.st_size} bytes, {size} when it was written (cut short or changed)"
+    if size is not None and stats.get("output_mtime_ns") == st.st_mtime_ns:
+        return None
+    recorded = stats.get("output_sha256")
+    if recorded is None:
+        return None  # nothing to compare with (no version wrote an output without its sha256)
+    if file_sha256(output) != recorded:
+        return "the output's sha256 is not the one recorded when it was written (cut short or changed)"
+    return None
+
+
+def check_no_overlap(inputs, shards: list[Path], out_dir) -> None:
+    """Refuse an OUT that is, contains or lies inside a folder holding input shards (or named as input): the
+    check every command shares (:func:`~eclipse_stream.outputs.check_output_folder`)."""
+    check_output_folder(out_dir, inputs, shards, "purify")
 
 
 def partial_path(out_dir: Path, name: str) -> Path:
@@ -129,9 +163,9 @@ def _temporary() -> re.Pattern:
     return re.compile(partial + rf"|^\.(.+\.stats\.json|{re.escape(MANIFEST)})\.\d+\.[0-9a-f]{{8}}\.tmp$")
 
 
-def prepare_out(out_dir: Path, lock: DirLock, shards, fingerprint: dict, overwrite: bool) -> None:
+def prepare_out(out_dir: Path, lock: DirLock, shards, fingerprint: dict, overwrite: bool):
     """Rank 0, before any rank writes: create and lock OUT, remove what killed runs left, check the plan,
-    and invalidate the manifest (it is rewritten when every shard is done)."""
+    and invalidate the manifest (it is rewritten when every shard is done); returns the plan."""
     with writing(out_dir, "create the output folder"):
         out_dir.mkdir(parents=True, exist_ok=True)  # only once inputs and checkpoint are known good
     lock.acquire()
@@ -140,9 +174,10 @@ def prepare_out(out_dir: Path, lock: DirLock, shards, fingerprint: dict, overwri
         if temporary.match(p.name):
             with writing(p, "remove a leftover temporary file"):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-    plan(shards, out_dir, fingerprint, overwrite)  # refuses other settings before the manifest goes
+    planned = plan(shards, out_dir, fingerprint, overwrite)  # refuses other settings before the manifest goes
     with writing(out_dir / MANIFEST, "remove the old manifest"):
         (out_dir / MANIFEST).unlink(missing_ok=True)
+    return planned
 
 
 def write_manifest(shards, out_dir: Path, denoiser, ckpt_sha: str, fingerprint: dict, world: int) -> Path:

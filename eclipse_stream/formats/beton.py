@@ -802,6 +802,9 @@ class BetonFormat(ShardFormat):
     def __init__(self):
         self.builder: BetonBuilder | None = None
 
+    def check_usable(self, path: str) -> None:
+        require_ffcv(path)
+
     def records(self, path: str, policy: ReadPolicy) -> Iterator[Record]:
         reader = BetonReader(path, max_pixels=policy.max_pixels)
         names = reader.fields_to_purify(policy.image_key)
