@@ -99,7 +99,7 @@ def plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool,
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
             raise InputError(f"{out_dir / s.name} was purified with different settings ({', '.join(changed)}); "
                              f"use --overwrite or another output folder")
-        problem = output_problem(out_dir / s.name, stats)
+        problem = output_problem(out_dir / s.name, stats) if stats.get("output") else None  # None: no file
         if problem:
             warn("%s: %s: redoing it", out_dir / s.name, problem)
             todo.append(task)
