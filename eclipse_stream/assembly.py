@@ -30,11 +30,13 @@ class OutputShard:
         self.task, self.format, self.writer, self.tmp, self.policy = task, fmt, writer, tmp, policy
         self.input_stat = input_stat  # when the reader opened it: compared again before the shard is marked done
         self.lock = threading.Lock()
-        self.ready: dict[int, tuple] = {}  # index -> ("sample", key, fields) | ("reject", ...) | ("members", ...)
+        # index -> ("sample", key, fields, converted) | ("reject", ...) | ("members", ...)
+        self.ready: dict[int, tuple] = {}
         self.parts: dict[int, dict] = {}  # index -> the image fields of a sample purified so far
         self.next_index = 0
         self.written = self.member_groups = self.members_copied = 0
         self.rejects: list[dict] = []
+        self.converted: list[dict] = []  # image fields changed on reading (16-bit read as 8-bit), as written
         self.expected: int | None = None
         self.started = time.time()
         self.state = OPEN
@@ -61,12 +63,17 @@ class OutputShard:
         with self.lock:
             if self.state == ABORTED:  # a later part of the shard was unreadable: drop what still arrives
                 return False
-            part = self.parts.setdefault(item.index, {"fields": None, "images": {}, "reasons": [], "got": 0})
+            part = self.parts.setdefault(item.index, {"fields": None, "images": {}, "reasons": [], "got": 0,
+                                                      "converted": []})
             if item.fields is not None:
                 part["fields"] = item.fields
             part["got"] += 1
             if reason is None:
                 part["images"][item.image.field] = value
+                note = getattr(item.image.source, "converted", None)
+                if note:
+                    part["converted"].append({"index": item.sample_no, "key": item.key, "field": item.image.field,
+                                              "how": note})
             else:
                 part["reasons"].append(reason if item.parts == 1 else f"field {item.image.field!r}: {reason}")
             if part["got"] < item.parts:
@@ -75,7 +82,7 @@ class OutputShard:
             if part["reasons"]:
                 entry = ("reject", item.sample_no, item.key, "; ".join(part["reasons"]))
             else:
-                entry = ("sample", item.key, {**part["fields"], **part["images"]})
+                entry = ("sample", item.key, {**part["fields"], **part["images"]}, part["converted"])
             return self._deposit(item.index, entry)
 
     def reject(self, index: int, sample_no: int, key: str, reason: str) -> bool:
@@ -106,9 +113,11 @@ class OutputShard:
                 self.member_groups += 1
                 self.members_copied += len(rest[0])
             else:
+                key, fields, converted = rest
                 with writing(self.tmp):
-                    self.writer.write_sample(*rest)
+                    self.writer.write_sample(key, fields)
                 self.written += 1
+                self.converted += converted
             self.next_index += 1
         return self._complete()
 

@@ -32,6 +32,7 @@ from .unet import UNet, UNetConfig
 __all__ = [
     "METADATA_KEY",
     "Denoiser",
+    "check_tensors",
     "load_denoiser",
     "load_train_state",
     "save_denoiser",
@@ -68,22 +69,78 @@ def _read(path: str | os.PathLike, expected_kind: str) -> tuple[dict[str, torch.
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON: {e}")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata is a JSON {type(meta).__name__}, not an object")
     kind = meta.get("kind")
     if kind != expected_kind:
         hint = {"train-state": " (this is a training state: pass the exported denoiser, train's --out file)",
                 "denoiser": " (this is an exported denoiser, not a training state)"}.get(kind, "")
         raise CheckpointError(f"{path}: expected a {expected_kind} checkpoint, found kind={kind!r}{hint}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: checkpoint metadata's format_version is {version!r}, not an integer")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer eclipse-stream (format {meta['format_version']}); "
                               f"upgrade the package")
+    check_tensors(tensors, path)
     return tensors, meta
 
 
+def check_tensors(tensors: dict[str, torch.Tensor], where) -> None:
+    """Every tensor of a checkpoint (or an in-memory model's state) is floating point and finite; else a
+    CheckpointError naming ``where`` and the tensor. A cast (int32) or diverged (NaN/inf) file would otherwise
+    purify every image to black and be recorded as done."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{where}: tensor {name!r} is {t.dtype}, not floating point: these are not a "
+                                  "denoiser's weights (was the file cast or edited?)")
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = t.numel() - int(finite.sum())
+            raise CheckpointError(f"{where}: tensor {name!r} holds {bad} NaN or infinite value(s) of {t.numel()}: "
+                                  "the weights are broken (a diverged training run?); use another checkpoint")
+
+
 def _configs(path, meta) -> tuple[UNetConfig, DiffusionConfig]:
+    """The UNet and diffusion configs of the metadata, validated before anything is built from them."""
     try:
-        return UNetConfig.from_dict(meta["unet"]), DiffusionConfig(**meta["diffusion"])
+        unet, diffusion = meta["unet"], meta["diffusion"]
+        if not isinstance(unet, dict) or not isinstance(diffusion, dict):
+            raise TypeError("'unet' and 'diffusion' must be JSON objects")
+        return UNetConfig.from_dict(unet), DiffusionConfig(**diffusion)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: checkpoint metadata has no valid UNet/diffusion config: {e}")
+        raise CheckpointError(f"{path}: checkpoint metadata has no valid UNet/diffusion config: {e}") from None
+
+
+def _check_trained_timesteps(path, meta: dict, steps: int) -> None:
+    """``trained_timesteps`` (absent or null: all of T) is a pair of integers 0 <= a < b <= T."""
+    trained = meta.get("trained_timesteps")
+    if trained is None:
+        return
+    ok = (isinstance(trained, list) and len(trained) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in trained)
+          and 0 <= trained[0] < trained[1] <= steps)
+    if not ok:
+        raise CheckpointError(f"{path}: checkpoint metadata's trained_timesteps is {trained!r}; expected "
+                              f"[a, b] with integers 0 <= a < b <= {steps} (the schedule's T)")
+
+
+def _build(unet_cfg: UNetConfig, tensors: dict[str, torch.Tensor], path, what: str) -> UNet:
+    """The UNet of ``unet_cfg`` holding ``tensors``. Its shapes are compared on the meta device first (nothing
+    allocated), so a config that does not fit the file's weights is refused before a real model is built."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in UNet(unet_cfg).state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in tensors.items()}
+    if shapes != stored:
+        missing, unexpected = sorted(set(shapes) - set(stored)), sorted(set(stored) - set(shapes))
+        other = sorted(k for k in set(shapes) & set(stored) if shapes[k] != stored[k])
+        detail = "; ".join(f"{n} {len(v)}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}"
+                           for n, v in (("missing", missing), ("unexpected", unexpected),
+                                        ("of another shape", other)) if v)
+        raise CheckpointError(f"{path}: {what} weights do not match the stored config ({detail})")
+    model = UNet(unet_cfg)
+    _load_state(model, tensors, path, what)
+    return model
 
 
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path, what: str) -> None:
@@ -161,8 +218,8 @@ def load_denoiser(path, device: str | torch.device = "cpu") -> Denoiser:
         raise CheckpointError(f"{path}: the file was replaced three times while being read; "
                               "load it once its writer has finished")
     unet_cfg, diff_cfg = _configs(path, meta)
-    model = UNet(unet_cfg)
-    _load_state(model, tensors, path, "denoiser")
+    _check_trained_timesteps(path, meta, diff_cfg.steps)
+    model = _build(unet_cfg, tensors, path, "denoiser")
     model.eval().requires_grad_(False).to(device)
     return Denoiser(model, GaussianDiffusion.from_config(diff_cfg), meta, str(path), sha256)
 
@@ -209,14 +266,17 @@ def load_train_state(path, *, model: UNet, ema: UNet, optimizer: torch.optim.Opt
 
     _load_state(model, part("model."), path, "model")
     _load_state(ema, part("ema."), path, "EMA")
-    state: dict[int, dict] = {}
-    for k, v in part("optim.").items():
-        idx, name = k.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    for idx, scalars in meta.get("optim_scalars", {}).items():
-        state.setdefault(int(idx), {}).update(scalars)
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path}: training state's step is {step!r}, not an integer >= 0")
     try:
+        state: dict[int, dict] = {}
+        for k, v in part("optim.").items():
+            idx, name = k.split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+        for idx, scalars in meta.get("optim_scalars", {}).items():
+            state.setdefault(int(idx), {}).update(scalars)
         optimizer.load_state_dict({"state": state, "param_groups": meta["optim_param_groups"]})
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: optimizer state does not fit this model: {e}")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: optimizer state does not fit this model: {e}") from None
     return meta

@@ -261,8 +261,9 @@ def run_purify(inputs, out, cfg: PurifyConfig | None = None, *, denoiser=None, p
 
 @main.command()
 @click.argument("shard", type=click.Path(exists=True, dir_okay=False))
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
-@click.option("--num", "-n", type=int, default=8, help="How many samples (rows).")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Image file to write, in the format its suffix names (.png, .jpg, .webp, ...).")
+@click.option("--num", "-n", type=int, default=8, help="How many samples (rows), 1..256.")
 @click.option("--image-key", default=None, help=f"Field to show; default the first of {_IMAGE_EXTS}.")
 @_purifier_options
 @_friendly_errors
@@ -284,13 +285,13 @@ def preview(shard, output, num, image_key, denoiser, recipe, t_star, steps, prec
               help="Label field (tar extension or .beton field); default first of cls, class, label, target "
                    "(a .beton: else its first IntField).")
 @click.option("--image-key", default=None, help=f"Image field; default the first of {_IMAGE_EXTS}.")
-@click.option("--per-class", type=click.IntRange(min=4), default=100,
+@click.option("--per-class", type=int, default=100,
               help="Images sampled per class (uniformly over all INPUTS, seeded).")
-@click.option("--probe-size", type=click.IntRange(min=8), default=32,
+@click.option("--probe-size", type=int, default=32,
               help="The probes see a window of this many pixels square of each image.")
 @click.option("--view", type=click.Choice(["crop", "resize"]), default="crop",
               help="crop: central window at native resolution; resize: whole image resized.")
-@click.option("--folds", type=click.IntRange(2, 4), default=4, help="Cross-validation folds.")
+@click.option("--folds", type=int, default=4, help="Cross-validation folds (2..4).")
 @click.option("--seed", type=int, default=0, help="Sampling, folds and the shuffled-label control.")
 @_device_option
 @click.option("--reference", multiple=True,
@@ -318,6 +319,7 @@ def scan(inputs, reference, threshold, clean_below, max_pixels, report, plot, **
     Exit status: 0 no sign of poisoning, 10 likely poisoned, 11 inconclusive;
     1 or 2 on errors (2: bad input, as purify).
     """
+    from .outputs import check_output_files
     from .scan import ScanConfig, scan_shards
 
     bounds = {}
@@ -333,6 +335,7 @@ def scan(inputs, reference, threshold, clean_below, max_pixels, report, plot, **
     if max_pixels < 1:
         raise click.BadParameter("must be positive", param_hint="--max-pixels")
     cfg = ScanConfig(max_pixels=max_pixels, **bounds, **kwargs)
+    check_output_files({"--report": report, "--plot": plot}, [*inputs, *reference], "scan")  # before reading
     result = scan_shards(list(inputs), cfg, reference=list(reference) if reference else None)
     click.echo(result.summary())
     if report:
@@ -349,6 +352,8 @@ def info(checkpoint):
     """Print a denoiser checkpoint's metadata (preset, schedule, training arguments)."""
     from .checkpoint import load_denoiser
 
+    if not checkpoint.strip():  # as --denoiser '': an unset shell variable is a usage error, not "not found"
+        raise click.BadParameter("empty path", param_hint="'CHECKPOINT'")
     den = load_denoiser(checkpoint)
     click.echo(json.dumps({"path": checkpoint, "sha256": den.sha256, **den.metadata}, indent=2))
 

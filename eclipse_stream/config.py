@@ -8,6 +8,8 @@ is recorded in each shard's stats file (:meth:`PurifyConfig.fingerprint`).
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -16,13 +18,44 @@ from .defaults import (
     CORRUPTIONS, DEFAULT_GRAY_P, DEFAULT_IMPULSE_THRESHOLD, DEFAULT_MAX_PIXELS, DEFAULT_RECIPE, DEFAULT_SIGMA,
     ON_ERROR, PRECISIONS, PREFILTERS, RECIPES, RESOLUTIONS)
 
-__all__ = ["PurifierConfig", "PurifyConfig", "default_of", "default_workers"]
+__all__ = ["PurifierConfig", "PurifyConfig", "check_corruption", "default_of", "default_workers", "is_int",
+           "is_real"]
+
+#: Upper bounds of the settings that size an allocation: a slip of the finger (``--bucket-multiple 100000``)
+#: must be refused, not allocate tens of GB. Each is far above any useful value.
+MAX_BATCH_SIZE = 16384
+MAX_BUCKET_MULTIPLE = 256  # every image is padded to a multiple of this in both sides
+MAX_BATCH_PIXELS = 2**28  # 268M pixels: 0.8 GB as uint8, 3.2 GB as float32, before the UNet's activations
+MAX_THREADS = 256  # workers, encode threads
 
 
 def _check(checks) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+
+
+def is_real(value, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    """A finite real number (not a bool) in [lo, hi]."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and lo <= value <= hi)
+
+
+def is_int(value, lo: int | None = None, hi: int | None = None) -> bool:
+    """An int (not a bool) in [lo, hi]."""
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool) and (lo is None or value >= lo)
+            and (hi is None or value <= hi))
+
+
+def check_corruption(p, sigma, lowfreq_sigma=0.0) -> None:
+    """The training-time corruption's settings, the one check (purify's --gray-p/--noise-sigma, the transform,
+    ``corrupt``): probability in [0, 1], standard deviations (in [0, 1] pixel units) in [0, 1]."""
+    _check([
+        (is_real(p, 0.0, 1.0), f"grayscale probability (gray p) must be a number in [0, 1], got {p!r}"),
+        (is_real(sigma, 0.0, 1.0), f"noise sigma must be a number in [0, 1] (pixel units), got {sigma!r}"),
+        (is_real(lowfreq_sigma, 0.0, 1.0),
+         f"low-frequency noise sigma must be a number in [0, 1] (pixel units), got {lowfreq_sigma!r}"),
+    ])
 
 
 @dataclass(frozen=True)
@@ -49,16 +82,17 @@ class PurifierConfig:
     def __post_init__(self) -> None:
         if self.prefilter not in PREFILTERS:
             raise ValueError(f"prefilter must be one of {', '.join(PREFILTERS)}, got {self.prefilter!r}")
-        if not 0.0 < self.impulse_threshold < 1.0:
+        if not (is_real(self.impulse_threshold) and 0.0 < self.impulse_threshold < 1.0):
             raise ValueError(f"impulse threshold must be in (0, 1), got {self.impulse_threshold}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.corruption not in CORRUPTIONS:
             raise ValueError(f"corruption must be 'none' or 'baked', got {self.corruption!r}")
-        if self.t_star < 1:
-            raise ValueError(f"t_star must be >= 1, got {self.t_star}")
-        if self.steps is not None and not 1 <= self.steps <= self.t_star:
+        if not is_int(self.t_star, 1):
+            raise ValueError(f"t_star must be an integer >= 1, got {self.t_star!r}")
+        if self.steps is not None and not is_int(self.steps, 1, self.t_star):
             raise ValueError(f"steps must be between 1 and t_star={self.t_star}, got {self.steps}")
+        check_corruption(self.gray_p, self.noise_sigma)
 
     @property
     def num_steps(self) -> int:
@@ -98,14 +132,21 @@ class PurifyConfig:
 
     def __post_init__(self) -> None:
         _check([
-            (self.batch_size >= 1, "batch size must be >= 1"),
-            (1 <= self.jpeg_quality <= 100, "JPEG quality must be in 1..100"),
-            (self.max_pixels >= 1, "max pixels must be >= 1"),
+            (is_int(self.batch_size, 1, MAX_BATCH_SIZE), f"batch size must be in 1..{MAX_BATCH_SIZE}, "
+                                                          f"got {self.batch_size!r}"),
+            (is_int(self.seed), f"seed must be an integer, got {self.seed!r}"),
+            (is_int(self.jpeg_quality, 1, 100), f"JPEG quality must be in 1..100, got {self.jpeg_quality!r}"),
+            (is_int(self.max_pixels, 1), f"max pixels must be >= 1, got {self.max_pixels!r}"),
             (self.resolution in RESOLUTIONS, f"resolution must be one of {RESOLUTIONS}"),
-            (self.bucket_multiple >= 1, "bucket multiple must be >= 1"),
+            (is_int(self.bucket_multiple, 1, MAX_BUCKET_MULTIPLE),
+             f"bucket multiple must be in 1..{MAX_BUCKET_MULTIPLE} (every image is padded to a multiple of it), "
+             f"got {self.bucket_multiple!r}"),
+            (is_int(self.max_batch_pixels, 1, MAX_BATCH_PIXELS),
+             f"max batch pixels must be in 1..{MAX_BATCH_PIXELS}, got {self.max_batch_pixels!r}"),
             (self.on_error in ON_ERROR, "on-error must be 'fail' or 'skip'"),
-            (self.workers >= 0, "workers must be >= 0"),
-            (self.encode_threads >= 1, "encode threads must be >= 1"),
+            (is_int(self.workers, 0, MAX_THREADS), f"workers must be in 0..{MAX_THREADS}, got {self.workers!r}"),
+            (is_int(self.encode_threads, 1, MAX_THREADS),
+             f"encode threads must be in 1..{MAX_THREADS}, got {self.encode_threads!r}"),
         ])
 
     def resolved_device(self):

@@ -32,16 +32,10 @@ from webdataset.filters import pipelinefilter
 __all__ = ["DEFAULT_GRAY_P", "DEFAULT_LOWFREQ_SIGMA", "DEFAULT_SIGMA", "RandomCorruption", "corrupt",
            "corrupt_samples", "lowfreq_noise"]
 
+from .config import check_corruption  # noqa: E402
 from .defaults import DEFAULT_GRAY_P, DEFAULT_LOWFREQ_SIGMA, DEFAULT_SIGMA, IMAGE_EXTENSIONS, LOWFREQ_GRID  # noqa: E402
 
-
-def _check(p: float, sigma: float, lowfreq_sigma: float = 0.0) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"grayscale probability must be in [0, 1], got {p}")
-    if sigma < 0:
-        raise ValueError(f"noise sigma must be >= 0, got {sigma}")
-    if lowfreq_sigma < 0:
-        raise ValueError(f"low-frequency noise sigma must be >= 0, got {lowfreq_sigma}")
+_check = check_corruption  # the one check of these settings, shared with PurifierConfig
 
 
 def lowfreq_noise(shape, sigma: float, generator: torch.Generator | None = None, device=None,

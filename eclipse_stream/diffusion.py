@@ -23,6 +23,7 @@ import torch
 __all__ = ["DiffusionConfig", "GaussianDiffusion", "cosine_betas", "purification_timesteps"]
 
 SCHEDULES = ("cosine", "linear")
+MAX_STEPS = 100_000  # T: the paper uses 4,000; a schedule is a few float64 arrays of T entries
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,10 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown noise schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        if not isinstance(self.steps, int) or self.steps < 2:
-            raise ValueError(f"diffusion steps must be an integer >= 2, got {self.steps!r}")
-        if not self.vlb_weight >= 0:
-            raise ValueError(f"vlb_weight must be >= 0, got {self.vlb_weight!r}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 2 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"diffusion steps must be an integer in 2..{MAX_STEPS}, got {self.steps!r}")
+        if not (isinstance(self.vlb_weight, (int, float)) and math.isfinite(self.vlb_weight) and self.vlb_weight >= 0):
+            raise ValueError(f"vlb_weight must be a finite number >= 0, got {self.vlb_weight!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -39,6 +39,17 @@ class OutputError(EclipseError):
     """The output cannot be written: an unwritable or read-only folder, a full disk, an OUT in use."""
 
 
+class DeviceError(EclipseError, ValueError):
+    """A ``--device`` that does not exist here (or that no command can compute on); says which devices do."""
+
+    exit_code = 2
+
+
+class NumericalError(EclipseError):
+    """A computation went wrong: a training loss or weights became NaN/inf, or the purifier returned no image
+    (a constant one) for a real one. Nothing computed from it is written."""
+
+
 class Interrupted(BaseException):
     """SIGTERM (or SIGINT) asked the run to stop; finished shards are kept, a rerun resumes.
 

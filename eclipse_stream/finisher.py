@@ -11,6 +11,7 @@ there is raised again on the main thread at its next look (:meth:`Finisher.check
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -23,6 +24,8 @@ from .outstore import LocalStore, OutputStore, writing
 from .storage import identity
 
 __all__ = ["Finisher", "finish_shard"]
+
+log = logging.getLogger(__name__)
 
 
 def finish_shard(shard: OutputShard, fingerprint: dict, rank: int, stop: threading.Event | None = None,
@@ -63,6 +66,7 @@ def finish_shard(shard: OutputShard, fingerprint: dict, rank: int, stop: threadi
         "written": shard.written,
         "rejected": n_rejected,
         "rejects": sorted(shard.rejects, key=lambda r: r["index"]),
+        "converted": shard.converted,  # image fields read as 8-bit from 16-bit, written in input order
         "other_members_copied": shard.members_copied,
         "seconds": round(time.time() - shard.started, 3),
         "output_sha256": sha256,
@@ -71,6 +75,9 @@ def finish_shard(shard: OutputShard, fingerprint: dict, rank: int, stop: threadi
         "rank": rank,
     }
     store.write_json(stats_name, stats)
+    if shard.converted:
+        log.warning("%s: %d image field(s) read as 8-bit from 16-bit (%s ...), recorded under 'converted' in %s",
+                    task.shown, len(shard.converted), shard.converted[0]["how"], store.shown(stats_name))
     shard.state = DONE  # only now: if anything above fails, the run's error path still aborts this shard
     return stats
 

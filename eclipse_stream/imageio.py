@@ -33,10 +33,15 @@ PA                             like P with alpha             RGBA
 CMYK, YCbCr, LAB, HSV          ``convert("RGB")`` by PIL     RGB        stored back as RGB, and the ICC
                                                                         profile (which describes the old
                                                                         colour space) is dropped
-16-bit / 32-bit (I;16*, I, F,  error                         -          "16-bit image (mode I;16) is not
-16-bit PNG or TIFF RGB)                                                 supported: convert it to 8-bit
-                                                                        first" - precision is never
-                                                                        dropped silently
+16-bit PNG (any colour type),  the high byte of each value   8-bit,     recorded in
+16-bit gray (I;16*)            (gray: ``value >> 8``)        same       ``DecodedImage.converted`` (purify:
+                                                             colours    the shard's stats, ``converted``):
+                                                                        purification moves every pixel by
+                                                                        more than one 8-bit level, so the
+                                                                        low byte cannot survive it anyway
+32-bit (I, F), 16-bit colour   error                         -          "32-bit integer image (mode I) is
+TIFF                                                                    not supported: convert it to 8-bit
+                                                                        first" - never cut silently
 EXIF orientation tag           pixels NOT rotated            same tag   stored pixels stay as they are;
                                                                         viewers rotate as before
 =============================  ============================  =========  ================================
@@ -89,7 +94,8 @@ from .defaults import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS  # noqa: E402
 
 _GRAY_MODES = ("L", "1")
 _RECOLOURED_MODES = ("CMYK", "YCbCr", "LAB", "HSV")  # converted by PIL; their ICC profile no longer fits
-_HIGH_DEPTH = {"I": "32-bit integer", "F": "32-bit float"}  # plus every "I;16..." mode
+_HIGH_DEPTH = {"I": "32-bit integer", "F": "32-bit float"}
+_PNG_COLOUR = {0: "gray", 2: "RGB", 3: "palette", 4: "gray + alpha", 6: "RGBA"}  # IHDR colour types
 
 
 class ImageDecodeError(ValueError):
@@ -108,6 +114,7 @@ class DecodedImage:
     info: dict = field(default_factory=dict)  # exif / icc_profile / dpi, when present
     jpeg_subsampling: int | None = None  # source JPEG's subsampling (0=4:4:4, 1=4:2:2, 2=4:2:0)
     webp_lossless: bool = False  # source was lossless WebP
+    converted: str | None = None  # what reading changed, e.g. "16-bit PNG (RGB) read as 8-bit"; else None
 
 
 def find_image_key(sample: dict, image_key: str | None = None) -> str | None:
@@ -174,14 +181,19 @@ def _decode_opened(im: Image.Image, data: bytes, max_pixels: int) -> DecodedImag
             "(raise --max-pixels to allow it)"
         )
     mode, fmt = im.mode, im.format or "unknown"
-    if mode.startswith("I;16"):
-        raise ImageDecodeError(f"16-bit image (mode {mode}) is not supported: convert it to 8-bit first")
     if mode in _HIGH_DEPTH:
         raise ImageDecodeError(
             f"{_HIGH_DEPTH[mode]} image (mode {mode}) is not supported: convert it to 8-bit first"
         )
     bits = _bits_per_sample(im, data)
-    if bits > 8:
+    converted = None
+    if mode.startswith("I;16") or (fmt == "PNG" and bits == 16):
+        # Read as 8-bit, recorded: purification changes every pixel by more than one 8-bit level, so the low
+        # byte could not survive it anyway (see the policy table). Pillow keeps the high byte of 16-bit colour
+        # PNGs; 16-bit gray (I;16) is shifted the same way here (Pillow's convert("L") would clip it at 255).
+        kind = _PNG_COLOUR.get(data[25], mode) if fmt == "PNG" else mode
+        converted = f"16-bit {fmt} ({kind}) read as 8-bit"
+    elif bits > 8:
         raise ImageDecodeError(f"{bits}-bit image ({fmt} {mode}) is not supported: convert it to 8-bit first")
     try:
         n_frames = getattr(im, "n_frames", 1)
@@ -210,7 +222,15 @@ def _decode_opened(im: Image.Image, data: bytes, max_pixels: int) -> DecodedImag
 
     transparent = "transparency" in im.info
     alpha = None
-    if mode in _GRAY_MODES and not transparent:
+    if mode.startswith("I;16"):
+        wide = np.asarray(im).astype(np.uint16)
+        rgb, out_mode = _gray_to_rgb((wide >> 8).astype(np.uint8)), "L"
+        if transparent:  # one 16-bit gray value marks the transparent pixels
+            alpha, out_mode = np.where(wide == im.info["transparency"], 0, 255).astype(np.uint8), "LA"
+    elif mode == "RGBA" and converted and data[25] == 4:  # 16-bit gray + alpha: Pillow reads it as RGBA
+        rgba = np.asarray(im)
+        rgb, alpha, out_mode = rgba[..., :3], rgba[..., 3], "LA"
+    elif mode in _GRAY_MODES and not transparent:
         rgb, out_mode = _gray_to_rgb(im.convert("L")), "L"
     elif mode == "RGB" and not transparent:
         rgb, out_mode = np.asarray(im), "RGB"
@@ -235,6 +255,7 @@ def _decode_opened(im: Image.Image, data: bytes, max_pixels: int) -> DecodedImag
         info=info,
         jpeg_subsampling=subsampling,
         webp_lossless=fmt == "WEBP" and _webp_is_lossless(data),
+        converted=converted,
     )
 
 

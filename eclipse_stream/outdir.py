@@ -4,8 +4,9 @@ what is already done, and the manifest.
 * :func:`check_no_overlap`: OUT never is, contains or lies inside a folder (or prefix) holding input shards.
 * :func:`prepare_out` (rank 0, OUT locked): remove what killed runs left, check the plan, drop the manifest.
 * :func:`plan`: which shards still need work (a shard is done when its stats file records the current
-  settings and the input's current identity, ``storage.identity``, and its output is there as recorded,
-  ``OutputStore.output_matches``); other settings are refused, a changed input is redone.
+  settings and the input's current identity (``storage.identity``), and its output is still the one written
+  (``OutputStore.output_problem``: size, and mtime or sha256, locally; size and ETag on an object store); other
+  settings are refused, a changed input or a cut output is redone.
 * :func:`write_manifest`: after every shard of every rank is done.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from . import __version__
 from .errors import InputError
 from .formats import FORMATS, ShardFormat, format_for, suffixes
+from .outputs import check_output_folder
 from .outstore import OutputStore, open_store, writing  # noqa: F401  (writing: used by assembly, finisher)
 from .storage import identity, is_remote, local_path, redact, shard_name
 
@@ -63,14 +65,20 @@ def input_record(ident: dict) -> dict:
     return {f"input_{k}": v for k, v in ident.items()}
 
 
-def plan(shards: list, out, fingerprint: dict, overwrite: bool) -> tuple[list[Task], list[str]]:
+def plan(shards: list, out, fingerprint: dict, overwrite: bool,
+         quiet: bool = False) -> tuple[list[Task], list[str]]:
     """(tasks to do, names of shards done); refuses to mix outputs made with different settings.
-    ``out``: an OutputStore, or a local folder."""
+    ``out``: an OutputStore, or a local folder.
+
+    A shard is done when its stats file records the current settings and the input's current identity, and
+    its output is still the one written (:meth:`OutputStore.output_problem`); a changed input or a cut output
+    is redone, with a warning (``quiet``: none, for the ranks that plan again after rank 0)."""
     store = open_store(out)
     names = [shard_name(s, suffixes()) for s in shards]
     dup = {n for n, c in Counter(names).items() if c > 1}
     if dup:
         raise InputError(f"two input shards share the output name(s) {sorted(dup)}: outputs would collide")
+    warn = (lambda *a: None) if quiet else log.warning
     todo, done = [], []
     for i, (s, name) in enumerate(zip(shards, names)):
         task = Task(i, str(s), name)
@@ -79,15 +87,10 @@ def plan(shards: list, out, fingerprint: dict, overwrite: bool) -> tuple[list[Ta
         if text is None:
             todo.append(task)
             continue
-        try:
-            stats = json.loads(text)
-            previous = stats["config"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{store.shown(stats_name)}: unreadable stats file ({e}); use --overwrite to redo "
-                             "this shard")
-        if stats.get("output") and not store.output_matches(name, stats):  # output deleted or replaced since
-            log.warning("%s is not the output its stats file records (gone or changed): redoing it",
-                        store.shown(name))
+        stats = read_stats(text, store.shown(stats_name))
+        previous = stats["config"]
+        if stats.get("output") and (problem := store.output_problem(name, stats)):  # deleted, cut or replaced
+            warn("%s: %s: redoing it", store.shown(name), problem)
             todo.append(task)
             continue
         try:
@@ -95,7 +98,7 @@ def plan(shards: list, out, fingerprint: dict, overwrite: bool) -> tuple[list[Ta
         except OSError as e:
             raise InputError(f"{task.shown}: cannot read: {e.strerror or e}") from e
         if {k: stats.get(k) for k in input_record(now)} != input_record(now):
-            log.warning("%s changed since its output was made (%s): redoing it", task.shown, ", ".join(now))
+            warn("%s changed since its output was made (%s): redoing it", task.shown, ", ".join(now))
             todo.append(task)  # the finisher removes the old stats file before it replaces the output
             continue
         if previous != fingerprint:
@@ -106,30 +109,32 @@ def plan(shards: list, out, fingerprint: dict, overwrite: bool) -> tuple[list[Ta
     return todo, done
 
 
-def check_no_overlap(inputs, shards: list, out_dir) -> None:
-    """Refuse an OUT that is, contains or lies inside a folder holding input shards (or named as input).
+def read_stats(text: str, shown: str) -> dict:
+    """A shard's stats file (its text) as a dict with a ``config`` object; InputError (suggesting --overwrite)
+    otherwise."""
+    try:
+        stats = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{shown}: unreadable stats file ({e}); use --overwrite to redo this shard") from None
+    if not isinstance(stats, dict) or not isinstance(stats.get("config"), dict):
+        what = "no settings ('config')" if isinstance(stats, dict) else f"a JSON {type(stats).__name__}"
+        raise InputError(f"{shown}: not a stats file of eclipse-stream (it holds {what}, not an object with the "
+                         "shard's settings); use --overwrite to redo this shard")
+    return stats
 
-    Outputs keep their input's file name, so OUT equal to an input folder would replace the input in place;
-    nested folders are refused too, as a slip of the same kind (a rerun would read its own output). A remote
-    OUT is compared with the prefixes of the input URLs of the same store.
-    """
+
+def check_no_overlap(inputs, shards: list, out_dir) -> None:
+    """Refuse an OUT that is, contains or lies inside a folder holding input shards (or named as input): the
+    check every command shares (:func:`~eclipse_stream.outputs.check_output_folder`). A remote OUT is compared
+    with the prefixes of the input URLs of the same store."""
     if isinstance(out_dir, OutputStore):
         out_dir = getattr(out_dir, "url", None) or out_dir.location
     if is_remote(out_dir):
         _check_no_remote_overlap(shards, str(out_dir))
         return
-    out = Path(os.path.realpath(local_path(out_dir, output=True)))
-    shards = [Path(s) for s in shards if not is_remote(s)]
-    folders = {Path(os.path.realpath(s)).parent for s in shards}  # where the bytes really are
-    folders |= {Path(os.path.realpath(s.parent)) for s in shards}  # where the user put them (links)
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    items = [local_path(i) for i in map(str, items) if not is_remote(i)]
-    folders |= {Path(os.path.realpath(i)) for i in items if Path(i).is_dir()}
-    for folder in sorted(folders):
-        if out == folder or folder in out.parents or out in folder.parents:
-            where = "is" if out == folder else "is inside" if folder in out.parents else "contains"
-            raise InputError(f"output folder {out} overlaps the input: it {where} the input folder {folder}; "
-                             "purify never writes into, below or above its input; choose another output folder")
+    check_output_folder(local_path(out_dir, output=True), [local_path(i) for i in map(str, items) if not is_remote(i)],
+                        [Path(s) for s in shards if not is_remote(s)], "purify")
 
 
 def _check_no_remote_overlap(shards: list, out_url: str) -> None:
@@ -158,16 +163,17 @@ def _temporary() -> re.Pattern:
     return re.compile(partial + rf"|^\.(.+\.stats\.json|{re.escape(MANIFEST)})\.\d+\.[0-9a-f]{{8}}\.tmp$")
 
 
-def prepare_out(out, lock, shards, fingerprint: dict, overwrite: bool) -> None:
+def prepare_out(out, lock, shards, fingerprint: dict, overwrite: bool):
     """Rank 0, before any rank writes: create and lock OUT, remove what killed runs left, check the plan,
-    and invalidate the manifest (it is rewritten when every shard is done). ``out``: an OutputStore or a
-    local folder; ``lock``: its lock (``OutputStore.lock()``)."""
+    and invalidate the manifest (it is rewritten when every shard is done); returns the plan. ``out``: an
+    OutputStore or a local folder; ``lock``: its lock (``OutputStore.lock()``)."""
     store = open_store(out)
     store.create()  # only once inputs and checkpoint are known good
     lock.acquire()
     store.remove_leftovers(_temporary())  # with OUT locked, no live run owns any of these
-    plan(shards, store, fingerprint, overwrite)  # refuses other settings before the manifest goes
+    planned = plan(shards, store, fingerprint, overwrite)  # refuses other settings before the manifest goes
     store.remove(MANIFEST)
+    return planned
 
 
 def write_manifest(shards, out, denoiser, ckpt_sha: str, fingerprint: dict, world: int) -> str:

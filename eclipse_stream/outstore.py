@@ -31,8 +31,8 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import EclipseError, OutputError
-from .fsutil import LOCK_NAME, DirLock, write_json
+from .errors import EclipseError, InputError, OutputError
+from .fsutil import LOCK_NAME, DirLock, file_sha256, write_json
 from .storage import alive, explain, filesystem, redact, sweep_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,10 @@ class OutputStore:
         """Whether output ``name`` is there and is the one ``stats`` describes."""
         raise NotImplementedError
 
+    def output_problem(self, name: str, stats: dict) -> str | None:
+        """Why output ``name`` is not the one ``stats`` describes (gone, cut short, replaced), or None."""
+        return None if self.output_matches(name, stats) else "the output is gone or is not the one recorded"
+
     def close(self) -> None:
         """Remove the staging folder (if it is not OUT itself)."""
 
@@ -126,7 +130,14 @@ class LocalStore(OutputStore):
 
     def read_text(self, name: str) -> str | None:
         path = self.folder / name
-        return path.read_text() if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return path.read_text()
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: unreadable ({e}); use --overwrite to redo this shard") from None
+        except OSError as e:
+            raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
 
     def write_json(self, name: str, obj) -> None:
         with writing(self.folder / name):
@@ -139,10 +150,30 @@ class LocalStore(OutputStore):
     def publish(self, tmp: Path, name: str) -> dict:
         with writing(self.folder / name):
             os.replace(tmp, self.folder / name)
-        return {}
+            st = os.stat(self.folder / name)  # a rerun checks these before it trusts the output (output_problem)
+        return {"output_size": st.st_size, "output_mtime_ns": st.st_mtime_ns}
 
     def output_matches(self, name: str, stats: dict) -> bool:
-        return (self.folder / name).is_file()
+        return self.output_problem(name, stats) is None
+
+    def output_problem(self, name: str, stats: dict) -> str | None:
+        """Its size must be the recorded one; when its modification time is the recorded one too, that is
+        enough (as for inputs); otherwise (a copy, an edit, or stats of a version that did not record them)
+        its sha256 must be the recorded one."""
+        output = self.folder / name
+        try:
+            st = os.stat(output)
+        except OSError as e:
+            return f"cannot read the output: {e.strerror or e}"
+        size = stats.get("output_size")
+        if size is not None and st.st_size != size:
+            return f"the output is {st.st_size} bytes, {size} when it was written (cut short or changed)"
+        if size is not None and stats.get("output_mtime_ns") == st.st_mtime_ns:
+            return None
+        recorded = stats.get("output_sha256")
+        if recorded is not None and file_sha256(output) != recorded:
+            return "the output's sha256 is not the one recorded when it was written (cut short or changed)"
+        return None
 
 
 class RemoteStore(OutputStore):

@@ -36,18 +36,19 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .assembly import OutputShard
-from .checkpoint import Denoiser, load_denoiser
+from .checkpoint import Denoiser, check_tensors, load_denoiser
 from .config import PurifyConfig, default_workers  # noqa: F401  (PurifyConfig is part of this module's API)
 from .distributed import ProcessGroup, RankZeroError
-from .errors import EclipseError, SampleError, ShardError
+from .errors import EclipseError, NumericalError, SampleError, ShardError
 from .events import Batch, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
 from .finisher import Finisher
-from .formats import WritePolicy
+from .formats import WritePolicy, format_for
 from .outdir import (MANIFEST, Task, check_no_overlap, partial_path, plan, prepare_out, stats_path,  # noqa: F401
                      write_manifest)
 from .outstore import OutputStore, open_store
@@ -102,18 +103,20 @@ class Encoder:
         self._slots = threading.BoundedSemaphore(2 * ctx.cfg.encode_threads)
         self._pool = ThreadPoolExecutor(ctx.cfg.encode_threads, thread_name_prefix="eclipse-encode")
 
-    def submit(self, shard: OutputShard, items: list, out: torch.Tensor, ready) -> None:
+    def submit(self, shard: OutputShard, items: list, out: torch.Tensor, ready, inputs: torch.Tensor) -> None:
         self._slots.acquire()
-        self._pool.submit(self._encode, shard, items, out, ready)
+        self._pool.submit(self._encode, shard, items, out, ready, inputs)
 
-    def _encode(self, shard: OutputShard, items: list, out: torch.Tensor, ready) -> None:
+    def _encode(self, shard: OutputShard, items: list, out: torch.Tensor, ready, inputs: torch.Tensor) -> None:
         try:
             if ready is not None:  # the device -> host copy was queued without blocking the device loop
                 ready.synchronize()
-            for item, img in zip(items, out):
+            for item, img, before in zip(items, out, inputs):
                 h, w = item.size
+                rgb = img[:, :h, :w].permute(1, 2, 0).numpy()
+                check_purified(rgb, before[:, :h, :w], shard.task.path, item.key)
                 try:
-                    value, reason = shard.encode(item, img[:, :h, :w].permute(1, 2, 0).numpy()), None
+                    value, reason = shard.encode(item, rgb), None
                 except (ValueError, OSError) as e:
                     value, reason = None, f"cannot encode purified image: {e}"
                     if self.on_error == "fail":
@@ -134,6 +137,29 @@ class Encoder:
         self._pool.shutdown(wait=True, cancel_futures=cancel)
         if not cancel:
             self.check()
+
+
+#: An input image whose values span more than this many levels is never purified to one constant colour by
+#: a working purifier; a constant result means NaN (cast to 0) or inf (to 255) came out of the device.
+CONSTANT_CHECK_MIN_RANGE = 32
+
+
+def check_purified(out: np.ndarray, before: torch.Tensor, shard: str, key: str) -> None:
+    """Refuse a purified image that is one constant value although its input was not flat: a broken denoiser
+    (NaN/inf weights passed in memory) or a numerical overflow (fp16) gives NaN, which the cast to uint8 turns
+    into 0 (inf into 255); the UNet's group norms spread any NaN to the whole image. This runs on the encode
+    thread on the host copy the encoder reads anyway (one min and max per image; the input only when the output
+    is constant), so the device loop never waits for it. The run stops (NumericalError) before the shard, or
+    any later one, is written."""
+    lo, hi = out.min(), out.max()
+    if lo != hi:
+        return
+    spread = int(before.max()) - int(before.min())
+    if spread > CONSTANT_CHECK_MIN_RANGE:
+        raise NumericalError(f"{shard}: sample {key!r}: the purifier returned one constant value ({int(lo)}) for "
+                             f"an image whose values span {spread} levels: NaN or inf came out of the denoiser "
+                             "(broken weights, or an overflow: try --precision fp32); nothing of this shard is "
+                             "written")
 
 
 class DeviceLoop:
@@ -189,10 +215,11 @@ class DeviceLoop:
     def on_batch(self, ev: Batch) -> None:
         device = self.ctx.device
         gen = batch_generator(self.ctx.cfg.seed, self.tasks[ev.shard].name, ev.batch_no, device)
-        out = self.purifier(ev.tensor().to(device, non_blocking=True), gen)
+        x = ev.tensor()
+        out = self.purifier(x.to(device, non_blocking=True), gen)
         out, ready = _to_host(out)
         self.bar.update(sum(item.fields is not None for item in ev.items))  # samples, not image fields
-        self.encoder.submit(self.shards[ev.shard], ev.items, out, ready)
+        self.encoder.submit(self.shards[ev.shard], ev.items, out, ready, x)
 
     def on_members(self, ev: Members) -> None:
         self._complete(self.shards[ev.shard], self.shards[ev.shard].put_members(ev.index, ev.members))
@@ -287,7 +314,11 @@ def _device_stage(denoiser, purifier, cfg: PurifyConfig, device: torch.device) -
         if denoiser is None:
             from .defaults import default_denoiser_path
             denoiser = default_denoiser_path()
-        den = denoiser.to(device) if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
+        if isinstance(denoiser, Denoiser):  # in memory: the same checks as a file's weights get on load
+            check_tensors(denoiser.model.state_dict(), denoiser.path or "the denoiser passed in")
+            den = denoiser.to(device)
+        else:
+            den = load_denoiser(denoiser, device=device)
     custom = None
     if purifier is None:
         purifier = Purifier(den, cfg.purifier)
@@ -339,6 +370,8 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
         torch.cuda.set_device(device)
     group = ProcessGroup(device)
     shards = expand_shards(inputs)
+    for fmt, first in {format_for(s): s for s in shards}.items():  # e.g. a .beton without ffcv: before any work
+        fmt.check_usable(str(first))
     check_no_overlap(inputs, shards, out_dir)
     stage = _device_stage(denoiser, purifier, cfg, device)
     fingerprint = cfg.fingerprint(stage.checkpoint_sha256, device.type)
@@ -351,10 +384,10 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
     # The lock on OUT belongs to the job: rank 0 takes it, tidies OUT and tells the other ranks whether to go on.
     lock = store.lock() if group.rank == 0 else None
     try:
-        problem = error = None
+        problem = error = planned = None
         if group.rank == 0:
             try:
-                prepare_out(store, lock, shards, fingerprint, cfg.overwrite)
+                planned = prepare_out(store, lock, shards, fingerprint, cfg.overwrite)
             except EclipseError as e:
                 problem, error = (e.exit_code, str(e)), e
         problem = group.share_go(problem)
@@ -363,7 +396,8 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
         if problem is not None:
             raise RankZeroError(*problem)
 
-        todo, done = plan(shards, store, fingerprint, cfg.overwrite)
+        # rank 0 planned (and warned) above; the other ranks plan again, quietly
+        todo, done = planned or plan(shards, store, fingerprint, cfg.overwrite, quiet=True)
         mine = [t for t in todo if t.index % group.world == group.rank]
         processed, failed = run_tasks(ctx, mine, stage.fn)
         failed = group.all_failed(failed)

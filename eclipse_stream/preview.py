@@ -21,10 +21,21 @@ from .devices import resolve_device
 from .errors import InputError
 from .fsutil import atomic_path
 from .imageio import ImageDecodeError, decode_image
+from .outputs import check_output_files
 from .purifier import Purifier, PurifierConfig
 from .sources import resize_center_crop
 
 COLUMNS = ("input", "noised at t*", "purified", "corrupted")
+MAX_ROWS = 256
+
+
+def _image_format(out: Path) -> str:
+    """The image format ``out``'s suffix names (as Pillow's ``save`` would pick it); InputError if none."""
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InputError(f"{out}: name the preview with an image suffix (.png, .jpg, .webp, ...); "
+                         f"{out.suffix or 'no suffix'} names no image format that can be written")
+    return fmt
 
 
 def _first_images(shard: Path, n: int, image_key: str | None, size: int) -> np.ndarray:
@@ -46,7 +57,13 @@ def _first_images(shard: Path, n: int, image_key: str | None, size: int) -> np.n
 @torch.no_grad()
 def preview(shard, denoiser, out, *, n: int = 8, config: PurifierConfig | None = None, seed: int = 0,
             image_key: str | None = None, device: str | None = None, scale: int = 4) -> Path:
-    """Write a PNG grid (rows: samples; columns: COLUMNS) to ``out`` and return its path."""
+    """Write an image grid (rows: samples; columns: COLUMNS) to ``out``, in the format its suffix names (PNG,
+    JPEG, WebP, ...), and return its path. ``out`` may not be the shard or the denoiser."""
+    if not (isinstance(n, int) and 1 <= n <= MAX_ROWS):
+        raise ValueError(f"number of samples must be in 1..{MAX_ROWS}, got {n!r}")
+    out = Path(out)
+    check_output_files({"-o": out}, [shard, denoiser], "preview")
+    fmt = _image_format(out)
     device = resolve_device(device)
     den = load_denoiser(denoiser, device=device)
     cfg = config or PurifierConfig()
@@ -70,7 +87,6 @@ def preview(shard, denoiser, out, *, n: int = 8, config: PurifierConfig | None =
     canvas = Image.new("RGB", (img.width, img.height + header.height), "white")
     canvas.paste(header, (0, 0))
     canvas.paste(img, (0, header.height))
-    out = Path(out)
     with atomic_path(out) as tmp:
-        canvas.save(tmp, format="PNG")
+        canvas.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
     return out

@@ -75,11 +75,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .devices import resolve_device
+from .config import is_int, is_real
+from .devices import AUTO, resolve_device
 from .errors import InputError, SampleError
 from .formats import LABEL_KEYS, class_label, format_for, sample_label  # noqa: F401  (LABEL_KEYS re-exported)
 from .fsutil import atomic_path
 from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from .outputs import check_output_files
 from .sources import expand_shards, resize_center_crop
 
 __all__ = [
@@ -93,6 +95,9 @@ INCONCLUSIVE = "inconclusive"
 #: Exit status of ``eclipse-stream scan`` per verdict; errors keep 1 (other), 2 (bad input/usage), 3 (checkpoint).
 EXIT_CODES = {NO_SIGN: 0, LIKELY_POISONED: 10, INCONCLUSIVE: 11}
 MIN_PER_CLASS = 4  # a class with fewer readable sampled images is left out (one per fold at most 4 folds)
+#: The largest probe window: features grow with its square (about 50 KB per sampled image at 32, 800 KB at 128),
+#: and images smaller than the window are resized up to it.
+MAX_PROBE_SIZE = 128
 PROBES = ("pixels", "texture", "blocks")
 
 
@@ -133,14 +138,22 @@ class ScanConfig:
             raise ValueError(f"folds must be between 2 and {MIN_PER_CLASS}, not {self.folds}")
         if self.view not in ("crop", "resize"):
             raise ValueError(f"view must be 'crop' or 'resize', not {self.view!r}")
-        if self.probe_size < 8:
-            raise ValueError(f"probe_size must be at least 8, not {self.probe_size}")
+        if not is_int(self.probe_size, 8, MAX_PROBE_SIZE):
+            raise ValueError(f"probe_size must be in 8..{MAX_PROBE_SIZE} (its square sizes the features), "
+                             f"not {self.probe_size!r}")
         if self.on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', not {self.on_error!r}")
-        if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be positive, not {self.max_pixels}")
+        if not is_int(self.max_pixels, 1):
+            raise ValueError(f"max_pixels must be positive, not {self.max_pixels!r}")
+        for name in ("threshold", "clean_below", "relative_threshold", "relative_clean_below"):
+            if not is_real(getattr(self, name), 0.0, 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1], not {getattr(self, name)!r}")
         if not self.clean_below <= self.threshold or not self.relative_clean_below <= self.relative_threshold:
             raise ValueError("the 'clean below' bounds must not exceed the thresholds")
+        if not is_int(self.seed):
+            raise ValueError(f"seed must be an integer, not {self.seed!r}")
+        if self.device not in AUTO:
+            resolve_device(self.device)  # an unknown or absent device is refused before any shard is read
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -481,10 +494,15 @@ class ScanResult:
         return d
 
     def write_json(self, path: str | os.PathLike) -> Path:
+        check_output_files({"report": path}, self._inputs(), "scan")
         path = Path(path)
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
+
+    def _inputs(self) -> list[str]:
+        """What this scan read (its shards, and its reference's): never overwritten by the report or plot."""
+        return [s for s in self.sources + (self.reference or {}).get("sources", []) if not s.startswith("<")]
 
     def summary(self) -> str:
         """A few lines for a terminal."""
@@ -506,6 +524,7 @@ class ScanResult:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """A PNG: held-out learning curves (and the reference / shuffled-label curves), per-class recall."""
+        check_output_files({"plot": path}, self._inputs(), "scan")
         path = Path(path)
         image = _draw_plot(self)
         with atomic_path(path) as tmp:

@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_denoiser, load_train_state, save_denoiser, save_train_state
-from .devices import resolve_device
-from .diffusion import DiffusionConfig, GaussianDiffusion
-from .errors import CheckpointError, InputError
+from .checkpoint import check_tensors, load_denoiser, load_train_state, save_denoiser, save_train_state
+from .config import is_int, is_real
+from .devices import AUTO, resolve_device
+from .diffusion import MAX_STEPS, DiffusionConfig, GaussianDiffusion
+from .errors import CheckpointError, InputError, NumericalError
+from .outputs import check_output_files
 from .sources import load_training_images
 from .unet import UNet, preset_config
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
 LOSS_WINDOW = 50  # steps averaged for the reported loss (and between host syncs)
+MAX_BATCH_SIZE = 16384
+MAX_REPLICATE = 10_000  # the epoch's index order holds images x replicate entries
 
 
 @dataclass(frozen=True)
@@ -62,19 +66,28 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.iterations >= 1, "iterations must be >= 1"),
-            (self.batch_size >= 1, "batch size must be >= 1"),
-            (self.lr > 0, "learning rate must be > 0"),
-            (0 <= self.ema_decay < 1, "EMA decay must be in [0, 1)"),
-            (self.replicate >= 1, "replicate must be >= 1"),
-            (self.checkpoint_every >= 1, "checkpoint interval must be >= 1"),
+            (is_int(self.iterations, 1), f"iterations must be >= 1, got {self.iterations!r}"),
+            (is_int(self.batch_size, 1, MAX_BATCH_SIZE), f"batch size must be in 1..{MAX_BATCH_SIZE}, "
+                                                          f"got {self.batch_size!r}"),
+            (is_real(self.lr) and self.lr > 0, f"learning rate must be a finite number > 0, got {self.lr!r}"),
+            (is_real(self.weight_decay, 0.0), f"weight decay must be a finite number >= 0, got {self.weight_decay!r}"),
+            (is_real(self.ema_decay, 0.0) and self.ema_decay < 1,
+             f"EMA decay must be in [0, 1), got {self.ema_decay!r}"),
+            (is_int(self.replicate, 1, MAX_REPLICATE), f"replicate must be in 1..{MAX_REPLICATE}, "
+                                                        f"got {self.replicate!r}"),
+            (is_int(self.diffusion_steps, 2, MAX_STEPS), f"diffusion steps must be in 2..{MAX_STEPS}, "
+                                                          f"got {self.diffusion_steps!r}"),
+            (is_int(self.checkpoint_every, 1), f"checkpoint interval must be >= 1, got {self.checkpoint_every!r}"),
+            (is_int(self.seed, 0, 2**32 - 1), f"seed must be in 0..{2**32 - 1}, got {self.seed!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
-            (self.max_timestep is None or 1 <= self.max_timestep <= self.diffusion_steps,
+            (self.max_timestep is None or is_int(self.max_timestep, 1, self.diffusion_steps),
              f"max timestep must be in 1..{self.diffusion_steps} (the schedule's T)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.device not in AUTO:
+            resolve_device(self.device)  # an unknown or absent device is refused before any image is read
 
     @property
     def state_path(self) -> str:
@@ -152,6 +165,8 @@ def train_step(model, ema, opt, diffusion: GaussianDiffusion, batch: torch.Tenso
 
 def _check_resume(meta: dict, cfg: TrainConfig, files_hash: str, path: str, init_sha: str | None) -> None:
     saved = meta.get("train_args", {})
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: cannot resume: its train_args is a JSON {type(saved).__name__}, not an object")
     # everything that shapes the run but iterations/checkpoint_every (which may grow) and source (hashed below);
     # AdamW's load_state_dict would silently bring back the saved lr and weight decay
     for key in ("preset", "image_size", "batch_size", "replicate", "seed", "diffusion_steps", "lr",
@@ -181,7 +196,13 @@ def _init_weights(path: str, model, ema, diff_cfg: DiffusionConfig) -> str:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Train (or resume) and export the EMA denoiser to ``cfg.out``; return a summary."""
+    """Train (or resume) and export the EMA denoiser to ``cfg.out``; return a summary.
+
+    The denoiser and the training state never land on or inside the training images, nor on ``init_from``
+    (refused before anything is read); a loss or weights that become NaN/inf raise NumericalError, and nothing
+    is written from that point on."""
+    inputs = [cfg.source] + ([cfg.init_from] if cfg.init_from else [])
+    check_output_files({"--out": cfg.out, "--state": cfg.state_path}, inputs, "train")
     device = cfg.resolved_device()
     data, files_hash = load_training_images(cfg.source, cfg.image_size)
     if len(data) < 1:
@@ -216,6 +237,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     args = {**cfg.portable_args(), **({"init_from_sha256": init_sha} if init_sha else {})}
 
     def checkpoint(step: int, loss: float | None):
+        for what, net in (("weights", model), ("EMA weights", ema)):  # a NaN never reaches a file
+            try:
+                check_tensors(net.state_dict(), f"step {step}")
+            except CheckpointError as e:
+                raise NumericalError(f"training diverged: the {what} at {e}; nothing was written for this step "
+                                     f"(the last checkpoint is kept); lower --lr or use --precision fp32") from None
         save_train_state(state_path, model=model, ema=ema, optimizer=opt, diffusion_config=diff_cfg,
                          step=step, train_args=args, train_files_sha256=files_hash)
         save_denoiser(cfg.out, ema, diff_cfg, train_args=args, train_files_sha256=files_hash, step=step,
@@ -241,7 +268,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             window_sum.zero_()
             window_steps = 0
             if not math.isfinite(last_loss):
-                raise RuntimeError(f"loss became {last_loss} by step {done}; lower --lr or use --precision fp32")
+                raise NumericalError(f"training diverged: the loss became {last_loss} by step {done} (--lr "
+                                     f"{cfg.lr}); nothing was written for these steps (the last checkpoint, if "
+                                     "any, is kept); lower --lr or use --precision fp32")
             bar.set_postfix(loss=f"{last_loss:.4f}")
         if checkpoint_now:
             checkpoint(done, last_loss)

@@ -47,6 +47,7 @@ class UNetConfig:
     norm_groups: int = 32
 
     def __post_init__(self) -> None:
+        _check_bounds(self)  # before any arithmetic on them: a crafted checkpoint's config is read with this
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
         if self.image_size % self.downsample_factor:
@@ -79,6 +80,36 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"unknown UNet config keys {sorted(unknown)}")
         return cls(**d)
+
+
+#: Bounds of every UNetConfig field, far above any real denoiser (the paper's: 128 channels, 3 blocks, 4
+#: heads; improved-diffusion's ImageNet-256: 256 channels), so that a crafted config cannot allocate a huge
+#: model or loop for ever before its weights are compared with the file's.
+LIMITS = {"image_size": (8, 4096), "in_channels": (1, 16), "model_channels": (1, 1024), "num_res_blocks": (1, 16),
+          "num_heads": (1, 256), "norm_groups": (1, 1024)}
+MAX_LEVELS, MAX_MULT = 8, 16  # channel_mult: at most 8 levels, each at most 16
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_bounds(cfg: UNetConfig) -> None:
+    for name, (lo, hi) in LIMITS.items():
+        value = getattr(cfg, name)
+        if not (_is_int(value) and lo <= value <= hi):
+            raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
+    for name, hi in (("channel_mult", MAX_MULT), ("attention_resolutions", cfg.image_size)):
+        value = getattr(cfg, name)
+        if not (isinstance(value, (list, tuple)) and all(_is_int(v) and 1 <= v <= hi for v in value)):
+            raise ValueError(f"{name} must be a list of integers in 1..{hi}, got {value!r}")
+    if not 1 <= len(cfg.channel_mult) <= MAX_LEVELS:
+        raise ValueError(f"channel_mult must have 1..{MAX_LEVELS} levels, got {cfg.channel_mult!r}")
+    if not (isinstance(cfg.dropout, (int, float)) and 0.0 <= cfg.dropout < 1.0):
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout!r}")
+    for name in ("use_scale_shift_norm", "learn_sigma"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
 
 
 # Presets at 32x32; ``preset_config`` adapts channel_mult to other sizes.

@@ -162,29 +162,47 @@ def test_no_global_pil_state_changed():
     assert before == (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)
 
 
-def test_16bit_gray_png_refused():
-    data = _save(Image.fromarray(np.arange(100, dtype=np.uint16).reshape(10, 10) * 600), "PNG")
+def test_16bit_gray_png_is_read_as_8bit_and_says_so():
+    wide = np.arange(100, dtype=np.uint16).reshape(10, 10) * 600
+    data = _save(Image.fromarray(wide), "PNG")
     assert Image.open(io.BytesIO(data)).mode == "I;16"
-    with pytest.raises(ImageDecodeError, match=r"^16-bit image \(mode I;16\) is not supported: convert"):
-        decode_image(data)
+    img = decode_image(data)
+    assert img.converted == "16-bit PNG (gray) read as 8-bit" and img.out_mode == "L"
+    assert np.array_equal(img.rgb[..., 0], (wide >> 8).astype(np.uint8))  # the high byte, not clipped at 255
+    assert Image.open(io.BytesIO(encode_image(img.rgb, img, "png"))).mode == "L"
 
 
-def test_16bit_rgb_png_refused():
-    """Pillow would read this as 8-bit RGB, silently dropping the low bytes."""
-
+def _png16(colour_type: int, channels: int, w: int = 3, h: int = 2) -> tuple[bytes, np.ndarray]:
     def chunk(tag: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
-    rows = b"".join(b"\x00" + bytes(range(3 * 6)) for _ in range(2))  # 3 x 2 px, 6 bytes each
+    values = (0x1234 + 0x101 * np.arange(h * w * channels)).reshape(h, w, channels).astype(">u2")
+    rows = b"".join(b"\x00" + values[y].tobytes() for y in range(h))
     data = (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", 3, 2, 16, 2, 0, 0, 0))
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
         + chunk(b"IDAT", zlib.compress(rows))
         + chunk(b"IEND", b"")
     )
-    assert Image.open(io.BytesIO(data)).mode == "RGB"
-    with pytest.raises(ImageDecodeError, match=r"^16-bit image \(PNG RGB\) is not supported"):
-        decode_image(data)
+    return data, (values >> 8).astype(np.uint8)
+
+
+@pytest.mark.parametrize("colour_type, channels, out_mode, kind", [
+    (2, 3, "RGB", "RGB"), (6, 4, "RGBA", "RGBA"), (4, 2, "LA", "gray + alpha")])
+def test_16bit_colour_png_is_read_as_8bit_and_says_so(colour_type, channels, out_mode, kind):
+    """Pillow reads these as 8-bit (the high byte); the decoder now says so instead of refusing them."""
+    data, high = _png16(colour_type, channels)
+    img = decode_image(data)
+    assert img.converted == f"16-bit PNG ({kind}) read as 8-bit" and img.out_mode == out_mode
+    colour = high[..., :3] if channels >= 3 else np.repeat(high[..., :1], 3, axis=2)
+    assert np.array_equal(img.rgb, colour)
+    if channels in (2, 4):
+        assert np.array_equal(img.alpha, high[..., -1])
+    assert Image.open(io.BytesIO(encode_image(img.rgb, img, "png"))).mode == out_mode
+
+
+def test_8bit_images_are_not_marked_converted():
+    assert decode_image(_save(Image.fromarray(_noise(8, 8)), "PNG")).converted is None
 
 
 @pytest.mark.parametrize("mode", ["I", "F"])

@@ -110,6 +110,7 @@ def _bad_samples(good):
         {"__key__": "rgba", "png": enc(base.convert("RGBA"), "PNG"), "cls": b"3"},
         {"__key__": "cmyk", "jpg": enc(base.convert("CMYK"), "JPEG"), "cls": b"4"},
         {"__key__": "sixteen", "png": enc(Image.fromarray(np.full((32, 32), 4000, np.uint16)), "PNG"), "cls": b"5"},
+        {"__key__": "float", "png": enc(Image.fromarray(np.full((32, 32), 0.5, np.float32)), "TIFF"), "cls": b"5"},
         {"__key__": "huge", "png": enc(Image.new("RGB", (200, 200), (9, 9, 9)), "PNG"), "cls": b"6"},
         {"__key__": "noimage", "txt": b"hello", "cls": b"7"},
     ]
@@ -123,11 +124,15 @@ def test_skip_records_every_bad_sample_with_reason(cifar64, tiny_ckpt, tmp_path)
     res = purify_shards(tmp_path / "in", out, tiny_ckpt, cfg(on_error="skip", max_pixels=10_000), progress=False)
     stats = res.processed[0]
     reasons = {r["key"]: r["reason"] for r in stats["rejects"]}
-    assert set(reasons) == {"zero", "garbage", "truncated", "sixteen", "huge", "noimage"}
-    assert "empty" in reasons["zero"] and "16-bit" in reasons["sixteen"] and "over the limit" in reasons["huge"]
+    assert set(reasons) == {"zero", "garbage", "truncated", "float", "huge", "noimage"}
+    assert "empty" in reasons["zero"] and "32-bit" in reasons["float"] and "over the limit" in reasons["huge"]
     assert "truncated" in reasons["truncated"] and "no image field" in reasons["noimage"]
-    assert stats["samples_in"] == 10 and stats["written"] == 4 and stats["rejected"] == 6
+    assert stats["samples_in"] == 11 and stats["written"] == 5 and stats["rejected"] == 6
+    # a 16-bit PNG is read as 8-bit, written, and recorded (issue 21 section 5)
+    assert stats["converted"] == [{"index": 7, "key": "sixteen", "field": "png",
+                                   "how": "16-bit PNG (gray) read as 8-bit"}]
     data = dict(tar_members(out / "bad.tar"))
+    assert Image.open(io.BytesIO(data["sixteen.png"])).mode == "L"
     assert Image.open(io.BytesIO(data["gray.png"])).mode == "L"
     rgba = Image.open(io.BytesIO(data["rgba.png"]))
     assert rgba.mode == "RGBA" and np.all(np.asarray(rgba)[..., 3] == 255)

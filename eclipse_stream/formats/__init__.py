@@ -120,6 +120,10 @@ class ShardFormat:
     def _lacks(self, role: str):
         return NotImplementedError(f"{self.suffix or type(self).__name__} shards cannot be {role}")
 
+    def check_usable(self, path: str) -> None:
+        """Raise InputError naming ``path`` if this format cannot be read or written here at all (a library
+        missing); called once per format before a run starts, so it fails before any work or output."""
+
     def records(self, path: str, policy: ReadPolicy) -> Iterator[Record]:
         """The records of one shard, in order; a shard that cannot be read raises ShardError naming it."""
         raise self._lacks("read for purify")
@@ -165,6 +169,7 @@ LABEL_KEYS = ("cls", "class", "label", "target")
 def class_label(value, where: tuple[str, str], field_name: str) -> int | str:
     """A class label from a field value: int when it reads as one, else its text; SampleError at ``where``
     (shard, key) if it is neither (e.g. a dict, a float with a fraction, bytes that are not UTF-8)."""
+    original = value  # what the error names: the field's own value, not what a failed conversion left
     torch = sys.modules.get("torch")  # a tensor's module is loaded; this one need not import it
     if torch is not None and isinstance(value, torch.Tensor):
         value = value.item() if value.numel() == 1 else None
@@ -186,8 +191,13 @@ def class_label(value, where: tuple[str, str], field_name: str) -> int | str:
             return int(value)
         except ValueError:
             return value
-    raise SampleError(*where, f"label field {field_name!r} holds {type(value).__name__} {str(value)[:40]!r}, "
-                              "not a class label (an integer or a class name)")
+    if isinstance(original, (bytes, bytearray, memoryview)):
+        text = bytes(original)
+        why = "empty" if not text.strip() else "not UTF-8 text"
+        raise SampleError(*where, f"label field {field_name!r} holds bytes {text[:40]!r} ({why}), not a class label "
+                                  "(an integer or a class name)")
+    raise SampleError(*where, f"label field {field_name!r} holds {type(original).__name__} "
+                              f"{str(original)[:40]!r}, not a class label (an integer or a class name)")
 
 
 def sample_label(sample: dict, label_key: str | None, image_key: str | None,

@@ -813,6 +813,9 @@ class BetonFormat(ShardFormat):
     def __init__(self):
         self.builder: BetonBuilder | None = None
 
+    def check_usable(self, path: str) -> None:
+        require_ffcv(path)
+
     def records(self, path: str, policy: ReadPolicy) -> Iterator[Record]:
         with _local(path) as local:
             yield from self._records(local, policy)
