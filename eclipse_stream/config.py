@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from . import __version__
 from .defaults import (
     CORRUPTIONS, DEFAULT_GRAY_P, DEFAULT_IMPULSE_THRESHOLD, DEFAULT_MAX_PIXELS, DEFAULT_RECIPE, DEFAULT_SIGMA,
-    ON_ERROR, PRECISIONS, PREFILTERS, RECIPES, RESOLUTIONS)
+    LARGE_IMAGES, ON_ERROR, PRECISIONS, PREFILTERS, RECIPES, RESOLUTIONS)
 
 __all__ = ["PurifierConfig", "PurifyConfig", "default_of", "default_workers"]
 
@@ -37,6 +37,11 @@ class PurifierConfig:
     noise_sigma: float = DEFAULT_SIGMA
     prefilter: str = RECIPES[DEFAULT_RECIPE]["prefilter"]  # "none" (the paper) or "impulse" (prefilter.py)
     impulse_threshold: float = DEFAULT_IMPULSE_THRESHOLD
+    # Images with a side longer than tile_size (None: twice the denoiser's training size S), see tiling.py:
+    large_images: str = LARGE_IMAGES[0]  # "tiled": overlapping tiles of S..tile_size px; "native": the whole image
+    tile_size: int | None = None  # the longest tile side, px (a multiple of the UNet's downsampling factor)
+    tile_overlap: int | None = None  # the least overlap of neighbouring tiles, px; None: S // 8
+    tile_batch_pixels: int = 64 * 32 * 32  # tile pixels per UNet call (64 images of 32 x 32); at least one tile
 
     @classmethod
     def from_recipe(cls, recipe: str | None = None, **settings) -> PurifierConfig:
@@ -59,6 +64,14 @@ class PurifierConfig:
             raise ValueError(f"t_star must be >= 1, got {self.t_star}")
         if self.steps is not None and not 1 <= self.steps <= self.t_star:
             raise ValueError(f"steps must be between 1 and t_star={self.t_star}, got {self.steps}")
+        _check([
+            (self.large_images in LARGE_IMAGES, f"large images must be one of {', '.join(LARGE_IMAGES)}, "
+                                                f"got {self.large_images!r}"),
+            (self.tile_size is None or self.tile_size >= 1, f"tile size must be >= 1, got {self.tile_size}"),
+            (self.tile_overlap is None or self.tile_overlap >= 1,
+             f"tile overlap must be >= 1, got {self.tile_overlap}"),
+            (self.tile_batch_pixels >= 1, f"tile batch pixels must be >= 1, got {self.tile_batch_pixels}"),
+        ])
 
     @property
     def num_steps(self) -> int:
