@@ -79,13 +79,14 @@ def impulse_filter(x: torch.Tensor, threshold: float = DEFAULT_IMPULSE_THRESHOLD
 
 
 def impulse_filter_strips(x: torch.Tensor, threshold: float = DEFAULT_IMPULSE_THRESHOLD,
-                          max_fraction: float = MAX_IMPULSE_FRACTION, strip_pixels: int = 1 << 18) -> torch.Tensor:
+                          max_fraction: float = MAX_IMPULSE_FRACTION, strip_pixels: int = 1 << 16,
+                          inplace: bool = False) -> torch.Tensor:
     """:func:`impulse_filter`, computed in strips of rows of about ``strip_pixels`` pixels (for large images).
 
     The same values bit for bit: each strip sees its neighbours through a 1-pixel halo of the whole image's
     reflected padding, the sparse-image test counts the whole image's isolated pixels as :func:`impulse_filter`
     does, and medians are computed only in strips that have a pixel to replace. Memory: a few copies of the
-    image, not the 8 shifted copies (and their sort) of the whole image.
+    image, not the 8 shifted copies (and their sort) of the whole image. ``inplace``: write into ``x``.
     """
     h, w = x.shape[-2:]
     if h * w <= strip_pixels:
@@ -97,10 +98,10 @@ def impulse_filter_strips(x: torch.Tensor, threshold: float = DEFAULT_IMPULSE_TH
         distance = (_shifted(p[..., a:b + 2, :], b - a, w) - x[..., a:b, :].unsqueeze(0)).abs().amax(dim=2)
         isolated[:, a:b] = distance.amin(dim=0) > threshold
     isolated &= (isolated.float().mean(dim=(1, 2)) <= max_fraction)[:, None, None]
-    out = x.clone()
+    out = x if inplace else x.clone()  # strips read the padded copy only, so writing into x is safe
     for a, b in strips:
         mask = isolated[:, a:b]
         if mask.any():
             ordered = _shifted(p[..., a:b + 2, :], b - a, w).sort(dim=0).values
-            out[..., a:b, :] = torch.where(mask.unsqueeze(1), (ordered[3] + ordered[4]) / 2, x[..., a:b, :])
+            out[..., a:b, :] = torch.where(mask.unsqueeze(1), (ordered[3] + ordered[4]) / 2, p[..., a + 1:b + 1, 1:-1])
     return out

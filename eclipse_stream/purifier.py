@@ -148,8 +148,9 @@ class Purifier(nn.Module):
         """:meth:`noise_to_tstar` of one large image: the prefilter in strips (the same values), the noise drawn
         for the whole image from its generator."""
         x = x.float()
-        if self.config.prefilter == "impulse":
-            x = impulse_filter_strips((x + 1.0) / 2.0, self.config.impulse_threshold) * 2.0 - 1.0
+        if self.config.prefilter == "impulse":  # in place on a copy: the values of (x + 1) / 2, filtered, * 2 - 1
+            unit = impulse_filter_strips(x.add(1.0).div_(2.0), self.config.impulse_threshold, inplace=True)
+            x = unit.mul_(2.0).sub_(1.0)
         t = torch.full((1,), self.chain.num_timesteps - 1, device=x.device, dtype=torch.long)
         return self.chain.q_sample(x, t, torch.randn(x.shape, device=x.device, generator=generator))
 

@@ -184,17 +184,25 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out)
 
 
-def _window_index(length: int, window: int, device) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """Windows along one axis: all full (``size`` = min(window, length)); the last one is moved back to end at
-    the edge, so it overlaps the one before when ``window`` does not divide ``length``. Returns (count, size,
-    the positions each window gathers, and where each position reads its output: its own window, the first
-    one that holds it)."""
+def _windows(length: int, window: int) -> tuple[int, list[int], list[tuple[int, int, int]]]:
+    """Windows along one axis, all full (``size`` = min(window, length)); the last one is moved back to end at the
+    edge, so it overlaps the one before when ``window`` does not divide ``length``. Returns (size, window starts,
+    and for each window the positions [a, b) that read their output from it, at offset a - start): a position
+    reads from the first window that holds it."""
     size = min(window, length)
     starts = list(range(0, length - size, size)) + [length - size]
-    gather = torch.tensor([s + i for s in starts for i in range(size)], device=device)
-    owner = [min(p // size, len(starts) - 1) for p in range(length)]
-    scatter = torch.tensor([k * size + p - starts[k] for p, k in enumerate(owner)], device=device)
-    return len(starts), size, gather, scatter
+    owned = [(k * size, (k + 1) * size if k + 1 < len(starts) else length, s) for k, s in enumerate(starts)]
+    return size, starts, owned
+
+
+def _gather(x: torch.Tensor, dim: int, size: int, starts: list[int]) -> torch.Tensor:
+    parts = [x.narrow(dim, s, size) for s in starts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _scatter(x: torch.Tensor, dim: int, size: int, owned: list[tuple[int, int, int]]) -> torch.Tensor:
+    parts = [x.narrow(dim, k * size + a - s, b - a) for k, (a, b, s) in enumerate(owned)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def windowed_attention(qkv: torch.Tensor, num_heads: int, window: int) -> torch.Tensor:
@@ -206,14 +214,15 @@ def windowed_attention(qkv: torch.Tensor, num_heads: int, window: int) -> torch.
     """
     b, c3, h, w = qkv.shape
     c, heads = c3 // 3, num_heads
-    ny, sy, gy, oy = _window_index(h, window, qkv.device)
-    nx, sx, gx, ox = _window_index(w, window, qkv.device)
-    t = qkv.index_select(2, gy).index_select(3, gx)  # (b, 3c, ny*sy, nx*sx)
+    sy, ys, own_y = _windows(h, window)
+    sx, xs, own_x = _windows(w, window)
+    ny, nx = len(ys), len(xs)
+    t = _gather(_gather(qkv, 2, sy, ys), 3, sx, xs)  # (b, 3c, ny*sy, nx*sx)
     t = t.reshape(b, 3, heads, c // heads, ny, sy, nx, sx).permute(0, 4, 6, 1, 2, 5, 7, 3)
     q, k, v = t.reshape(b * ny * nx, 3, heads, sy * sx, c // heads).unbind(1)
     out = F.scaled_dot_product_attention(q, k, v)  # (b*ny*nx, heads, sy*sx, head_dim)
     out = out.reshape(b, ny, nx, heads, sy, sx, c // heads).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, c, ny * sy, nx * sx)
-    return out.index_select(2, oy).index_select(3, ox)
+    return _scatter(_scatter(out, 2, sy, own_y), 3, sx, own_x)
 
 
 class Downsample(nn.Module):
