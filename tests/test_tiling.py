@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cli_env, tar_members, write_tar
 from PIL import Image
 
-from helpers import cli_env, tar_members, write_tar
 from eclipse_stream import EclipseTransform
 from eclipse_stream.bucketing import Bucketer
 from eclipse_stream.checkpoint import load_denoiser
@@ -69,7 +69,8 @@ def test_the_blend_weights_sum_to_one_and_ramp_across_overlaps(size):
     wy, wx = plan.weights("cpu")
     total = torch.zeros(size)
     for i, j in plan.tiles:
-        total[plan.rows[i]:plan.rows[i] + plan.tile_h, plan.cols[j]:plan.cols[j] + plan.tile_w] += wy[i][:, None] * wx[j]
+        y, x = plan.rows[i], plan.cols[j]
+        total[y:y + plan.tile_h, x:x + plan.tile_w] += wy[i][:, None] * wx[j]
     assert torch.allclose(total, torch.ones(size), atol=1e-6)
     for w in wy[1:-1] + wx[1:-1]:  # inner tiles: rising, flat at 1, falling
         assert w[0] < w[len(w) // 2] == 1 and w[-1] < 1 and torch.all(w > 0)
