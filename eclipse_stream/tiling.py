@@ -59,9 +59,9 @@ def _axis_weights(length: int, tile: int, starts: list[int]) -> list[torch.Tenso
     for i, s in enumerate(starts):
         p = np.arange(tile) + 0.5
         w = np.ones(tile)
-        if i > 0:
+        if i > 0 and starts[i - 1] + tile > s:
             w = np.minimum(w, p / (starts[i - 1] + tile - s))
-        if i + 1 < len(starts):
+        if i + 1 < len(starts) and s + tile > starts[i + 1]:
             w = np.minimum(w, (tile - p) / (s + tile - starts[i + 1]))
         raw.append(w)
     total = np.zeros(length)

@@ -75,6 +75,16 @@ def test_bench_io_quick(tmp_path):
     assert all(t["images"] == 800 and t["images_per_s"] > 0 for t in r["throughput"])
 
 
+def test_bench_large_images_quick(tmp_path):
+    r = run_quick("bench_large_images", tmp_path)
+    rows = {(row["mode"], row["size"]): row for row in r["results"]}
+    assert set(rows) == {("either (one tile)", 32), ("tiled", 224), ("native", 224)}
+    assert all(row["pixels"] == 3 * 224 * 224 for (_, size), row in rows.items() if size == 224)
+    assert all(row["us_per_pixel"] > 0 and row["peak_tree_rss_mib"] > 100 for row in rows.values())
+    assert {t["target"] for t in r["targets"]} == {"tiled 224 px: cost per pixel / 32 px",
+                                                   "tiled 224 px: peak tree RSS / 32 px (equal pixels)"}
+
+
 def test_bench_train_quick(tmp_path):
     r = run_quick("bench_train", tmp_path, "--device", "cpu")
     assert {row["precision"] for row in r["results"]} == {"fp32", "bf16"}
