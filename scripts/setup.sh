@@ -21,6 +21,6 @@ PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch from the registry brings CUDA builds that also run on CPU; ffcv builds from source.
-.venv/bin/python -m pip install -q -e ".[ffcv,tools,test]"
+.venv/bin/python -m pip install -q -e ".[ffcv,tools,test,bench]"
 .venv/bin/python -c "import eclipse_stream, ffcv, torch; print('eclipse-stream', eclipse_stream.__version__, \
 '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
