@@ -123,7 +123,8 @@ def blended_output(net: TileNet, x: torch.Tensor, t_model: torch.Tensor, plan: T
     for k in range(0, len(tiles), per_call):
         chunk = tiles[k:k + per_call]
         inp = torch.cat([x[..., rows[i]:rows[i] + th, cols[j]:cols[j] + tw] for i, j in chunk])
-        out = net(inp, t_model.expand(len(chunk)))
+        # channels-last, the layout purify's batches arrive in: CPU convolutions run ~1.4x faster in it
+        out = net(inp.contiguous(memory_format=torch.channels_last), t_model.expand(len(chunk)))
         if acc is None:
             acc = out.new_zeros((1, out.shape[1], 0, plan.width), dtype=torch.float32)
         bottom = rows[chunk[-1][0]] + th

@@ -9,6 +9,7 @@ PyTorch picks the fastest kernel. The whole architecture is described by a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -184,25 +185,28 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out)
 
 
-def _windows(length: int, window: int) -> tuple[int, list[int], list[tuple[int, int, int]]]:
+def _windows(length: int, window: int) -> tuple[int, list[int], list[int]]:
     """Windows along one axis, all full (``size`` = min(window, length)); the last one is moved back to end at the
     edge, so it overlaps the one before when ``window`` does not divide ``length``. Returns (size, window starts,
-    and for each window the positions [a, b) that read their output from it, at offset a - start): a position
-    reads from the first window that holds it."""
+    the window each position reads its output from: the first that holds it)."""
     size = min(window, length)
     starts = list(range(0, length - size, size)) + [length - size]
-    owned = [(k * size, (k + 1) * size if k + 1 < len(starts) else length, s) for k, s in enumerate(starts)]
-    return size, starts, owned
+    return size, starts, [min(p // size, len(starts) - 1) for p in range(length)]
 
 
-def _gather(x: torch.Tensor, dim: int, size: int, starts: list[int]) -> torch.Tensor:
-    parts = [x.narrow(dim, s, size) for s in starts]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-
-
-def _scatter(x: torch.Tensor, dim: int, size: int, owned: list[tuple[int, int, int]]) -> torch.Tensor:
-    parts = [x.narrow(dim, k * size + a - s, b - a) for k, (a, b, s) in enumerate(owned)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+@functools.lru_cache(maxsize=64)
+def _window_index(h: int, w: int, window: int, device: torch.device) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(windows, positions a window, the flat h*w positions of every window in window-major order, and for every
+    flat position its row in that order)."""
+    sy, ys, oy = _windows(h, window)
+    sx, xs, ox = _windows(w, window)
+    gy = torch.tensor(ys)[:, None] + torch.arange(sy)[None]  # (ny, sy)
+    gx = torch.tensor(xs)[:, None] + torch.arange(sx)[None]  # (nx, sx)
+    gather = (gy[:, None, :, None] * w + gx[None, :, None, :]).reshape(-1)  # (ny, nx, sy, sx)
+    oy_t, ox_t = torch.tensor(oy), torch.tensor(ox)
+    py, px = torch.arange(h) - torch.tensor(ys)[oy_t], torch.arange(w) - torch.tensor(xs)[ox_t]
+    scatter = (((oy_t[:, None] * len(xs) + ox_t[None, :]) * sy + py[:, None]) * sx + px[None, :]).reshape(-1)
+    return len(ys) * len(xs), sy * sx, gather.to(device), scatter.to(device)
 
 
 def windowed_attention(qkv: torch.Tensor, num_heads: int, window: int) -> torch.Tensor:
@@ -210,19 +214,17 @@ def windowed_attention(qkv: torch.Tensor, num_heads: int, window: int) -> torch.
 
     Every query attends over one full window of positions (the context a denoiser trained at that size saw),
     never over padding: where ``window`` does not divide a side, the last window is moved back to end at the
-    edge, and the positions it shares with the window before take their output from that one.
+    edge, and the positions it shares with the window before take their output from that one. Positions are
+    gathered as rows of the channels-last map (a view when the map is channels-last, as purify's batches are).
     """
     b, c3, h, w = qkv.shape
-    c, heads = c3 // 3, num_heads
-    sy, ys, own_y = _windows(h, window)
-    sx, xs, own_x = _windows(w, window)
-    ny, nx = len(ys), len(xs)
-    t = _gather(_gather(qkv, 2, sy, ys), 3, sx, xs)  # (b, 3c, ny*sy, nx*sx)
-    t = t.reshape(b, 3, heads, c // heads, ny, sy, nx, sx).permute(0, 4, 6, 1, 2, 5, 7, 3)
-    q, k, v = t.reshape(b * ny * nx, 3, heads, sy * sx, c // heads).unbind(1)
-    out = F.scaled_dot_product_attention(q, k, v)  # (b*ny*nx, heads, sy*sx, head_dim)
-    out = out.reshape(b, ny, nx, heads, sy, sx, c // heads).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, c, ny * sy, nx * sx)
-    return _scatter(_scatter(out, 2, sy, own_y), 3, sx, own_x)
+    c = c3 // 3
+    windows, size, gather, scatter = _window_index(h, w, window, qkv.device)
+    t = qkv.permute(0, 2, 3, 1).reshape(b, h * w, c3).index_select(1, gather)  # (b, windows * size, 3c)
+    t = t.view(b * windows, size, 3, num_heads, c // num_heads)
+    q, k, v = (t[:, :, i].transpose(1, 2) for i in range(3))  # each (b * windows, heads, size, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, windows * size, c)
+    return out.index_select(1, scatter).view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):

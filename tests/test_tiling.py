@@ -101,7 +101,7 @@ def test_one_tile_is_the_net_on_the_whole_image(den):
     plan = plan_tiles(48, 40, 32, 64, 4, 4)
     t = torch.full((1,), 25.0)
     (_, _, band), = blended_output(den.model, x, t, plan, batch_pixels=10**6)
-    assert torch.equal(band, den.model(x, t))
+    assert torch.equal(band, den.model(x.contiguous(memory_format=torch.channels_last), t))  # tiles go channels-last
 
 
 def test_windowed_attention_is_attention_within_each_window():
