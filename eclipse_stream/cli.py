@@ -1,4 +1,4 @@
-"""The ``eclipse-stream`` command line: train, purify, preview, scan, info."""
+"""The ``eclipse-stream`` command line: train, purify, preview, scan, info, convert."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .config import PurifierConfig, PurifyConfig, default_of
+from .convert import SCHEDULES, ConvertConfig
 from .defaults import (CORRUPTIONS, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, IMAGE_SIZES, LARGE_IMAGES, ON_ERROR,
                        PRECISIONS, PRESETS, RESOLUTIONS, TRAIN_PRECISIONS)
 from .errors import EclipseError, Interrupted
@@ -71,6 +72,27 @@ def main(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+def _set_storage_options(ctx, param, value):
+    from .storage import set_options
+
+    if value is None:
+        return
+    try:
+        options = json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"endpoint_url\": \"http://host:9000\"}'")
+    set_options(options)
+
+
+def _storage_option(fn):
+    return click.option("--storage-options", default=None, expose_value=False, callback=_set_storage_options,
+                        help="JSON object of fsspec options for s3://, gs://, ... inputs and outputs, e.g. "
+                             "'{\"endpoint_url\": \"http://localhost:9000\"}' or '{\"anon\": true}'; "
+                             "credentials come from the usual environment and config files.")(fn)
+
+
 def _device_option(fn):
     return click.option("--device", default=None,
                         help="torch device; default cuda when present, else cpu.")(fn)
@@ -104,11 +126,13 @@ def _device_option(fn):
 @click.option("--state", default=None, help="Training-state file; default <out>.state.safetensors.")
 @click.option("--resume", is_flag=True, help="Continue from the training state at its saved step.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_storage_option
 @_friendly_errors
 def train(sparse, out, image_size, quiet, **kwargs):
     """Train the purification denoiser on a sparse clean set.
 
-    SPARSE is an image folder, a folder or brace pattern of WebDataset .tar shards, or an FFCV .beton.
+    SPARSE is an image folder, a folder or brace pattern of WebDataset .tar shards, or an FFCV .beton;
+    shards may be URLs as for purify.
     """
     from .train import TrainConfig
     from .train import train as run_train
@@ -159,7 +183,7 @@ def _resolve_denoiser(path):
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out")
 @_purifier_options
 @click.option("--batch-size", type=int, default=_PURIFY("batch_size"), help="Images per device batch.")
 @click.option("--corruption", type=click.Choice(CORRUPTIONS), default=_PURIFIER("corruption"),
@@ -193,10 +217,14 @@ def _resolve_denoiser(path):
                    "per batch shape; may differ from an eager run in the last bit, so it is recorded.")
 @click.option("--overwrite", is_flag=True, help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_storage_option
 @_friendly_errors
 def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p, noise_sigma, prefilter, corruption,
            max_pixels, quiet, compile_, large_images, tile_batch_pixels, **kwargs):
     """Purify shards: INPUTS... (folders of .tar/.beton, brace patterns or files) into folder OUT.
+
+    INPUTS may be URLs: http(s):// and pipe:CMD (streamed, as WebDataset opens them, brace patterns too)
+    and fsspec URLs (s3://bucket/prefix/, gs://..., globs); OUT may be an fsspec URL (s3://bucket/out).
 
     One output shard per input shard, same file name. Each finished shard gets a
     <name>.stats.json; a rerun skips finished shards. manifest.json is written last.
@@ -286,6 +314,7 @@ def preview(shard, output, num, image_key, denoiser, recipe, t_star, steps, prec
 @click.option("--null/--no-null", default=True, help="Also probe the same images with shuffled labels (plot).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the PNG plot here.")
+@_storage_option
 @_friendly_errors
 def scan(inputs, reference, threshold, clean_below, max_pixels, report, plot, **kwargs):
     """Does a labelled dataset look poisoned (availability poisons / shortcuts)? INPUTS as for purify.
@@ -329,6 +358,40 @@ def info(checkpoint):
 
     den = load_denoiser(checkpoint)
     click.echo(json.dumps({"path": checkpoint, "sha256": den.sha256, **den.metadata}, indent=2))
+
+
+_CONVERT = functools.partial(default_of, ConvertConfig)
+
+
+@main.command()
+@click.argument("reference", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--num-heads", type=int, default=_CONVERT("num_heads"),
+              help="Attention heads the model was trained with: a .pt does not record it (improved-diffusion's "
+                   "and ECLIPSE's default is 4).")
+@click.option("--image-size", type=int, default=_CONVERT("image_size"),
+              help="Training resolution [default: inferred from the channel multipliers, improved-diffusion's "
+                   "table: (1,2,2,2) 32, (1,2,3,4) 64, (1,1,2,3,4) 128, (1,1,2,2,4,4) 256].")
+@click.option("--diffusion-steps", type=int, default=_CONVERT("diffusion_steps"),
+              help="T of the schedule the model was trained with (not in a .pt; ECLIPSE: 4000).")
+@click.option("--noise-schedule", type=click.Choice(SCHEDULES), default=_CONVERT("noise_schedule"),
+              help="Schedule the model was trained with (not in a .pt; ECLIPSE: cosine).")
+@click.option("--max-timestep", type=int, default=_CONVERT("max_timestep"),
+              help="The model was trained on timesteps [0, K) only (purify then refuses a larger --t-star); "
+                   "default: all of T, as improved-diffusion trains.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never the input).")
+@_friendly_errors
+def convert(reference, out, **kwargs):
+    """Convert an improved-diffusion checkpoint (REFERENCE, e.g. ECLIPSE's ema_0.9999_250000.pt) to OUT.
+
+    The architecture is read from the weights' names and shapes; the file is loaded without running any code
+    from it (torch.load weights_only=True). OUT is an eclipse-stream denoiser (.safetensors) for purify,
+    preview and EclipseTransform; its metadata records the source file's sha256.
+    """
+    from .convert import convert_checkpoint
+
+    summary = convert_checkpoint(reference, out, ConvertConfig(**kwargs))
+    click.echo(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":  # pragma: no cover

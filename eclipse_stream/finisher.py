@@ -3,14 +3,14 @@
 :func:`finish_shard` completes one :class:`~eclipse_stream.assembly.OutputShard`: it checks the counts and
 that the input did not change while it was read, lets the format's writer complete the file (a tar is hashed
 as it is written; a ``.beton`` is built by ffcv in the format's builder process), removes the old stats file,
-renames the output into place and then writes ``<shard>.stats.json``, which marks the shard done.
+publishes the output (a rename; an upload to an object store, see ``outstore``) and then writes
+``<shard>.stats.json``, which marks the shard done.
 :class:`Finisher` runs these one at a time on a thread, so the device loop never waits on the disk; an error
 there is raised again on the main thread at its next look (:meth:`Finisher.check`).
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -18,45 +18,47 @@ import time
 from . import __version__
 from .assembly import DONE, OutputShard
 from .errors import EclipseError, InputError
-from .fsutil import write_json
-from .outdir import stat_record, stats_path, writing
+from .outdir import STATS_SUFFIX, input_record
+from .outstore import LocalStore, OutputStore, writing
+from .storage import identity
 
 __all__ = ["Finisher", "finish_shard"]
 
 
-def finish_shard(shard: OutputShard, fingerprint: dict, rank: int, stop: threading.Event | None = None) -> dict:
-    """Complete, rename into place, then write the stats file that marks the shard done; returns the stats."""
+def finish_shard(shard: OutputShard, fingerprint: dict, rank: int, stop: threading.Event | None = None,
+                 store: OutputStore | None = None) -> dict:
+    """Complete, publish (rename or upload) into place, then write the stats file that marks the shard done;
+    returns the stats. ``store``: where OUT is (default: the local folder of the shard's temporary file)."""
+    store = store if store is not None else LocalStore(shard.tmp.parent)
     n_rejected = len(shard.rejects)
     task = shard.task
     if shard.written + n_rejected + shard.member_groups != shard.expected:
-        raise EclipseError(f"{task.path}: internal count mismatch: {shard.expected} in, "
+        raise EclipseError(f"{task.shown}: internal count mismatch: {shard.expected} in, "
                            f"{shard.written} written + {n_rejected} rejected + {shard.member_groups} other")
     try:
-        now = stat_record(os.stat(task.path))
-    except OSError as e:
-        now = {"error": e.strerror}
+        now = identity(task.path)
+    except (OSError, EclipseError) as e:
+        now = {"error": getattr(e, "strerror", None) or str(e)}
     if now != shard.input_stat:
-        raise InputError(f"{task.path}: the input shard changed while it was read (size or modification "
-                         f"time); its output is not kept: rerun when it no longer changes")
-    final, stats_file = shard.final, stats_path(shard.final)
-    with writing(final):
+        raise InputError(f"{task.shown}: the input shard changed while it was read ({', '.join(shard.input_stat)}); "
+                         "its output is not kept: rerun when it no longer changes")
+    name, stats_name = task.name, task.name + STATS_SUFFIX
+    with writing(store.shown(name)):
         sha256 = shard.writer.finish(stop)  # closed and fsynced at its temporary name
     # An older stats file (--overwrite, or input changed) must not outlive the output it describes: a kill
-    # between the rename below and the new stats file then leaves an unrecorded shard, which a rerun redoes.
-    with writing(stats_file, "remove the old stats file"):
-        stats_file.unlink(missing_ok=True)
+    # between the publish below and the new stats file then leaves an unrecorded shard, which a rerun redoes.
+    store.remove(stats_name)
+    published = {}
     if sha256 is None:  # the format wrote no file (a .beton none of whose samples survived)
-        with writing(final, "remove the old output"):
-            final.unlink(missing_ok=True)
+        store.remove(name)
     else:
-        with writing(final):
-            os.replace(shard.tmp, final)
+        published = store.publish(shard.tmp, name)  # a rename, or one upload that is visible only once complete
     stats = {
         "shard": task.name,
-        "input": task.path,
-        "input_size": shard.input_stat["size"],
-        "input_mtime_ns": shard.input_stat["mtime_ns"],
-        "output": str(final) if sha256 is not None else None,
+        "input": task.shown,
+        **input_record(shard.input_stat),
+        **published,
+        "output": store.shown(name) if sha256 is not None else None,
         "samples_in": shard.written + n_rejected,
         "written": shard.written,
         "rejected": n_rejected,
@@ -68,8 +70,7 @@ def finish_shard(shard: OutputShard, fingerprint: dict, rank: int, stop: threadi
         "package_version": __version__,
         "rank": rank,
     }
-    with writing(stats_file):
-        write_json(stats_file, stats)
+    store.write_json(stats_name, stats)
     shard.state = DONE  # only now: if anything above fails, the run's error path still aborts this shard
     return stats
 
@@ -77,8 +78,8 @@ def finish_shard(shard: OutputShard, fingerprint: dict, rank: int, stop: threadi
 class Finisher:
     """Finishes complete shards one at a time on a thread; ``on_done(stats)`` is called there after each."""
 
-    def __init__(self, fingerprint: dict, rank: int, on_done):
-        self.fingerprint, self.rank, self.on_done = fingerprint, rank, on_done
+    def __init__(self, fingerprint: dict, rank: int, on_done, store: OutputStore | None = None):
+        self.fingerprint, self.rank, self.on_done, self.store = fingerprint, rank, on_done, store
         self.error: BaseException | None = None
         self.stop = threading.Event()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -93,7 +94,7 @@ class Finisher:
             if self.error is not None or self.stop.is_set():
                 continue  # the run is failing: the main thread aborts what is left
             try:
-                self.on_done(finish_shard(shard, self.fingerprint, self.rank, self.stop))
+                self.on_done(finish_shard(shard, self.fingerprint, self.rank, self.stop, self.store))
             except BaseException as e:  # noqa: BLE001 - raised again on the main thread
                 self.error = e
 

@@ -1,28 +1,29 @@
-"""The output folder: what a run may write there, what is already done, and the manifest.
+"""The output (a local folder or an fsspec destination, through ``outstore``): what a run may write there,
+what is already done, and the manifest.
 
-* :func:`check_no_overlap`: OUT never is, contains or lies inside a folder holding input shards.
+* :func:`check_no_overlap`: OUT never is, contains or lies inside a folder (or prefix) holding input shards.
 * :func:`prepare_out` (rank 0, OUT locked): remove what killed runs left, check the plan, drop the manifest.
 * :func:`plan`: which shards still need work (a shard is done when its stats file records the current
-  settings and the input's current size and mtime); other settings are refused, a changed input is redone.
+  settings and the input's current identity, ``storage.identity``, and its output is there as recorded,
+  ``OutputStore.output_matches``); other settings are refused, a changed input is redone.
 * :func:`write_manifest`: after every shard of every rank is done.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError, OutputError
-from .formats import FORMATS, ShardFormat, format_for
-from .fsutil import DirLock, write_json
+from .errors import InputError
+from .formats import FORMATS, ShardFormat, format_for, suffixes
+from .outstore import OutputStore, open_store, writing  # noqa: F401  (writing: used by assembly, finisher)
+from .storage import identity, is_remote, local_path, redact, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,19 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class Task:
-    """One input shard: its position in the run's shard list, path and (output) file name."""
+    """One input shard: its position in the run's shard list, path or URL, and (output) file name."""
 
     index: int
-    path: str
+    path: str  # what opens it: may hold a URL's credentials, so messages show ``shown``
     name: str
 
     @property
     def format(self) -> ShardFormat:
         return format_for(self.name)
+
+    @property
+    def shown(self) -> str:
+        return redact(self.path)
 
 
 def stats_path(shard: Path) -> Path:
@@ -48,72 +53,96 @@ def stats_path(shard: Path) -> Path:
 
 
 def stat_record(st: os.stat_result) -> dict:
-    """What tells a changed input apart on a rerun: its size and modification time (as make and rsync do)."""
+    """What tells a changed local input apart on a rerun: its size and modification time (as make and rsync
+    do); ``storage.identity`` gives it for any location."""
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-@contextlib.contextmanager
-def writing(path, what: str = "write"):
-    """Turn an OSError (no permission, read-only file system, disk full) into one clear line naming ``path``."""
-    try:
-        yield
-    except OSError as e:
-        raise OutputError(f"{path}: cannot {what}: {e.strerror or e}") from e
+def input_record(ident: dict) -> dict:
+    """An input's identity as its output's stats file records it (``input_size``, ``input_mtime_ns``, ...)."""
+    return {f"input_{k}": v for k, v in ident.items()}
 
 
-def plan(shards: list[Path], out_dir: Path, fingerprint: dict, overwrite: bool) -> tuple[list[Task], list[str]]:
-    """(tasks to do, names of shards done); refuses to mix outputs made with different settings."""
-    names = [s.name for s in shards]
+def plan(shards: list, out, fingerprint: dict, overwrite: bool) -> tuple[list[Task], list[str]]:
+    """(tasks to do, names of shards done); refuses to mix outputs made with different settings.
+    ``out``: an OutputStore, or a local folder."""
+    store = open_store(out)
+    names = [shard_name(s, suffixes()) for s in shards]
     dup = {n for n, c in Counter(names).items() if c > 1}
     if dup:
         raise InputError(f"two input shards share the output name(s) {sorted(dup)}: outputs would collide")
     todo, done = [], []
-    for i, s in enumerate(shards):
-        task = Task(i, str(s), s.name)
-        sp = stats_path(out_dir / s.name)
-        if overwrite or not sp.is_file():
+    for i, (s, name) in enumerate(zip(shards, names)):
+        task = Task(i, str(s), name)
+        stats_name = name + STATS_SUFFIX
+        text = None if overwrite else store.read_text(stats_name)
+        if text is None:
             todo.append(task)
             continue
         try:
-            stats = json.loads(sp.read_text())
+            stats = json.loads(text)
             previous = stats["config"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise InputError(f"{sp}: unreadable stats file ({e}); use --overwrite to redo this shard")
-        if stats.get("output") and not (out_dir / s.name).is_file():  # output deleted since: redo
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{store.shown(stats_name)}: unreadable stats file ({e}); use --overwrite to redo "
+                             "this shard")
+        if stats.get("output") and not store.output_matches(name, stats):  # output deleted or replaced since
+            log.warning("%s is not the output its stats file records (gone or changed): redoing it",
+                        store.shown(name))
             todo.append(task)
             continue
         try:
-            now = stat_record(os.stat(s))
+            now = identity(task.path)
         except OSError as e:
-            raise InputError(f"{s}: cannot read: {e.strerror or e}") from e
-        if (stats.get("input_size"), stats.get("input_mtime_ns")) != (now["size"], now["mtime_ns"]):
-            log.warning("%s changed since its output was made (size or modification time): redoing it", s)
+            raise InputError(f"{task.shown}: cannot read: {e.strerror or e}") from e
+        if {k: stats.get(k) for k in input_record(now)} != input_record(now):
+            log.warning("%s changed since its output was made (%s): redoing it", task.shown, ", ".join(now))
             todo.append(task)  # the finisher removes the old stats file before it replaces the output
             continue
         if previous != fingerprint:
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
-            raise InputError(f"{out_dir / s.name} was purified with different settings ({', '.join(changed)}); "
+            raise InputError(f"{store.shown(name)} was purified with different settings ({', '.join(changed)}); "
                              f"use --overwrite or another output folder")
-        done.append(s.name)
+        done.append(name)
     return todo, done
 
 
-def check_no_overlap(inputs, shards: list[Path], out_dir) -> None:
+def check_no_overlap(inputs, shards: list, out_dir) -> None:
     """Refuse an OUT that is, contains or lies inside a folder holding input shards (or named as input).
 
     Outputs keep their input's file name, so OUT equal to an input folder would replace the input in place;
-    nested folders are refused too, as a slip of the same kind (a rerun would read its own output).
+    nested folders are refused too, as a slip of the same kind (a rerun would read its own output). A remote
+    OUT is compared with the prefixes of the input URLs of the same store.
     """
-    out = Path(os.path.realpath(out_dir))
+    if isinstance(out_dir, OutputStore):
+        out_dir = getattr(out_dir, "url", None) or out_dir.location
+    if is_remote(out_dir):
+        _check_no_remote_overlap(shards, str(out_dir))
+        return
+    out = Path(os.path.realpath(local_path(out_dir, output=True)))
+    shards = [Path(s) for s in shards if not is_remote(s)]
     folders = {Path(os.path.realpath(s)).parent for s in shards}  # where the bytes really are
     folders |= {Path(os.path.realpath(s.parent)) for s in shards}  # where the user put them (links)
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    items = [local_path(i) for i in map(str, items) if not is_remote(i)]
     folders |= {Path(os.path.realpath(i)) for i in items if Path(i).is_dir()}
     for folder in sorted(folders):
         if out == folder or folder in out.parents or out in folder.parents:
             where = "is" if out == folder else "is inside" if folder in out.parents else "contains"
             raise InputError(f"output folder {out} overlaps the input: it {where} the input folder {folder}; "
                              "purify never writes into, below or above its input; choose another output folder")
+
+
+def _check_no_remote_overlap(shards: list, out_url: str) -> None:
+    out = out_url.rstrip("/")
+    for s in shards:
+        s = str(s)
+        if not is_remote(s) or s.split("://", 1)[0] != out.split("://", 1)[0]:
+            continue
+        folder = s.rsplit("/", 1)[0]
+        if out == folder or out.startswith(folder + "/") or folder.startswith(out + "/"):
+            where = "is" if out == folder else "is inside" if out.startswith(folder + "/") else "contains"
+            raise InputError(f"output {redact(out)} overlaps the input: it {where} the input prefix {redact(folder)}; "
+                             "purify never writes into, below or above its input; choose another output location")
 
 
 def partial_path(out_dir: Path, name: str) -> Path:
@@ -129,26 +158,24 @@ def _temporary() -> re.Pattern:
     return re.compile(partial + rf"|^\.(.+\.stats\.json|{re.escape(MANIFEST)})\.\d+\.[0-9a-f]{{8}}\.tmp$")
 
 
-def prepare_out(out_dir: Path, lock: DirLock, shards, fingerprint: dict, overwrite: bool) -> None:
+def prepare_out(out, lock, shards, fingerprint: dict, overwrite: bool) -> None:
     """Rank 0, before any rank writes: create and lock OUT, remove what killed runs left, check the plan,
-    and invalidate the manifest (it is rewritten when every shard is done)."""
-    with writing(out_dir, "create the output folder"):
-        out_dir.mkdir(parents=True, exist_ok=True)  # only once inputs and checkpoint are known good
+    and invalidate the manifest (it is rewritten when every shard is done). ``out``: an OutputStore or a
+    local folder; ``lock``: its lock (``OutputStore.lock()``)."""
+    store = open_store(out)
+    store.create()  # only once inputs and checkpoint are known good
     lock.acquire()
-    temporary = _temporary()
-    for p in sorted(out_dir.iterdir()):  # with OUT locked, no live run owns any of these
-        if temporary.match(p.name):
-            with writing(p, "remove a leftover temporary file"):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-    plan(shards, out_dir, fingerprint, overwrite)  # refuses other settings before the manifest goes
-    with writing(out_dir / MANIFEST, "remove the old manifest"):
-        (out_dir / MANIFEST).unlink(missing_ok=True)
+    store.remove_leftovers(_temporary())  # with OUT locked, no live run owns any of these
+    plan(shards, store, fingerprint, overwrite)  # refuses other settings before the manifest goes
+    store.remove(MANIFEST)
 
 
-def write_manifest(shards, out_dir: Path, denoiser, ckpt_sha: str, fingerprint: dict, world: int) -> Path:
+def write_manifest(shards, out, denoiser, ckpt_sha: str, fingerprint: dict, world: int) -> str:
+    """manifest.json in ``out`` (an OutputStore or a local folder) from every shard's stats; returns where."""
+    store = open_store(out)
     entries, totals = [], {"samples_in": 0, "written": 0, "rejected": 0}
     for s in shards:
-        st = json.loads(stats_path(out_dir / s.name).read_text())
+        st = json.loads(store.read_text(shard_name(s, suffixes()) + STATS_SUFFIX))
         entries.append({k: st[k] for k in ("shard", "input", "samples_in", "written", "rejected",
                                            "output_sha256")})
         for k in totals:
@@ -161,7 +188,5 @@ def write_manifest(shards, out_dir: Path, denoiser, ckpt_sha: str, fingerprint: 
         "shards": entries,
         "totals": totals,
     }
-    path = out_dir / MANIFEST
-    with writing(path):
-        write_json(path, manifest)
-    return path
+    store.write_json(MANIFEST, manifest)
+    return store.shown(MANIFEST)

@@ -38,7 +38,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -52,9 +51,9 @@ from .errors import EclipseError, SampleError, ShardError
 from .events import Batch, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
 from .finisher import Finisher
 from .formats import WritePolicy
-from .fsutil import DirLock
 from .outdir import (MANIFEST, Task, check_no_overlap, partial_path, plan, prepare_out, stats_path,  # noqa: F401
                      write_manifest)
+from .outstore import OutputStore, open_store
 from .purifier import Purifier
 from .reading import ReadSettings, ShardEvents, as_is, reader_worker_init
 from .seeding import batch_generator, image_generator, stream_seed  # noqa: F401  (part of this module's API)
@@ -81,7 +80,7 @@ class RunContext:
     """What every stage of one run shares: settings, where outputs go, what they are recorded with."""
 
     cfg: PurifyConfig
-    out_dir: Path
+    store: OutputStore  # OUT: a local folder or an fsspec destination
     fingerprint: dict
     device: torch.device
     read: ReadSettings
@@ -122,7 +121,7 @@ class Encoder:
                     value, reason = None, f"cannot encode purified image: {e}"
                     if self.on_error == "fail":
                         where = f"field {item.image.field!r}: " if item.parts > 1 else ""
-                        raise SampleError(shard.task.path, item.key, where + reason) from None
+                        raise SampleError(shard.task.shown, item.key, where + reason) from None
                 if shard.put_image(item, value, reason):
                     self.finisher.submit(shard)
         except BaseException as e:  # noqa: BLE001 - raised again on the main thread
@@ -160,7 +159,7 @@ class DeviceLoop:
         try:
             for ev in events:
                 if self.finisher is None:  # threads start after the reader workers are forked
-                    self.finisher = Finisher(self.ctx.fingerprint, self.ctx.rank, self.on_done)
+                    self.finisher = Finisher(self.ctx.fingerprint, self.ctx.rank, self.on_done, self.ctx.store)
                     self.encoder = Encoder(self.ctx, self.finisher)
                 self.encoder.check()
                 self.finisher.check()
@@ -177,7 +176,7 @@ class DeviceLoop:
             raise
         for shard in self.shards.values():
             if shard.state not in ("done", "aborted"):
-                raise EclipseError(f"{shard.task.path}: shard did not complete "
+                raise EclipseError(f"{shard.task.shown}: shard did not complete "
                                    f"({shard.next_index} of {shard.expected} samples)")
 
     def _complete(self, shard: OutputShard, complete: bool) -> None:
@@ -186,7 +185,8 @@ class DeviceLoop:
 
     def on_start(self, ev: ShardStarted) -> None:
         task = self.tasks[ev.shard]
-        self.shards[ev.shard] = OutputShard.create(task, self.ctx.out_dir, partial_path(self.ctx.out_dir, task.name),
+        store = self.ctx.store
+        self.shards[ev.shard] = OutputShard.create(task, store.staging, store.partial_path(task.name),
                                                    self.ctx.write_policy(task), ev.input_stat)
 
     def on_batch(self, ev: Batch) -> None:
@@ -208,8 +208,8 @@ class DeviceLoop:
     def on_reject(self, ev: Rejected) -> None:
         task = self.tasks[ev.shard]
         if self.ctx.cfg.on_error == "fail":
-            raise SampleError(task.path, ev.key, ev.reason)
-        log.warning("%s: skipping sample %r: %s", task.path, ev.key, ev.reason)
+            raise SampleError(task.shown, ev.key, ev.reason)
+        log.warning("%s: skipping sample %r: %s", task.shown, ev.key, ev.reason)
         self.bar.update(1)  # a rejected sample is done too: the bar reaches the shard's sample count
         shard = self.shards[ev.shard]
         self._complete(shard, shard.reject(ev.index, ev.sample_no, ev.key, ev.reason))
@@ -217,10 +217,10 @@ class DeviceLoop:
     def on_failed(self, ev: ShardFailed) -> None:
         task = self.tasks[ev.shard]
         if self.ctx.cfg.on_error == "fail":
-            raise ShardError(task.path, ev.reason)
-        log.error("%s: shard failed: %s", task.path, ev.reason)
+            raise ShardError(task.shown, ev.reason)
+        log.error("%s: shard failed: %s", task.shown, ev.reason)
         self.shards[ev.shard].abort()
-        self.failed.append({"shard": task.name, "input": task.path, "reason": ev.reason})
+        self.failed.append({"shard": task.name, "input": task.shown, "reason": ev.reason})
 
     def on_end(self, ev: ShardEnded) -> None:
         self._complete(self.shards[ev.shard], self.shards[ev.shard].end(ev.count))
@@ -246,7 +246,7 @@ def _to_host(out: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
 
 
 def run_tasks(ctx: RunContext, tasks: list[Task], purifier: PurifierFn):
-    """Purify ``tasks`` into ``ctx.out_dir``: reader workers -> device loop -> encode -> finish.
+    """Purify ``tasks`` into ``ctx.store``: reader workers -> device loop -> encode -> finish.
     Returns (stats of each processed shard, failed shards)."""
     if not tasks:
         return [], []
@@ -341,6 +341,9 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
                   cfg: PurifyConfig | None = None, *, purifier=None, progress: bool = True) -> RunResult:
     """Purify every shard of ``inputs`` into ``out_dir``; under torchrun each rank takes shards[rank::world].
 
+    ``inputs``: local paths, URLs WebDataset opens (``http(s)://``, ``pipe:``) or fsspec URLs (``s3://``...);
+    ``out_dir``: a local folder, a ``file://`` URL or an fsspec URL (see ``storage`` and ``outstore``).
+
     ``denoiser`` is a checkpoint path or an already loaded :class:`Denoiser` (moved to the device); None is the
     shipped default. ``purifier``, if given, replaces the ECLIPSE purifier: any callable
     ``purifier(x, generator=g)`` of a uint8 N x 3 x H x W batch on the device returning a uint8 batch of the
@@ -357,20 +360,20 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
     shards = expand_shards(inputs)
     check_no_overlap(inputs, shards, out_dir)
     stage = _device_stage(denoiser, purifier, cfg, device)
-    out_dir = Path(out_dir)
     fingerprint = cfg.fingerprint(stage.checkpoint_sha256, device.type)
     if stage.custom is not None:
         fingerprint["device_stage"] = stage.custom  # the caller's purifier, not the ECLIPSE one
+    store = open_store(out_dir)
     read = ReadSettings.from_config(cfg, stage.model_size, stage.tile_size)
-    ctx = RunContext(cfg, out_dir, fingerprint, device, read, group.rank, progress)
+    ctx = RunContext(cfg, store, fingerprint, device, read, group.rank, progress)
 
     # The lock on OUT belongs to the job: rank 0 takes it, tidies OUT and tells the other ranks whether to go on.
-    lock = DirLock(out_dir) if group.rank == 0 else None
+    lock = store.lock() if group.rank == 0 else None
     try:
         problem = error = None
         if group.rank == 0:
             try:
-                prepare_out(out_dir, lock, shards, fingerprint, cfg.overwrite)
+                prepare_out(store, lock, shards, fingerprint, cfg.overwrite)
             except EclipseError as e:
                 problem, error = (e.exit_code, str(e)), e
         problem = group.share_go(problem)
@@ -379,17 +382,18 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
         if problem is not None:
             raise RankZeroError(*problem)
 
-        todo, done = plan(shards, out_dir, fingerprint, cfg.overwrite)
+        todo, done = plan(shards, store, fingerprint, cfg.overwrite)
         mine = [t for t in todo if t.index % group.world == group.rank]
         processed, failed = run_tasks(ctx, mine, stage.fn)
         failed = group.all_failed(failed)
         manifest = None
         if group.rank == 0 and not failed:
-            manifest = str(write_manifest(shards, out_dir, stage.denoiser_path, stage.checkpoint_sha256,
-                                          fingerprint, group.world))
+            manifest = write_manifest(shards, store, stage.denoiser_path, stage.checkpoint_sha256,
+                                      fingerprint, group.world)
         group.barrier()  # every rank is done with OUT: rank 0 may release the lock
     finally:
         if lock is not None:
             lock.release()
+        store.close()
     group.close()
     return RunResult(processed, done, failed, manifest)

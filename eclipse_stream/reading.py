@@ -19,7 +19,8 @@ from .bucketing import Bucketer, resize_for_model
 from .errors import EclipseError, ShardError
 from .events import Batch, Item, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
 from .formats import Image, ReadPolicy
-from .outdir import Task, stat_record
+from .outdir import Task
+from .storage import identity
 
 __all__ = ["ReadSettings", "ShardEvents", "read_shard", "reader_worker_init"]
 
@@ -54,12 +55,12 @@ class ReadSettings:
 def read_shard(task: Task, settings: ReadSettings) -> Iterator:
     """Events for one shard, in order: ShardStarted, (Batch | Rejected | Members)*, ShardEnded -- or ShardFailed."""
     try:
-        st = os.stat(task.path)
-    except OSError as e:
+        ident = identity(task.path)  # size and mtime; a remote one's size, ETag...; compared again at the end
+    except (OSError, EclipseError) as e:
         yield ShardStarted(task.index, None)
-        yield ShardFailed(task.index, f"cannot read: {e.strerror or e}")
+        yield ShardFailed(task.index, f"cannot read: {getattr(e, 'strerror', None) or e}")
         return
-    yield ShardStarted(task.index, stat_record(st))
+    yield ShardStarted(task.index, ident)
     bucketer = settings.bucketer()
     batch_no = count = 0
     try:

@@ -1,7 +1,8 @@
 """Finding inputs: shard lists, and the small clean set of training (image folder, tars or a beton).
 
-``expand_shards`` turns what a user typed (a folder, a brace pattern, a list of files) into a sorted list of
-shard paths, of every suffix the format registry (``formats``) knows. ``load_training_images`` reads a small
+``expand_shards`` turns what a user typed (a folder, a brace pattern, a list of files, URLs: see
+``storage``) into a sorted list of shard paths and URLs, of every suffix the format registry (``formats``)
+knows. ``load_training_images`` reads a small
 clean set into one uint8 tensor. Reading one shard is its format's job (``formats/tar.py``,
 ``formats/beton.py``); ``read_tar`` and ``iter_tar_samples`` are re-exported from there.
 """
@@ -23,19 +24,38 @@ from .errors import InputError
 from .formats import format_for, suffixes
 from .formats.tar import TarItem, iter_tar_samples, read_tar  # noqa: F401  (re-exported)
 from .imageio import IMAGE_EXTENSIONS, ImageDecodeError, decode_image
+from .storage import kind_of, list_shards, local_path, redact, scheme_of, shard_name
 
 
 
-def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Shard paths named by ``inputs``: folders (their *.tar and *.beton), brace patterns or files.
+def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path | str]:
+    """Shards named by ``inputs``, each a local :class:`~pathlib.Path` or a URL ``str``.
 
-    Order is the order given, each folder or pattern sorted; duplicates are removed.
+    Local: folders (their *.tar and *.beton), brace patterns, globs or files, or ``file://`` URLs of them.
+    Streamed (``storage.kind_of`` 'stream'): ``http(s)://`` URLs and ``pipe:`` commands, brace patterns
+    expanded as WebDataset expands them; they are not opened here. fsspec URLs (``s3://``, ``gs://``, ...):
+    an object, a prefix ("folder": its shards), a glob, or brace patterns of them; listed here, so a missing
+    object is an error now. Order is the order given, each folder or pattern sorted; duplicates are removed.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    found: list[Path] = []
+    found: list[Path | str] = []
     for item in inputs:
         item = str(item)
+        kind = kind_of(item)
+        if kind == "stream":
+            for url in braceexpand(item):
+                if not shard_name(url, suffixes()).endswith(suffixes()):
+                    what = ("a word of the command" if scheme_of(url) == "pipe" else "the URL's path")
+                    raise InputError(f"{redact(url)}: not a shard: {what} must end in {' or '.join(suffixes())} "
+                                     "(it names the output shard and its format)")
+                found.append(url)
+            continue
+        if kind == "fsspec":
+            for url in dict.fromkeys(braceexpand(item)):
+                found += list_shards(url, suffixes())
+            continue
+        item = local_path(item)
         p = Path(item)
         if p.is_dir():
             # every entry named like a shard is one: a broken link or unreadable file is an error, never skipped
@@ -57,7 +77,7 @@ def expand_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
                 raise InputError(f"{q}: not a shard (expected a {' or '.join(suffixes())} file)")
             found.append(_checked_shard(q))
     if not found:
-        raise InputError(f"no shards found in {list(map(str, inputs))}")
+        raise InputError(f"no shards found in {[redact(i) for i in map(str, inputs)]}")
     return list(dict.fromkeys(found))
 
 
@@ -98,8 +118,8 @@ def _folder_images(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def _iter_training_items(source: str) -> Iterator[tuple[str, bytes | np.ndarray]]:
     """(name, encoded bytes or decoded RGB array) for every image of a training source."""
-    p = Path(source)
-    if p.is_dir() and not any(q.suffix in suffixes() for q in p.iterdir()):
+    p = Path(local_path(source) or "")
+    if kind_of(source) == "local" and p.is_dir() and not any(q.suffix in suffixes() for q in p.iterdir()):
         images, others = _folder_images(p)
         if not images:
             listed = ", ".join(q.name for q in others[:5])
@@ -110,7 +130,7 @@ def _iter_training_items(source: str) -> Iterator[tuple[str, bytes | np.ndarray]
         return
     for shard in expand_shards(source):
         for key, image in format_for(shard).images(str(shard)):
-            yield f"{shard}:{key}", image
+            yield f"{redact(shard)}:{key}", image
 
 
 def load_training_images(source: str, image_size: int) -> tuple[torch.Tensor, str]:

@@ -119,3 +119,12 @@ def test_bf16_output_close_to_fp32(one_thread):
     x = common.decode_uint8(common.read_cifar_jpegs(4), 4).float() / 255.0
     diff = precision_diff(denoiser, x, t_star=100, steps=3, precision="bf16")
     assert 0 < diff <= MAX_DIFF, f"bf16 vs fp32 mean |diff| = {diff:.4f} in 0..255 units"
+
+
+def test_bench_remote_quick(tmp_path):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    record = run_quick("bench_remote", tmp_path)
+    rows = {r["path"]: r for r in record["reader"]}
+    assert rows["local disk"]["images"] == rows["S3 (moto, s3fs)"]["images"] == 200
+    assert record["targets"][0]["measured"] > 0 and len(record["raw_bytes"]) == 2

@@ -152,22 +152,22 @@ def test_an_interrupted_overwrite_leaves_no_stale_manifest(cifar64, tiny_ckpt, t
 
 
 def test_a_failed_overwrite_never_leaves_new_bytes_under_old_stats(shard_dir, tiny_ckpt, tmp_path, monkeypatch):
-    from eclipse_stream import finisher
+    from eclipse_stream import outstore  # the local store writes the stats file (on the finisher thread)
 
     src, out = shard_dir / "part-000.tar", tmp_path / "out"
     purify_shards(src, out, tiny_ckpt, cfg(), progress=False)
     original = (out / "part-000.tar").read_bytes()
-    real = finisher.write_json
+    real = outstore.write_json
 
     def crash_on_stats(path, obj, **kw):
         if str(path).endswith(".stats.json"):
             raise KeyboardInterrupt  # as a kill between the rename of the output and its stats file
         return real(path, obj, **kw)
 
-    monkeypatch.setattr(finisher, "write_json", crash_on_stats)  # the stats file is written on the finisher thread
+    monkeypatch.setattr(outstore, "write_json", crash_on_stats)  # the stats file is written on the finisher thread
     with pytest.raises(KeyboardInterrupt):
         purify_shards(src, out, tiny_ckpt, cfg(seed=7, overwrite=True), progress=False)
-    monkeypatch.setattr(finisher, "write_json", real)
+    monkeypatch.setattr(outstore, "write_json", real)
     again = purify_shards(src, out, tiny_ckpt, cfg(), progress=False)  # the old settings: must not trust it
     assert [s["shard"] for s in again.processed] == ["part-000.tar"]
     assert (out / "part-000.tar").read_bytes() == original

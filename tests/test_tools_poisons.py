@@ -196,3 +196,115 @@ def test_em_trains_on_shuffled_passes_of_a_class_sorted_set():
     em._train_steps(model, opt, x, y, torch.zeros_like(x), cursor, s, amp=False, seed=0)
     assert not torch.equal(torch.cat(seen), first_pass)  # a new order each pass
     assert torch.equal(em._epoch_order(n, 0, 1, "cpu"), em._epoch_order(n, 0, 1, "cpu"))  # resumable
+
+
+# ---- families the defaults were not tuned on (issue 19): CUDA, TAP at CPU scale --------------------------------
+
+def test_cuda_kernels_follow_the_authors_construction():
+    from tools.poisons import cuda
+
+    k = cuda.class_kernels(10, seed=0, blur_parameter=0.3)
+    assert k.shape == (10, 3, 1, 3, 3)
+    for c in range(10):
+        assert np.array_equal(k[c, 0], k[c, 1]) and np.array_equal(k[c, 0], k[c, 2])  # one kernel, all channels
+        taps = k[c, 0, 0].ravel()
+        assert (taps == 1.0).sum() == 1 and ((taps >= 0) & (taps < 0.3)).sum() == 8
+    assert np.array_equal(k, cuda.class_kernels(10, seed=0, blur_parameter=0.3))  # seeded
+    assert not np.array_equal(k, cuda.class_kernels(10, seed=1, blur_parameter=0.3))
+    assert len({k[c].tobytes() for c in range(10)}) == 10  # a different kernel per class
+    # the authors' random sequence: numpy's legacy generator, 27 uniforms then two randint(3) per class
+    rng = np.random.RandomState(0)
+    first = rng.uniform(0, 0.3, size=(3, 1, 3, 3))
+    r, col = rng.randint(3), rng.randint(3)
+    first[0, 0, r, col] = 1.0
+    assert np.array_equal(k[0, 0], first[0])
+
+
+@pytest.mark.parametrize("blur", [0.1, 0.3, 0.5])
+def test_cuda_poison_is_each_class_kernel_applied(clean, tmp_path, blur):
+    import torch.nn.functional as F
+
+    from tools.poisons import cuda
+
+    out = tmp_path / "cuda"
+    poison_split("cuda", clean, out, seed=0, options={"blur_parameter": blur}, log=lambda m: None)
+    norms, images, poisoned, labels = _check_poisoned(clean, out, "cuda")
+    assert read_json(out / NORMS)["budget"] == {"norm": "none", "eps": None}
+    kernels = cuda.class_kernels(10, 0, blur)
+    for c in (0, 7):  # every image of a class: conv with that class's kernel, / its max, * 255, truncated
+        members = np.flatnonzero(labels == c)
+        x = torch.from_numpy(images[members]).permute(0, 3, 1, 2).double() / 255
+        y = F.conv2d(x, torch.from_numpy(kernels[c]), padding=1, groups=3)
+        y = np.floor((y / y.amax(dim=(1, 2, 3), keepdim=True)).clamp(0, 1).numpy() * 255)
+        assert np.array_equal(poisoned[members], y.transpose(0, 2, 3, 1).astype(np.uint8))
+        other = cuda.convolve(images[members], kernels, np.full(len(members), (c + 1) % 10))
+        assert not np.array_equal(poisoned[members], other)
+
+
+def test_cuda_stronger_blur_parameter_blurs_more(clean):
+    """The blur parameter bounds the off-peak weights: a larger one removes more high-frequency energy."""
+    import torch.nn.functional as F
+
+    from tools.poisons import cuda
+
+    _, images, labels = read_split(clean)
+
+    def highpass_energy(x):
+        t = torch.from_numpy(x).permute(0, 3, 1, 2).double()
+        return float((t - F.avg_pool2d(F.pad(t, (1, 1, 1, 1), mode="replicate"), 3, 1)).pow(2).mean())
+
+    energy = [highpass_energy(cuda.convolve(images, cuda.class_kernels(10, 0, b), labels)) for b in (0.1, 0.3, 0.5)]
+    assert energy[0] > energy[1] > energy[2]
+
+
+def test_tap_cpu_surrogate_is_the_cpu_victim_and_steps_toward_the_targets(clean, tmp_path):
+    """The CPU path: a surrogate trained with the CPU victim recipe (ResNet-9), targeted steps in the ball."""
+    import torch.nn.functional as F
+
+    from tools.models import ResNet9
+    from tools.poisons.tap import derangement, load_surrogate
+
+    opts = {"settings": {"steps": 3, "step_size": 2 / 255, "batch_size": 100}, "surrogate_recipe": "cpu",
+            "surrogate_epochs": 2}
+    out = tmp_path / "tap"
+    poison_split("tap", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
+    norms, images, poisoned, labels = _check_poisoned(clean, out, "tap")
+    assert 0 < norms["linf_max_255"] <= 8
+    model = load_surrogate(tmp_path / "tap.surrogate.pt", None, torch.device("cpu"))
+    assert isinstance(model, ResNet9)
+    target = torch.from_numpy(derangement(10, 0))[torch.from_numpy(labels)]
+
+    def target_loss(x):
+        with torch.no_grad():
+            return F.cross_entropy(model(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255), target).item()
+
+    assert target_loss(poisoned) < target_loss(images)  # the perturbation pulls toward the target classes
+    again = tmp_path / "tap2"  # deterministic: the same seed and surrogate give the same images
+    poison_split("tap", clean, again, seed=0, device="cpu",
+                 options={**opts, "surrogate": str(tmp_path / "tap.surrogate.pt")}, log=lambda m: None)
+    assert np.array_equal(read_split(again)[1], poisoned)
+
+
+def test_sep_ascends_the_checkpoint_ensembles_loss(clean, tmp_path):
+    """SEP: checkpoints of one clean training run (snapshots), untargeted ascent in the L-inf ball."""
+    import torch.nn.functional as F
+
+    from tools.poisons.tap import load_surrogate
+
+    opts = {"settings": {"steps": 3, "step_size": 2 / 255, "batch_size": 100}, "surrogate_recipe": "cpu",
+            "surrogate_epochs": 2, "snapshot_every": 1}
+    out = tmp_path / "sep"
+    poison_split("sep", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
+    norms, images, poisoned, labels = _check_poisoned(clean, out, "sep")
+    assert 0 < norms["linf_max_255"] <= 8
+    snapshots = sorted(tmp_path.glob("sep.surrogate.epoch*.pt"))
+    assert [p.name for p in snapshots] == ["sep.surrogate.epoch1.pt", "sep.surrogate.epoch2.pt"]
+    models = [load_surrogate(p, None, torch.device("cpu")) for p in snapshots]
+    y = torch.from_numpy(labels)
+
+    def ensemble_loss(x):
+        with torch.no_grad():
+            t = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+            return sum(F.cross_entropy(m(t), y).item() for m in models) / len(models)
+
+    assert ensemble_loss(poisoned) > ensemble_loss(images)  # error-maximising for the true labels

@@ -69,7 +69,15 @@ PROTOCOLS = {
                     paper_comparable=False,
                     # EM at CPU scale: a ResNet18 of width 0.125, 10 PGD steps a round (docs/evaluation.md);
                     # on the 10,000 images it stops after 4 rounds (99.96% on the perturbed set), 5.3 min of one core
-                    poison_defaults={"em": {"settings": {"width": 0.125, "pgd_steps": 10, "max_rounds": 40}}}),
+                    poison_defaults={"em": {"settings": {"width": 0.125, "pgd_steps": 10, "max_rounds": 40}},
+                                     # TAP at CPU scale: the surrogate is this protocol's own victim (ResNet-9,
+                                     # width 0.25) trained on the clean subset; 100 sign steps of 1/255
+                                     "tap": {"surrogate_recipe": "cpu",
+                                             "settings": {"steps": 100, "step_size": 1 / 255, "batch_size": 250}},
+                                     # SEP at CPU scale: 5 checkpoints (every 3 epochs) of the CPU victim trained
+                                     # on the clean subset, 30 ascent steps of 1/255
+                                     "sep": {"surrogate_recipe": "cpu", "snapshot_every": 3,
+                                             "settings": {"steps": 30, "step_size": 1 / 255, "batch_size": 250}}}),
 }
 
 
@@ -203,7 +211,7 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
         left = clock.left()
         if not is_poisoned(source):
             opts = dict(cfg.poison_options.get(poison, PROTOCOLS[cfg.protocol].poison_defaults.get(poison, {})))
-            if poison in ("em", "tap") and left is not None:
+            if poison in ("em", "tap", "sep") and left is not None:
                 opts["max_seconds"] = max(1.0, left - SAFETY_SECONDS)
             poison_split(poison, clean, source, seed=cfg.seed, device=cfg.device, options=opts, log=log)
         norms = read_json(source / NORMS)

@@ -90,6 +90,7 @@ class VictimConfig:
     resume: bool = False
     max_seconds: float | None = None
     compile: bool = False
+    snapshot_epochs: tuple[int, ...] = ()  # also keep the checkpoint of these epochs (SEP's self-ensemble)
 
     def resolved_recipe(self) -> Recipe:
         if self.recipe not in RECIPES:
@@ -235,6 +236,12 @@ def _signature(cfg: VictimConfig, recipe: Recipe, defense: Defense) -> dict:
             "width": run_width(cfg, recipe), "seed": cfg.seed, "limit": cfg.limit}
 
 
+def snapshot_path(checkpoint: str | Path, epoch: int) -> Path:
+    """Where ``snapshot_epochs`` keeps the checkpoint of one epoch: ``<name>.epoch<E>.pt`` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(f"{checkpoint.stem}.epoch{epoch}{checkpoint.suffix}")
+
+
 def _save(path: Path, state: dict) -> None:
     """Atomic checkpoint: a call killed mid-write leaves the previous epoch intact."""
     with atomic_path(path) as tmp:
@@ -375,6 +382,8 @@ def train_victim(cfg: VictimConfig, log=print) -> dict:
         log(f"epoch {run.epoch}/{run.recipe.epochs} loss {loss:.4f} ({epoch_seconds:.1f}s)")
         if cfg.checkpoint:
             _save(Path(cfg.checkpoint), run.state())
+            if run.epoch in cfg.snapshot_epochs:
+                _save(snapshot_path(cfg.checkpoint, run.epoch), run.state())
         if (run.epoch < run.recipe.epochs and cfg.max_seconds is not None
                 and time.time() - t0 + epoch_seconds > cfg.max_seconds):
             complete = False

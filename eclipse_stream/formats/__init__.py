@@ -29,6 +29,7 @@ import numpy as np
 from ..defaults import DEFAULT_MAX_PIXELS
 from ..errors import InputError, SampleError
 from ..imageio import find_image_key
+from ..storage import redact, shard_name
 
 
 @dataclass(frozen=True)
@@ -224,12 +225,12 @@ def suffixes() -> tuple[str, ...]:
 
 
 def format_for(path: str | os.PathLike) -> ShardFormat:
-    """The format of a shard, by its file suffix."""
-    suffix = os.path.splitext(os.fspath(path))[1]
+    """The format of a shard, by its file suffix (of a URL's path; of a ``pipe:`` command's shard name)."""
+    suffix = os.path.splitext(shard_name(path, suffixes()))[1]
     try:
         return FORMATS[suffix]
     except KeyError:
-        raise InputError(f"{os.fspath(path)}: not a shard (expected a {' or '.join(FORMATS)} file)") from None
+        raise InputError(f"{redact(path)}: not a shard (expected a {' or '.join(FORMATS)} file)") from None
 
 
 from . import tar  # noqa: E402,F401  (each registers itself, in this order)

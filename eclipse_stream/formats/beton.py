@@ -52,6 +52,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import EclipseError, InputError, SampleError, ShardError
+from ..storage import RemoteError, is_remote, redact, staged
 
 INSTALL_HINT = ("install it with: apt-get install pkg-config libopencv-dev libturbojpeg0-dev"
                 " && pip install 'eclipse-stream[ffcv]'")
@@ -171,6 +172,10 @@ class BetonReader:
 
     def _image(self, meta, data: np.ndarray, key: str) -> np.ndarray:
         """The RGB pixels of one image record, copied (raw) or decoded (jpg)."""
+        return self._decode(*self._image_bytes(meta, data, key), key)
+
+    def _image_bytes(self, meta, data: np.ndarray, key: str) -> tuple[int, int, int, np.ndarray]:
+        """(mode, height, width, a copy of the stored bytes) of one image record, checked."""
         mode, height, width, ptr = (int(meta[f]) for f in ("mode", "height", "width", "data_ptr"))
         if height == 0 or width == 0:
             raise SampleError(self.path, key, f"empty image ({width} x {height})")
@@ -178,10 +183,15 @@ class BetonReader:
             raise SampleError(self.path, key, f"image is {width} x {height} = {height * width} pixels, over the "
                                               f"limit of {self.max_pixels} (raise --max-pixels to allow it)")
         if mode == self._raw_mode:
-            return self._bytes(data, ptr, height * width * 3, key).reshape(height, width, 3)
+            return mode, height, width, self._bytes(data, ptr, height * width * 3, key)
         if mode != self._jpg_mode:
             raise SampleError(self.path, key, f"unknown image storage mode {mode}")
-        image = _decode_jpeg(self._bytes(data, ptr, self._jpeg_size(ptr, key), key), height, width)
+        return mode, height, width, self._bytes(data, ptr, self._jpeg_size(ptr, key), key)
+
+    def _decode(self, mode: int, height: int, width: int, stored: np.ndarray, key: str) -> np.ndarray:
+        if mode == self._raw_mode:
+            return stored.reshape(height, width, 3)
+        image = _decode_jpeg(stored, height, width)
         if image is None:
             raise SampleError(self.path, key, f"its {width} x {height} JPEG image cannot be decoded")
         return image
@@ -776,9 +786,10 @@ class BetonShardWriter(ShardWriter):
 
     def write_sample(self, key: str, fields: dict) -> None:
         if self._writer is None:
-            self._writer = BetonWriter(self._tmp, like=BetonReader(self._source),
-                                       jpeg_quality=self._policy.jpeg_quality,
-                                       spool_dir=os.path.dirname(self._tmp), seed=self._policy.seed)
+            with _local(self._source) as local:  # a remote input is fetched again here, for its layout
+                self._writer = BetonWriter(self._tmp, like=BetonReader(local),
+                                           jpeg_quality=self._policy.jpeg_quality,
+                                           spool_dir=os.path.dirname(self._tmp), seed=self._policy.seed)
         self._writer.write(fields)
 
     def finish(self, stop=None) -> str | None:
@@ -803,6 +814,10 @@ class BetonFormat(ShardFormat):
         self.builder: BetonBuilder | None = None
 
     def records(self, path: str, policy: ReadPolicy) -> Iterator[Record]:
+        with _local(path) as local:
+            yield from self._records(local, policy)
+
+    def _records(self, path: str, policy: ReadPolicy) -> Iterator[Record]:
         reader = BetonReader(path, max_pixels=policy.max_pixels)
         names = reader.fields_to_purify(policy.image_key)
         it = iter(reader)
@@ -821,18 +836,30 @@ class BetonFormat(ShardFormat):
             index += 1
 
     def images(self, path: str, image_key: str | None = None, skip_missing: bool = False) -> Iterator[tuple]:
-        require_ffcv(path)
-        reader = BetonReader(path, image_field=image_key)
-        for sample in reader:
-            yield sample["__key__"], sample[reader.image_field]
+        require_ffcv(redact(path))
+        with _local(path) as local:
+            reader = BetonReader(local, image_field=image_key)
+            for sample in reader:
+                yield sample["__key__"], sample[reader.image_field]
 
     def labelled(self, path: str, label_key: str | None, image_key: str | None,
                  max_pixels: int | None) -> Iterator[Labelled]:
         """Fields are per file: a missing label field raises InputError; without ``label_key`` the first
         IntField stands in for :data:`LABEL_KEYS`. An IntField or FloatField label is read from the metadata
         column, no image decoded. A label that is not a class label, or (other label types, read sample by
-        sample) an image that cannot be decoded, raises SampleError: it ends the scan whatever ``--on-error``."""
-        require_ffcv(path)
+        sample) an image that cannot be decoded, raises SampleError: it ends the scan whatever ``--on-error``.
+
+        A remote .beton is staged locally while it is read; the images of the samples yielded are then kept as
+        their stored bytes (as a tar's are), not read back from the file later."""
+        require_ffcv(redact(path))
+        if not is_remote(path):
+            yield from self._labelled(path, label_key, image_key, max_pixels, copy=False)
+            return
+        with _local(path) as local:
+            yield from self._labelled(local, label_key, image_key, max_pixels, copy=True)
+
+    def _labelled(self, path: str, label_key: str | None, image_key: str | None, max_pixels: int | None,
+                  copy: bool) -> Iterator[Labelled]:
         reader = BetonReader(path, image_field=image_key, max_pixels=max_pixels)
         names = reader.field_names
         if label_key is not None:
@@ -849,8 +876,19 @@ class BetonFormat(ShardFormat):
         kind = reader._field_types[label_field].__name__
         data = np.memmap(reader.path, dtype=np.uint8, mode="r")
 
+        image_position = names.index(reader.image_field)
+
         def load(index: int) -> np.ndarray:
             return reader._sample(data, index)[reader.image_field]  # SampleError for a bad image
+
+        def stored(index: int):
+            """load(index), with the image's bytes copied now (the file goes away after this shard)."""
+            key = f"{index:09d}"
+            try:
+                found = reader._image_bytes(reader._reader.metadata[index][image_position], data, key)
+            except SampleError as e:
+                return functools.partial(_raise, e)
+            return functools.partial(reader._decode, *found, key)
 
         if kind in ("IntField", "FloatField"):
             metadata = reader._reader.metadata
@@ -859,7 +897,8 @@ class BetonFormat(ShardFormat):
         else:
             values = ((s["__key__"], s[label_field]) for s in reader)
         for index, (key, value) in enumerate(values):
-            yield Labelled(key, class_label(value, (str(path), key), label_field), functools.partial(load, index))
+            yield Labelled(key, class_label(value, (str(path), key), label_field),
+                           stored(index) if copy else functools.partial(load, index))
 
     def encode(self, image: Image, rgb: np.ndarray, policy: WritePolicy) -> np.ndarray:
         return rgb  # stored as pixels; the writer compresses as the input's storage mode says
@@ -895,5 +934,32 @@ class BetonFormat(ShardFormat):
 
 
 _BUILDER: BetonBuilder | None = None
+
+
+def _raise(error: BaseException):
+    raise error
+
+
+@contextlib.contextmanager
+def _local(path: str):
+    """A local path holding the .beton at ``path``: itself, or for a remote one a staged copy (removed when
+    the block ends: one shard at a time per reader); errors name ``path`` (redacted), not the copy."""
+    if not is_remote(path):
+        yield path
+        return
+    shown = redact(path)
+    local = None
+    try:
+        with staged(path, ".beton") as local:
+            yield local
+    except RemoteError as e:
+        raise ShardError(shown, f"cannot read: {e}") from None
+    except SampleError as e:
+        raise SampleError(shown, e.key, e.reason) from None
+    except ShardError as e:
+        raise ShardError(shown, e.reason.replace(local or shown, shown)) from None
+    except InputError as e:
+        raise InputError(str(e).replace(local or shown, shown)) from None
+
 
 register(BetonFormat())

@@ -13,6 +13,7 @@ starting with "_") and copies the other members unchanged; the output is hashed 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -29,6 +30,7 @@ import numpy as np
 from ..errors import SampleError, ShardError
 from ..fsutil import HashingFile
 from ..imageio import ImageDecodeError, decode_image, encode_image, find_image_key, image_fields
+from ..storage import RemoteError, open_input, redact
 from . import Image, Labelled, ReadPolicy, Record, ShardFormat, ShardWriter, WritePolicy, register, sample_label
 
 __all__ = ["TarFormat", "TarItem", "TarShardWriter", "iter_tar_samples", "read_tar"]
@@ -62,7 +64,7 @@ def _field_of(info: tarfile.TarInfo) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def read_tar(path: str | os.PathLike) -> Iterator[TarItem]:
+def read_tar(path: str | os.PathLike, fileobj=None) -> Iterator[TarItem]:
     """The samples (grouped by key as WebDataset groups them) and other members of one tar, in file order.
 
     The shard must be complete: after its last member come the two zero blocks that end a tar archive, and
@@ -70,8 +72,13 @@ def read_tar(path: str | os.PathLike) -> Iterator[TarItem]:
     boundary, or with data after its end, raises :class:`ShardError` naming the file, the byte offset and the
     last sample known to be complete (one followed by a member of another sample). gzip/bz2/xz-compressed
     tars are read too. A sample field name repeated within one sample is a ShardError, as in WebDataset.
+
+    ``path`` may be any location :func:`~eclipse_stream.storage.open_input` opens (a URL, ``pipe:CMD``): it
+    is read front to back as a stream, never copied locally. ``fileobj``, if given, is read instead of
+    opening ``path`` (which then only names it in errors); it need not be seekable.
     """
     path = str(path)
+    shown = redact(path)
     complete = complete_fields = None  # the last sample followed by a member of another sample, its fields
     pending: dict | None = None  # the sample being read: {"key", "fields"}
     loose: list = []
@@ -87,11 +94,15 @@ def read_tar(path: str | os.PathLike) -> Iterator[TarItem]:
         return f"after sample {last!r}" if last is not None else "before its first complete sample"
 
     try:
-        with open(path, "rb") as raw:
+        with contextlib.nullcontext(fileobj) if fileobj is not None else open_input(path) as source:
+            seekable = _seekable(source)
+            raw = source if seekable else _Lookback(source)
             magic = raw.read(6)
             raw.seek(0)
             kind = next((k for m, k in _COMPRESSED if magic.startswith(m)), None)
             stream = raw if kind is None else importlib.import_module(kind).open(raw, "rb")
+            if kind is not None and not seekable:  # a decompressor seeks back by rewinding its input: not here
+                stream = _Lookback(stream)
             tf = tarfile.open(fileobj=stream, mode="r:")
             headers = _Headers(tf, stream)
             while (info := headers.next()) is not None:
@@ -114,7 +125,7 @@ def read_tar(path: str | os.PathLike) -> Iterator[TarItem]:
                         loose = []
                     pending = {"key": key, "fields": {}}
                 if field in pending["fields"]:
-                    raise ShardError(path, f"corrupt tar ({where()}): member {info.name!r} appears twice in "
+                    raise ShardError(shown, f"corrupt tar ({where()}): member {info.name!r} appears twice in "
                                            f"sample {key!r}")
                 reading = info
                 pending["fields"][field] = headers.data(info)
@@ -126,19 +137,79 @@ def read_tar(path: str | os.PathLike) -> Iterator[TarItem]:
                 yield TarItem(None, members=loose)
     except ShardError:
         raise
+    except RemoteError as e:
+        raise ShardError(shown, f"cannot read: {e}") from None
     except _Incomplete as e:
-        raise ShardError(path, f"incomplete tar ({where()}): {e}") from None
+        raise ShardError(shown, f"incomplete tar ({where()}): {e}") from None
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
         reason = str(e) or type(e).__name__
         if reading is not None:
             reason += f" in member {reading.name!r} (header at byte {reading.offset})"
         elif info is not None:
             reason += f" after member {info.name!r} (header at byte {info.offset})"
-        raise ShardError(path, f"corrupt or truncated tar ({where()}): {reason}") from e
+        raise ShardError(shown, f"corrupt or truncated tar ({where()}): {reason}") from e
 
 
 class _Incomplete(Exception):
     pass
+
+
+def _seekable(f) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class _Lookback:
+    """A stream read front to back that can still seek back a little: the tar reader re-reads a header it
+    looked at (at most a few blocks back). The last ``keep`` bytes read stay in memory; a seek back beyond
+    them raises OSError naming the distance (a corrupt tar could ask for that; a good one never does)."""
+
+    def __init__(self, raw, keep: int = 1 << 20):
+        self.raw, self.keep = raw, keep
+        self.buf = bytearray()
+        self.start = self.pos = 0  # absolute offsets of buf[0] and of the next read
+        self.eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        want = None if n is None or n < 0 else self.pos + n
+        while not self.eof and (want is None or self.start + len(self.buf) < want):
+            chunk = self.raw.read(max(1 << 20, (want or 0) - self.start - len(self.buf)))
+            if not chunk:
+                self.eof = True
+                break
+            self.buf += chunk
+        end = self.start + len(self.buf)
+        stop = end if want is None else min(want, end)
+        if stop <= self.pos:
+            return b""
+        with memoryview(self.buf) as view:
+            data = bytes(view[self.pos - self.start:stop - self.start])
+        self.pos += len(data)
+        drop = self.pos - self.keep - self.start
+        if drop > self.keep:  # trim in big steps: deleting from the front of a bytearray moves the rest
+            del self.buf[:drop]
+            self.start += drop
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self.pos + offset if whence == 1 else None
+        if target is None:
+            raise OSError("cannot seek from the end of a stream")
+        if target < self.start:
+            raise OSError(f"cannot seek back {self.pos - target} bytes in a stream")
+        self.pos = target
+        return target
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
 
 
 _NUMERIC = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345))
@@ -298,7 +369,7 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
     """
     for item in read_tar(path):
         if item.key is not None:
-            yield {**item.fields, "__key__": item.key, "__url__": str(path)}
+            yield {**item.fields, "__key__": item.key, "__url__": redact(path)}
 
 
 class TarShardWriter(ShardWriter):
@@ -408,9 +479,9 @@ class TarFormat(ShardFormat):
             try:
                 field = find_image_key(sample, image_key)
             except ValueError as e:  # no field named image_key
-                raise SampleError(str(path), key, str(e)) from None
+                raise SampleError(redact(path), key, str(e)) from None
             if field is None and not skip_missing:
-                raise SampleError(str(path), key, "no image field "
+                raise SampleError(redact(path), key, "no image field "
                                   f"(fields: {sorted(k for k in sample if not k.startswith('__'))})")
             if field is not None:
                 yield key, sample[field]
@@ -419,7 +490,7 @@ class TarFormat(ShardFormat):
                  max_pixels: int | None) -> Iterator[Labelled]:
         for sample in iter_tar_samples(path):
             key = sample["__key__"]
-            where = (str(path), key)
+            where = (redact(path), key)
             try:
                 label, field = sample_label(sample, label_key, image_key, where)
             except SampleError as e:

@@ -23,11 +23,11 @@ AR_L2 = 1.0                          # Sandoval-Segura et al.
 class Budget:
     """A norm bound in [0, 1] pixel units; ``l0`` means a count of pixels with no magnitude bound."""
 
-    norm: str   # "linf" | "l2" | "l0"
+    norm: str   # "linf" | "l2" | "l0" | "none" (no magnitude bound: a transform such as CUDA's filtering)
     eps: float
 
     def to_dict(self) -> dict:
-        return {"norm": self.norm, "eps": self.eps}
+        return {"norm": self.norm, "eps": None if math.isinf(self.eps) else self.eps}  # JSON has no Infinity
 
 
 def quantize(clean: np.ndarray, delta: np.ndarray, budget: Budget) -> np.ndarray:
@@ -42,7 +42,7 @@ def quantize(clean: np.ndarray, delta: np.ndarray, budget: Budget) -> np.ndarray
         norms = np.sqrt((diff.reshape(len(diff), -1).astype(np.float64) ** 2).sum(1)) / 255.0
         scale = np.minimum(1.0, budget.eps / np.maximum(norms, 1e-12))
         diff = np.trunc(diff * scale[:, None, None, None]).astype(np.int32)
-    elif budget.norm != "l0":
+    elif budget.norm not in ("l0", "none"):
         raise ValueError(f"unknown norm {budget.norm!r}")
     return (base + diff).astype(np.uint8)
 
@@ -69,6 +69,8 @@ def within(norms: dict, budget: Budget) -> bool:
         return norms["linf_max_255"] <= math.floor(budget.eps * 255 + 1e-6)
     if budget.norm == "l2":
         return norms["l2_max"] <= budget.eps + 1e-9
+    if budget.norm == "none":
+        return True
     return norms["l0_pixels_max"] <= budget.eps
 
 

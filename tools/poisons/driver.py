@@ -56,7 +56,8 @@ def poison_split(kind: str, in_dir: Path, out_dir: Path, seed: int = 0, device: 
 
 
 def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_dir, log):
-    """Call the generator; EM/TAP get their settings, a resumable state file and (TAP) a surrogate."""
+    """Call the generator; EM/TAP/SEP get their settings, a resumable state file and (TAP, SEP) models trained
+    on the clean split."""
     options = dict(options)
     if kind == "em":
         settings = module.EMSettings(**options.pop("settings", {}))
@@ -70,7 +71,34 @@ def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_di
             options["max_seconds"] = max(1.0, options["max_seconds"] - (time.time() - t0))
         return module.generate(clean, labels, seed=seed, device=device, surrogate=surrogate, settings=settings,
                                state_path=out_dir.with_name(out_dir.name + ".tap-state.pt"), log=log, **options)
+    if kind == "sep":
+        settings = module.SEPSettings(**options.pop("settings", {}))
+        t0 = time.time()
+        checkpoints = _sep_checkpoints(in_dir, out_dir, device, options, log)
+        if options.get("max_seconds") is not None:
+            options["max_seconds"] = max(1.0, options["max_seconds"] - (time.time() - t0))
+        return module.generate(clean, labels, seed=seed, device=device, checkpoints=checkpoints, settings=settings,
+                               state_path=out_dir.with_name(out_dir.name + ".sep-state.pt"), log=log, **options)
     return module.generate(clean, labels, seed=seed, **options)
+
+
+def _sep_checkpoints(in_dir: Path, out_dir: Path, device, options: dict, log) -> list[Path]:
+    """Train a model on the clean split once, keeping the checkpoints of ``snapshot_epochs`` (SEP's ensemble)."""
+    from ..victim import RECIPES, VictimConfig, snapshot_path, train_victim
+    from .pgd import PoisonIncomplete
+
+    recipe = options.pop("surrogate_recipe", "fast")
+    epochs = options.pop("surrogate_epochs", None) or RECIPES[recipe].epochs
+    every = options.pop("snapshot_every", max(1, epochs // 5))
+    snapshots = tuple(range(every, epochs + 1, every))
+    ckpt = out_dir.with_name(out_dir.name + ".surrogate.pt")
+    result = train_victim(VictimConfig(train=str(in_dir), test=None, recipe=recipe, epochs=epochs,
+                                       width=options.pop("surrogate_width", None), device=device or "auto",
+                                       checkpoint=str(ckpt), resume=True, snapshot_epochs=snapshots,
+                                       max_seconds=options.get("max_seconds")), log=log)
+    if not result["complete"]:
+        raise PoisonIncomplete("SEP checkpoint training stopped (time budget); rerun to resume")
+    return [snapshot_path(ckpt, e) for e in snapshots]
 
 
 def _tap_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
@@ -79,14 +107,15 @@ def _tap_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
     from .pgd import PoisonIncomplete
     from .tap import load_surrogate
 
-    width = options.pop("surrogate_width", 1.0)
+    width = options.pop("surrogate_width", None)  # None: the recipe's own width (1.0 for fast, 0.25 for cpu)
     ckpt = options.pop("surrogate", None)
     recipe = options.pop("surrogate_recipe", "fast")
     epochs = options.pop("surrogate_epochs", None)
+    seed = options.pop("surrogate_seed", 0)
     if ckpt is None:
         ckpt = out_dir.with_name(out_dir.name + ".surrogate.pt")
         result = train_victim(VictimConfig(train=str(in_dir), test=None, recipe=recipe, epochs=epochs, width=width,
-                                           device=device or "auto", checkpoint=str(ckpt), resume=True,
+                                           device=device or "auto", checkpoint=str(ckpt), resume=True, seed=seed,
                                            max_seconds=options.get("max_seconds")), log=log)
         if not result["complete"]:
             raise PoisonIncomplete("TAP surrogate training stopped (time budget); rerun to resume")

@@ -5,8 +5,11 @@ Every training image becomes a targeted adversarial example, for a ResNet18 trai
 clean data, towards a fixed permutation of the classes (a seeded derangement, so no class
 maps to itself): ``steps`` of sign-gradient descent on CE(model(x + delta), pi(y)) in the
 L-inf 8/255 ball, from a uniform random start. The surrogate comes from the victim
-trainer (a checkpoint it wrote); the driver trains one when none is given. The real run
-needs a GPU; finished batches are saved (``state_path``) so it resumes across calls.
+trainer (a checkpoint it wrote, any of its architectures); the driver trains one when none
+is given. The paper's setting (ResNet18, 250 steps) needs a GPU; the CPU protocol makes TAP
+against its own CPU victim trained on the clean subset, with fewer, larger steps
+(``tools/grid.py``: ``PROTOCOLS["cpu"].poison_defaults``). Finished batches are saved
+(``state_path``), so a run resumes across calls.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from eclipse_stream.devices import resolve_device
 
-from ..models import resnet18
+from ..models import build_model
 from .base import LINF_8, Budget
 from .pgd import Budget as TimeBudget
 from .pgd import PoisonIncomplete, descend, load_state, save_state, to_device, to_numpy_delta
@@ -45,10 +48,13 @@ def derangement(num_classes: int, seed: int) -> np.ndarray:
             return perm
 
 
-def load_surrogate(checkpoint: Path, width: float, device: torch.device):
-    """A ResNet18 from a victim-trainer checkpoint, in eval mode with frozen weights."""
+def load_surrogate(checkpoint: Path, width: float | None, device: torch.device):
+    """The model of a victim-trainer checkpoint (its recipe's architecture and width), in eval mode with
+    frozen weights; ``width`` None takes the width recorded in the checkpoint."""
     state = torch.load(checkpoint, map_location=device, weights_only=True)  # tensors and plain containers only
-    model = resnet18(width=width).to(device)
+    signature = state.get("signature", {})
+    arch = signature.get("recipe", {}).get("arch", "resnet18")
+    model = build_model(arch, width=signature.get("width", 1.0) if width is None else width).to(device)
     model.load_state_dict(state["model"])
     model.eval().requires_grad_(False)
     return model
@@ -61,7 +67,7 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
     if surrogate is None:
         raise ValueError("TAP needs a trained surrogate model")
     device = resolve_device(device)
-    amp = device.type == "cuda"
+    amp = device.type in ("cuda", "cpu")  # bf16 autocast, on a CPU too (about 2x there, as for EM)
     s = settings
     model = surrogate.to(device).eval().requires_grad_(False)
     x, y = to_device(images, labels, device)
