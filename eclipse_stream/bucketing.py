@@ -34,11 +34,18 @@ class Bucketer:
     ``item.index``) is emitted early, so a shard of all-different sizes keeps memory bounded. :meth:`flush`
     emits what is left, oldest first. A batch is ``(items, pixels)``: the items in the order they were added
     and a uint8 N x 3 x H x W tensor.
+
+    ``tiled = (tile_size, pixels)``: buckets of a padded size with a side longer than ``tile_size`` (images the
+    purifier tiles, one by one, so batching does not change their bytes) are emitted before they would pass
+    ``pixels`` pixels (a batch of one image may), so that batches of large images hold no more pixels than
+    batches of small ones.
     """
 
-    def __init__(self, batch_size: int, multiple: int, max_batch_pixels: int, max_pending: int):
+    def __init__(self, batch_size: int, multiple: int, max_batch_pixels: int, max_pending: int,
+                 tiled: tuple[int, int] | None = None):
         self.batch_size, self.multiple = batch_size, multiple
         self.max_batch_pixels, self.max_pending = max_batch_pixels, max_pending
+        self.tiled = tiled
         self.buckets: dict[tuple[int, int], list] = {}
         self.pending = 0
 
@@ -46,12 +53,21 @@ class Bucketer:
         m = self.multiple
         return -(-h // m) * m, -(-w // m) * m
 
+    def is_full(self, size: tuple[int, int], count: int) -> bool:
+        """Whether a bucket of ``count`` images of this padded size is emitted."""
+        pixels = size[0] * size[1]
+        if count >= self.batch_size:
+            return True
+        if self.tiled is not None and max(size) > self.tiled[0]:
+            return (count + 1) * pixels > self.tiled[1]  # one more would pass the bound
+        return count * pixels >= self.max_batch_pixels
+
     def add(self, item, rgb: np.ndarray) -> Iterator[tuple[list, torch.Tensor]]:
         size = self.padded(*rgb.shape[:2])
         bucket = self.buckets.setdefault(size, [])
         bucket.append((item, rgb))
         self.pending += 1
-        if len(bucket) >= self.batch_size or len(bucket) * size[0] * size[1] >= self.max_batch_pixels:
+        if self.is_full(size, len(bucket)):
             yield self._emit(size)
         elif self.pending > self.max_pending:
             yield self._emit(self._oldest())

@@ -14,8 +14,8 @@ import click
 from . import __version__
 from .config import PurifierConfig, PurifyConfig, default_of
 from .convert import SCHEDULES, ConvertConfig
-from .defaults import (CORRUPTIONS, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, IMAGE_SIZES, ON_ERROR, PRECISIONS, PRESETS,
-                       RESOLUTIONS, TRAIN_PRECISIONS)
+from .defaults import (CORRUPTIONS, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, IMAGE_SIZES, LARGE_IMAGES, ON_ERROR,
+                       PRECISIONS, PRESETS, RESOLUTIONS, TRAIN_PRECISIONS)
 from .errors import EclipseError, Interrupted
 
 # Defaults of purify and preview come from the config dataclasses (config.py, no heavy imports); those of
@@ -200,6 +200,12 @@ def _resolve_denoiser(path):
                    "denoiser's size (aspect kept), stored at that size.")
 @click.option("--bucket-multiple", type=int, default=_PURIFY("bucket_multiple"),
               help="Batch images padded to multiples of this.")
+@click.option("--large-images", type=click.Choice(LARGE_IMAGES), default=_PURIFIER("large_images"),
+              help="Images with a side over twice the denoiser's training size: tiled (overlapping tiles of "
+                   "that size, blended; cost per pixel as for small images) or native (the UNet over the whole "
+                   "image: cost grows with the square of its pixels).")
+@click.option("--tile-batch-pixels", type=int, default=_PURIFIER("tile_batch_pixels"),
+              help="Tiled images: tile pixels per UNet call (the memory of one call); more is faster on a GPU.")
 @click.option("--on-error", type=click.Choice(ON_ERROR), default=_PURIFY("on_error"),
               help="fail: stop at the first bad sample; skip: record it in the shard's rejects and go on.")
 @click.option("--workers", type=int, default=None,
@@ -214,7 +220,7 @@ def _resolve_denoiser(path):
 @_storage_option
 @_friendly_errors
 def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p, noise_sigma, prefilter, corruption,
-           max_pixels, quiet, compile_, **kwargs):
+           max_pixels, quiet, compile_, large_images, tile_batch_pixels, **kwargs):
     """Purify shards: INPUTS... (folders of .tar/.beton, brace patterns or files) into folder OUT.
 
     INPUTS may be URLs: http(s):// and pipe:CMD (streamed, as WebDataset opens them, brace patterns too)
@@ -226,7 +232,8 @@ def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p
     """
     pcfg = PurifierConfig.from_recipe(recipe, t_star=t_star, steps=steps, precision=precision,
                                       corruption=corruption, gray_p=gray_p, noise_sigma=noise_sigma,
-                                      prefilter=prefilter)
+                                      prefilter=prefilter, large_images=large_images,
+                                      tile_batch_pixels=tile_batch_pixels)
     if kwargs["workers"] is None:  # the config's default: one per core, at most 8
         kwargs.pop("workers")
     cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels, compile=compile_, **kwargs)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from . import __version__
 from .defaults import (
     CORRUPTIONS, DEFAULT_GRAY_P, DEFAULT_IMPULSE_THRESHOLD, DEFAULT_MAX_PIXELS, DEFAULT_RECIPE, DEFAULT_SIGMA,
-    ON_ERROR, PRECISIONS, PREFILTERS, RECIPES, RESOLUTIONS)
+    LARGE_IMAGES, ON_ERROR, PRECISIONS, PREFILTERS, RECIPES, RESOLUTIONS)
 
 __all__ = ["PurifierConfig", "PurifyConfig", "check_corruption", "default_of", "default_workers", "is_int",
            "is_real"]
@@ -27,6 +27,7 @@ MAX_BATCH_SIZE = 16384
 MAX_BUCKET_MULTIPLE = 256  # every image is padded to a multiple of this in both sides
 MAX_BATCH_PIXELS = 2**28  # 268M pixels: 0.8 GB as uint8, 3.2 GB as float32, before the UNet's activations
 MAX_THREADS = 256  # workers, encode threads
+MAX_TILE_SIZE = 4096  # px: one tile through the UNet at once
 
 
 def _check(checks) -> None:
@@ -70,6 +71,11 @@ class PurifierConfig:
     noise_sigma: float = DEFAULT_SIGMA
     prefilter: str = RECIPES[DEFAULT_RECIPE]["prefilter"]  # "none" (the paper) or "impulse" (prefilter.py)
     impulse_threshold: float = DEFAULT_IMPULSE_THRESHOLD
+    # Images with a side longer than tile_size (None: twice the denoiser's training size S), see tiling.py:
+    large_images: str = LARGE_IMAGES[0]  # "tiled": overlapping tiles of S..tile_size px; "native": the whole image
+    tile_size: int | None = None  # the longest tile side, px (a multiple of the UNet's downsampling factor)
+    tile_overlap: int | None = None  # the least overlap of neighbouring tiles, px; None: S // 8
+    tile_batch_pixels: int = 64 * 32 * 32  # tile pixels per UNet call (64 images of 32 x 32); at least one tile
 
     @classmethod
     def from_recipe(cls, recipe: str | None = None, **settings) -> PurifierConfig:
@@ -93,6 +99,16 @@ class PurifierConfig:
         if self.steps is not None and not is_int(self.steps, 1, self.t_star):
             raise ValueError(f"steps must be between 1 and t_star={self.t_star}, got {self.steps}")
         check_corruption(self.gray_p, self.noise_sigma)
+        _check([
+            (self.large_images in LARGE_IMAGES, f"large images must be one of {', '.join(LARGE_IMAGES)}, "
+                                                f"got {self.large_images!r}"),
+            (self.tile_size is None or is_int(self.tile_size, 1, MAX_TILE_SIZE),
+             f"tile size must be an integer in 1..{MAX_TILE_SIZE}, got {self.tile_size!r}"),
+            (self.tile_overlap is None or is_int(self.tile_overlap, 1, MAX_TILE_SIZE),
+             f"tile overlap must be an integer in 1..{MAX_TILE_SIZE}, got {self.tile_overlap!r}"),
+            (is_int(self.tile_batch_pixels, 1, MAX_BATCH_PIXELS),
+             f"tile batch pixels must be an integer in 1..{MAX_BATCH_PIXELS}, got {self.tile_batch_pixels!r}"),
+        ])
 
     @property
     def num_steps(self) -> int:

@@ -24,6 +24,9 @@ DEFAULT_MAX_PIXELS: int = 89_478_485 * 2
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")  # purification (purifier.py maps them to dtypes)
 TRAIN_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")  # training
 RESOLUTIONS: tuple[str, ...] = ("native", "model")  # purify --resolution
+#: purify --large-images: how images larger than one tile (2x the denoiser's training size) are denoised:
+#: "tiled" (overlapping tiles of the training size, tiling.py) or "native" (the UNet over the whole image).
+LARGE_IMAGES: tuple[str, ...] = ("tiled", "native")
 PRESETS: tuple[str, ...] = ("paper", "small", "tiny")  # UNet presets (unet.PRESETS holds their configs)
 IMAGE_SIZES: tuple[int, ...] = (32, 64, 128, 256)  # UNet training resolutions (unet.CHANNEL_MULT)
 ON_ERROR: tuple[str, ...] = ("fail", "skip")

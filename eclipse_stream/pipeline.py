@@ -9,7 +9,9 @@
    (``formats``), decodes every image field, applies the resolution policy and buckets images into batches;
    it sends typed events (``events``).
 3. **Device loop** (main process, :class:`DeviceLoop`): each batch goes through the purifier with a generator
-   seeded from ``(seed, shard file name, batch number)``; the result is copied to the host without waiting.
+   seeded from ``(seed, shard file name, batch number)``, or, for a size the purifier tiles (its ``tiles(h, w)``
+   says so), one generator per image seeded from ``(seed, shard file name, sample position, field)``; the
+   result is copied to the host without waiting.
 4. **Encode** (:class:`Encoder`, a thread pool): purified pixels are cropped back to each image's size and
    encoded by the shard's format, then handed to the shard's :class:`~eclipse_stream.assembly.OutputShard`,
    which writes samples in input order to a temporary file.
@@ -17,7 +19,8 @@
    ``manifest.json`` is written last, by rank 0, when every shard of every rank is done.
 
 The purifier is any callable of (uint8 N x 3 x H x W batch, torch.Generator) -> uint8 batch of the same
-shape; by default the ECLIPSE :class:`~eclipse_stream.purifier.Purifier` of the given denoiser.
+shape; by default the ECLIPSE :class:`~eclipse_stream.purifier.Purifier` of the given denoiser. One with a
+``tiles(height, width)`` method is handed a list of per-image generators for the sizes where it returns True.
 
 Memory is bounded by the DataLoader prefetch (a few events per worker), the encode queue
 (``2 x encode_threads`` batches) and, per open shard, the samples waiting for an earlier sample's batch
@@ -54,7 +57,7 @@ from .outdir import (MANIFEST, Task, check_no_overlap, partial_path, plan, prepa
 from .outstore import OutputStore, open_store
 from .purifier import Purifier
 from .reading import ReadSettings, ShardEvents, as_is, reader_worker_init
-from .seeding import batch_generator, stream_seed  # noqa: F401  (part of this module's API)
+from .seeding import batch_generator, image_generator, stream_seed  # noqa: F401  (part of this module's API)
 from .sources import expand_shards
 
 log = logging.getLogger(__name__)
@@ -213,9 +216,13 @@ class DeviceLoop:
                                                    self.ctx.write_policy(task), ev.input_stat)
 
     def on_batch(self, ev: Batch) -> None:
-        device = self.ctx.device
-        gen = batch_generator(self.ctx.cfg.seed, self.tasks[ev.shard].name, ev.batch_no, device)
+        device, seed, name = self.ctx.device, self.ctx.cfg.seed, self.tasks[ev.shard].name
         x = ev.tensor()
+        tiles = getattr(self.purifier, "tiles", None)
+        if tiles is not None and tiles(*x.shape[-2:]):  # each image on its own: its own noise
+            gen = [image_generator(seed, name, item.index, item.image.field, device) for item in ev.items]
+        else:
+            gen = batch_generator(seed, name, ev.batch_no, device)
         out = self.purifier(x.to(device, non_blocking=True), gen)
         out, ready = _to_host(out)
         self.bar.update(sum(item.fields is not None for item in ev.items))  # samples, not image fields
@@ -302,6 +309,7 @@ def run_tasks(ctx: RunContext, tasks: list[Task], purifier: PurifierFn):
 class _DeviceStage:
     fn: PurifierFn
     model_size: int | None
+    tile_size: int | None  # images with a longer (padded) side are tiled by the purifier, one by one
     checkpoint_sha256: str
     denoiser_path: str | None
     custom: str | None  # a caller's purifier: what it is recorded as
@@ -333,11 +341,21 @@ def _device_stage(denoiser, purifier, cfg: PurifyConfig, device: torch.device) -
     if cfg.resolution == "model" and model_size is None:
         raise ValueError("resolution 'model' needs the denoiser's image size: pass the denoiser too")
     sha = (den.sha256 or _weights_sha256(den.model)) if den is not None else custom  # in memory: the weights
-    return _DeviceStage(_call(purifier), model_size, sha, str(den.path) if den is not None else None, custom)
+    tiles = getattr(purifier, "tiles", None)
+    tile_size = getattr(purifier, "tile_size", None) if tiles is not None else None
+    return _DeviceStage(_Call(purifier, tiles), model_size, tile_size, sha, str(den.path) if den is not None else None,
+                        custom)
 
 
-def _call(purifier) -> PurifierFn:
-    return lambda x, generator: purifier(x, generator=generator)
+@dataclass
+class _Call:
+    """The device stage as the device loop calls it; ``tiles(h, w)``: the sizes that get per-image generators."""
+
+    purifier: Callable
+    tiles: Callable[[int, int], bool] | None = None
+
+    def __call__(self, x: torch.Tensor, generator) -> torch.Tensor:
+        return self.purifier(x, generator=generator)
 
 
 def _weights_sha256(model: torch.nn.Module) -> str:
@@ -378,8 +396,8 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
     if stage.custom is not None:
         fingerprint["device_stage"] = stage.custom  # the caller's purifier, not the ECLIPSE one
     store = open_store(out_dir)
-    ctx = RunContext(cfg, store, fingerprint, device, ReadSettings.from_config(cfg, stage.model_size),
-                     group.rank, progress)
+    read = ReadSettings.from_config(cfg, stage.model_size, stage.tile_size)
+    ctx = RunContext(cfg, store, fingerprint, device, read, group.rank, progress)
 
     # The lock on OUT belongs to the job: rank 0 takes it, tidies OUT and tells the other ranks whether to go on.
     lock = store.lock() if group.rank == 0 else None

@@ -35,15 +35,21 @@ class ReadSettings:
     batch_size: int = 64
     bucket_multiple: int = 32
     max_batch_pixels: int = 64 * 256 * 256
+    tile_size: int | None = None  # the purifier tiles images with a longer padded side, one by one
 
     @classmethod
-    def from_config(cls, cfg, model_size: int | None) -> ReadSettings:
+    def from_config(cls, cfg, model_size: int | None, tile_size: int | None = None) -> ReadSettings:
         return cls(ReadPolicy(cfg.image_key, cfg.max_pixels), model_size, cfg.resolution, cfg.batch_size,
-                   cfg.bucket_multiple, cfg.max_batch_pixels)
+                   cfg.bucket_multiple, cfg.max_batch_pixels, tile_size)
 
     def bucketer(self) -> Bucketer:
+        tiled = None
+        if self.tile_size is not None and self.model_size:
+            # Images purified in tiles are purified one by one, whatever their batch, so a batch of them holds what
+            # a full batch of training-size images holds (or one image): memory does not grow with image size.
+            tiled = (self.tile_size, min(self.max_batch_pixels, self.batch_size * self.model_size ** 2))
         return Bucketer(self.batch_size, self.bucket_multiple, self.max_batch_pixels,
-                        max_pending=4 * self.batch_size)
+                        max_pending=4 * self.batch_size, tiled=tiled)
 
 
 def read_shard(task: Task, settings: ReadSettings) -> Iterator:

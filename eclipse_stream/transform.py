@@ -4,7 +4,10 @@ It takes an iterator of *decoded* samples and yields the same samples, in the sa
 order, with each image purified; every other field (``__key__`` included) passes through
 untouched. Samples are buffered ``batch_size`` at a time, grouped by image size and
 purified on the device in one call per group. Works in ``wds.DataPipeline(...)`` and in
-``wds.WebDataset(...).compose(...)``. ``EclipseTransform.purifier`` is the underlying
+``wds.WebDataset(...).compose(...)``. Images larger than one tile (twice the denoiser's training size) are
+purified in tiles (``large_images``, see :mod:`eclipse_stream.tiling`), each with noise from its own generator,
+seeded with ``(seed, the sample's position in the stream, the field)``: their output does not depend on
+``batch_size`` or on the other samples of the buffer. ``EclipseTransform.purifier`` is the underlying
 :class:`~eclipse_stream.purifier.Purifier`, an ``nn.Module`` for GPU batches (e.g. in an
 FFCV pipeline after ``ToDevice``/``ToTorchImage``).
 
@@ -28,6 +31,7 @@ from .config import PurifierConfig
 from .defaults import IMAGE_EXTENSIONS
 from .devices import resolve_device
 from .purifier import Purifier
+from .seeding import stream_seed
 
 __all__ = ["EclipseTransform"]
 
@@ -77,8 +81,9 @@ class EclipseTransform:
 
     def __init__(self, denoiser: str | os.PathLike | Denoiser | None = None, *, recipe: str | None = None,
                  t_star: int | None = None, steps: int | None = None, precision: str | None = None,
-                 corruption: str | None = None, prefilter: str | None = None, batch_size: int = 64,
-                 device: str | torch.device | None = None, image_key: str = DEFAULT_IMAGE_KEYS, seed: int = 0):
+                 corruption: str | None = None, prefilter: str | None = None, large_images: str | None = None,
+                 batch_size: int = 64, device: str | torch.device | None = None, image_key: str = DEFAULT_IMAGE_KEYS,
+                 seed: int = 0):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         device = resolve_device(device)
@@ -87,17 +92,23 @@ class EclipseTransform:
             denoiser = default_denoiser_path()
         den = denoiser.to(device) if isinstance(denoiser, Denoiser) else load_denoiser(denoiser, device=device)
         cfg = PurifierConfig.from_recipe(recipe, t_star=t_star, steps=steps, precision=precision,
-                                         corruption=corruption, prefilter=prefilter)
+                                         corruption=corruption, prefilter=prefilter, large_images=large_images)
         self.purifier = Purifier(den, cfg)
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.seed = device, batch_size, seed
         self.image_keys = image_key.split(";")
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._seen = 0  # samples of the stream so far: the position that seeds a tiled image's generator
 
-    def _purify_group(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _purify_group(self, images: list[torch.Tensor], positions: list[tuple[int, str]]) -> list[torch.Tensor]:
         batch = torch.stack(images).to(self.device)
-        return list(self.purifier(batch, generator=self.generator).cpu())
+        gen = self.generator
+        if self.purifier.tiles(*batch.shape[-2:]):  # one by one, each with its own noise
+            gen = [torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, "transform", i, key))
+                   for i, key in positions]
+        return list(self.purifier(batch, generator=gen).cpu())
 
     def _flush(self, buffer: list[dict]) -> Iterator[dict]:
+        first, self._seen = self._seen, self._seen + len(buffer)
         slots = []  # (sample index, image key, tensor, tag, original)
         for i, sample in enumerate(buffer):
             key = next((k for k in self.image_keys if k in sample), None)
@@ -109,7 +120,8 @@ class EclipseTransform:
             by_size.setdefault((tuple(slot[2].shape), slot[2].dtype), []).append(n)
         results: dict[int, torch.Tensor] = {}
         for members in by_size.values():
-            for n, out in zip(members, self._purify_group([slots[n][2] for n in members])):
+            positions = [(first + slots[n][0], slots[n][1]) for n in members]
+            for n, out in zip(members, self._purify_group([slots[n][2] for n in members], positions)):
                 results[n] = out
         out_samples = [dict(s) for s in buffer]
         for n, (i, key, _, tag, original) in enumerate(slots):

@@ -9,6 +9,7 @@ PyTorch picks the fastest kernel. The whole architecture is described by a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -193,7 +194,7 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over all spatial positions."""
+    """Multi-head self-attention over all spatial positions, or within windows (``window``)."""
 
     def __init__(self, channels: int, num_heads: int, groups: int):
         super().__init__()
@@ -202,13 +203,59 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """``window``: attend within ``window`` x ``window`` squares of positions only (see
+        :func:`windowed_attention`); None, or a map no larger than one window, attends over all positions."""
         b, c, h, w = x.shape
+        if window is not None and (h > window or w > window):
+            return x + self.proj(windowed_attention(self.qkv(self.norm(x)), self.num_heads, window))
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (b, heads, hw, head_dim)
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
+
+
+def _windows(length: int, window: int) -> tuple[int, list[int], list[int]]:
+    """Windows along one axis, all full (``size`` = min(window, length)); the last one is moved back to end at the
+    edge, so it overlaps the one before when ``window`` does not divide ``length``. Returns (size, window starts,
+    the window each position reads its output from: the first that holds it)."""
+    size = min(window, length)
+    starts = list(range(0, length - size, size)) + [length - size]
+    return size, starts, [min(p // size, len(starts) - 1) for p in range(length)]
+
+
+@functools.lru_cache(maxsize=64)
+def _window_index(h: int, w: int, window: int, device: torch.device) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(windows, positions a window, the flat h*w positions of every window in window-major order, and for every
+    flat position its row in that order)."""
+    sy, ys, oy = _windows(h, window)
+    sx, xs, ox = _windows(w, window)
+    gy = torch.tensor(ys)[:, None] + torch.arange(sy)[None]  # (ny, sy)
+    gx = torch.tensor(xs)[:, None] + torch.arange(sx)[None]  # (nx, sx)
+    gather = (gy[:, None, :, None] * w + gx[None, :, None, :]).reshape(-1)  # (ny, nx, sy, sx)
+    oy_t, ox_t = torch.tensor(oy), torch.tensor(ox)
+    py, px = torch.arange(h) - torch.tensor(ys)[oy_t], torch.arange(w) - torch.tensor(xs)[ox_t]
+    scatter = (((oy_t[:, None] * len(xs) + ox_t[None, :]) * sy + py[:, None]) * sx + px[None, :]).reshape(-1)
+    return len(ys) * len(xs), sy * sx, gather.to(device), scatter.to(device)
+
+
+def windowed_attention(qkv: torch.Tensor, num_heads: int, window: int) -> torch.Tensor:
+    """Self-attention of a (b, 3c, h, w) q/k/v map within ``window`` x ``window`` windows; returns (b, c, h, w).
+
+    Every query attends over one full window of positions (the context a denoiser trained at that size saw),
+    never over padding: where ``window`` does not divide a side, the last window is moved back to end at the
+    edge, and the positions it shares with the window before take their output from that one. Positions are
+    gathered as rows of the channels-last map (a view when the map is channels-last, as purify's batches are).
+    """
+    b, c3, h, w = qkv.shape
+    c = c3 // 3
+    windows, size, gather, scatter = _window_index(h, w, window, qkv.device)
+    t = qkv.permute(0, 2, 3, 1).reshape(b, h * w, c3).index_select(1, gather)  # (b, windows * size, 3c)
+    t = t.view(b * windows, size, 3, num_heads, c // num_heads)
+    q, k, v = (t[:, :, i].transpose(1, 2) for i in range(3))  # each (b * windows, heads, size, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, windows * size, c)
+    return out.index_select(1, scatter).view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
@@ -230,11 +277,16 @@ class Upsample(nn.Module):
 
 
 class _Stage(nn.ModuleList):
-    """A sequence of layers; ResBlocks get the timestep embedding, the rest only x."""
+    """A sequence of layers; ResBlocks get the timestep embedding, attention its window, the rest only x."""
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, window: int | None = None):
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, AttentionBlock):
+                x = layer(x, window)
+            else:
+                x = layer(x)
         return x
 
 
@@ -284,18 +336,26 @@ class UNet(nn.Module):
         self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(),
                                  _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, attention_window: int | None = None) -> torch.Tensor:
+        """``attention_window`` (input pixels, e.g. the training size): every attention layer then attends within
+        windows that cover that many input pixels (8 x 8 positions at 1/4 resolution for 32), as at training,
+        instead of over the whole map; None attends globally."""
         if x.shape[-1] % self.config.downsample_factor or x.shape[-2] % self.config.downsample_factor:
             raise ValueError(f"input {tuple(x.shape[-2:])} must be a multiple of "
                              f"{self.config.downsample_factor} in height and width")
+        size = x.shape[-2]
+
+        def window(h: torch.Tensor) -> int | None:  # the window at h's resolution, in positions
+            return None if attention_window is None else max(1, attention_window * h.shape[-2] // size)
+
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
         h, skips = x, []
         for stage in self.down:
-            h = stage(h, emb)
+            h = stage(h, emb, window(h))
             skips.append(h)
-        h = self.middle(h, emb)
+        h = self.middle(h, emb, window(h))
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, window(h))
         return self.out(h)
 
     def num_parameters(self) -> int:

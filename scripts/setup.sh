@@ -22,6 +22,6 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 # torch from the registry brings CUDA builds that also run on CPU; ffcv builds from source.
 # curl: WebDataset streams http(s):// shards through it. cloud: fsspec + s3fs for s3:// inputs and outputs.
-.venv/bin/python -m pip install -q -e ".[ffcv,tools,cloud,test]"
+.venv/bin/python -m pip install -q -e ".[ffcv,tools,cloud,test,bench]"
 .venv/bin/python -c "import eclipse_stream, ffcv, torch; print('eclipse-stream', eclipse_stream.__version__, \
 '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -73,6 +74,27 @@ def test_bench_io_quick(tmp_path):
     assert [m["images"] for m in r["memory"]] == [80, 800]
     assert all(m["peak_tree_rss_mib"] > 0 for m in r["memory"])
     assert all(t["images"] == 800 and t["images_per_s"] > 0 for t in r["throughput"])
+
+
+def test_bench_large_images_quick(tmp_path):
+    r = run_quick("bench_large_images", tmp_path)
+    rows = {(row["mode"], row["size"]): row for row in r["results"]}
+    assert set(rows) == {("either (one tile)", 32), ("tiled", 224), ("native", 224)}
+    assert all(row["pixels"] == 3 * 224 * 224 for (_, size), row in rows.items() if size == 224)
+    assert all(row["us_per_pixel"] > 0 and row["peak_tree_rss_mib"] > 100 for row in rows.values())
+    assert all(row["cpu_us_per_pixel"] > 0 for row in rows.values())
+    assert {t["target"] for t in r["targets"]} == {"tiled 224 px: wall time per pixel / 32 px",
+                                                   "tiled 224 px: CPU time per pixel / 32 px",
+                                                   "tiled 224 px: peak tree RSS / 32 px (equal pixels)"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="scikit-image (the bench extra) is missing")
+def test_bench_tiles_quality_quick(tmp_path):
+    r = run_quick("bench_tiles_quality", tmp_path, "--plot", str(tmp_path / "seams.png"))
+    methods = {row["method"] for row in r["psnr"]}
+    assert methods == {"native", "windows only", "independent 32 tiles", "tiled, 32 tiles", "tiled"}
+    assert all(20 < row["psnr_db"] < 60 and row["noised_psnr_db"] < row["psnr_db"] for row in r["psnr"])
+    assert {s["method"] for s in r["seams"]} == methods and (tmp_path / "seams.png").stat().st_size > 1000
 
 
 def test_bench_train_quick(tmp_path):

@@ -34,6 +34,9 @@ def test_bad_option_values_are_usage_errors(tmp_path, tiny_ckpt, shard_dir):
     r = CliRunner().invoke(main, ["purify", str(shard_dir), str(tmp_path / "o"), "-d", str(tiny_ckpt),
                                   "--max-pixels", "0"])  # not silently the default
     assert r.exit_code == 2 and "max pixels must be >= 1" in r.output
+    r = CliRunner().invoke(main, ["purify", str(shard_dir), str(tmp_path / "o"), "-d", str(tiny_ckpt),
+                                  "--tile-batch-pixels", "0"])
+    assert r.exit_code == 2 and "tile batch pixels must be an integer in 1.." in r.output
 
 
 # --- one source of defaults: every option that names a config field has that field's default -----------------

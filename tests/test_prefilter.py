@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eclipse_stream.checkpoint import load_denoiser
-from eclipse_stream.prefilter import impulse_filter, impulse_mask
+from eclipse_stream.prefilter import impulse_filter, impulse_filter_strips, impulse_mask
 from eclipse_stream.purifier import Purifier, PurifierConfig
 
 
@@ -95,3 +95,17 @@ def test_noise_like_images_are_left_alone_sparse_impulses_are_not():
     for i in range(20):  # 20 of 1,024 pixels (< 2%): still sparse
         x[0, :, 1 + (i // 5) * 7, 1 + (i % 5) * 6] = torch.tensor([1.0, 0.0, 1.0])
     assert impulse_mask(x).sum() == 20
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.005, 0.0199, 0.03])  # sparse, near the 2% limit, texture
+def test_the_filter_in_strips_gives_the_same_values_bit_for_bit(fraction):
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.interpolate(torch.rand(2, 3, 20, 17, generator=g), size=(203, 170), mode="bilinear")
+    hit = torch.rand(2, 203, 170, generator=g) < fraction
+    hit[0, :, 0] = hit[0, 0, :] = fraction > 0  # borders and strip edges too (strips of 11 or 12 rows here)
+    x = torch.where(hit[:, None], torch.randint(0, 2, x.shape, generator=g).float(), x)
+    whole = impulse_filter(x)
+    assert torch.equal(impulse_filter_strips(x, strip_pixels=2000), whole)
+    y = x.clone()
+    assert impulse_filter_strips(y, strip_pixels=2000, inplace=True) is y and torch.equal(y, whole)
+    assert (whole != x).any() == (0 < fraction < 0.02)
