@@ -1,0 +1,172 @@
+"""From probe scores to a verdict, with bounds calibrated on clean data only.
+
+``calibration.json`` (written by ``python -m tools.scan_calibration clean``) holds, for every probe and for
+25, 50, 100 and 200 images per class, the mean and standard deviation of that probe's score on many clean
+CIFAR-10 subsets. A probe's bounds at a sample of n images per class are
+
+    likely poisoned from   mean(n) + Z_POISONED * sd(n)
+    no sign below          mean(n) + Z_CLEAN * sd(n)
+
+(mean and sd interpolated in log2(n); ``sd`` at least ``MIN_SD``). The z values are the false-positive policy,
+stated in the file and in docs/scan.md; no poisoned set enters the calibration. The verdict:
+
+* ``inconclusive`` when the median class has fewer images than the smallest calibrated size (it says how many
+  are needed);
+* ``likely poisoned`` when any probe reaches its poisoned bound (the one furthest above its clean mean is named);
+* ``no sign of the poison types tested`` when every calibrated probe is below its clean bound;
+* ``inconclusive`` in between (it says when a larger sample could decide).
+
+With a clean ``reference`` the judgement is the excess of a probe's score over the reference's (fixed bounds).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import INCONCLUSIVE, LIKELY_POISONED, NO_SIGN, ScanConfig
+
+__all__ = ["Bounds", "Judgement", "bounds_for", "calibration", "judge", "judge_relative"]
+
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+
+
+@functools.lru_cache(maxsize=1)
+def calibration() -> dict:
+    """The shipped calibration (see the module docstring)."""
+    return json.loads(CALIBRATION_FILE.read_text())
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """One probe's clean statistics and bounds at one sample size."""
+
+    mean: float
+    sd: float
+    poisoned: float     # score >= this: likely poisoned
+    clean: float        # score < this: no sign
+    extrapolated: bool  # the size lies outside the calibrated sizes
+
+    def z(self, score: float) -> float:
+        """How many clean standard deviations ``score`` lies above the clean mean."""
+        return (score - self.mean) / self.sd
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: str
+    score: float        # the deciding probe's score (or excess, with a reference)
+    threshold: float    # its likely-poisoned bound
+    clean_below: float  # its no-sign bound
+    probe: str          # the deciding probe
+    reason: str
+
+
+def bounds_for(probe: str, per_class: float, cal: dict | None = None) -> Bounds | None:
+    """``probe``'s bounds at ``per_class`` images per class; None if the probe is not calibrated."""
+    cal = cal or calibration()
+    rows = cal["probes"].get(probe)
+    if not rows:
+        return None
+    sizes = sorted(int(s) for s in rows)
+    logs = [math.log2(s) for s in sizes]
+    t = math.log2(max(per_class, 1))
+    means = [rows[str(s)]["mean"] for s in sizes]
+    sds = [rows[str(s)]["sd"] for s in sizes]
+    if t <= logs[0] or len(sizes) == 1:
+        mean, sd = means[0], sds[0]
+    elif t >= logs[-1]:  # beyond the largest size: the last segment's trend (clean scores rise with n)
+        slope = (means[-1] - means[-2]) / (logs[-1] - logs[-2])
+        mean, sd = means[-1] + max(0.0, slope) * (t - logs[-1]), sds[-1]
+    else:
+        mean, sd = float(np.interp(t, logs, means)), float(np.interp(t, logs, sds))
+    policy = cal["policy"]
+    sd = max(sd, policy["min_sd"])
+    return Bounds(mean, sd, mean + policy["z_poisoned"] * sd, mean + policy["z_clean"] * sd,
+                  extrapolated=not sizes[0] <= per_class <= sizes[-1])
+
+
+def _median_per_class(labels: np.ndarray, k: int) -> float:
+    counts = np.bincount(labels, minlength=k)
+    return float(np.median(counts))
+
+
+def judge(scores: dict[str, float], labels: np.ndarray, k: int, cfg: ScanConfig,
+          seen: dict[str, int] | None = None) -> tuple[Judgement, dict[str, dict]]:
+    """The verdict on one sample, and each probe's bounds (``{probe: {mean, sd, poisoned, clean, z}}``)."""
+    cal = calibration()
+    n = _median_per_class(labels, k)
+    table: dict[str, dict] = {}
+    for name, score in scores.items():
+        b = bounds_for(name, n, cal)
+        if b is None and cfg.threshold is None:
+            table[name] = {"calibrated": False}
+            continue
+        hi = cfg.threshold if cfg.threshold is not None else b.poisoned
+        lo = min(cfg.clean_below if cfg.clean_below is not None else (b.clean if b else hi), hi)
+        table[name] = {"calibrated": b is not None, "poisoned": hi, "clean": lo,
+                       **({"clean_mean": b.mean, "clean_sd": b.sd, "z": b.z(score)} if b else {})}
+    voting = {p: t for p, t in table.items() if "poisoned" in t}
+    if not voting:
+        raise ValueError(f"none of the probes {', '.join(scores)} has calibrated bounds; pass a threshold")
+
+    def strength(p):  # how far above its clean range a probe's score is
+        t = voting[p]
+        return t.get("z", (scores[p] - t["poisoned"]) * 100)
+
+    best = max(voting, key=strength)
+    t = voting[best]
+    what = (f"the {best} probe scores {scores[best]:.3f}"
+            + (f", {t['z']:.1f} clean standard deviations above clean CIFAR-10 ({t['clean_mean']:.3f})"
+               if "z" in t else ""))
+    smallest = min(int(s) for s in cal["sizes"])
+    if n < smallest:
+        return Judgement(INCONCLUSIVE, scores[best], t["poisoned"], t["clean"], best,
+                         f"too few images per class to judge (median {n:g}; at least {smallest} needed, "
+                         f"{cal.get('needed_for_half_budget', 2 * smallest)} for weaker poisons); {what}"), table
+    flagged = [p for p in voting if scores[p] >= voting[p]["poisoned"]]
+    if flagged:
+        best = max(flagged, key=strength)
+        t = voting[best]
+        what = (f"the {best} probe scores {scores[best]:.3f}"
+                + (f", {t['z']:.1f} clean standard deviations above clean CIFAR-10 ({t['clean_mean']:.3f})"
+                   if "z" in t else ""))
+        others = [p for p in flagged if p != best]
+        return Judgement(LIKELY_POISONED, scores[best], t["poisoned"], t["clean"], best,
+                         what + ": the labels are learnable from a shortcut"
+                         + (f" (also over its bound: {', '.join(others)})" if others else "")), table
+    if all(scores[p] < voting[p]["clean"] for p in voting):
+        return Judgement(NO_SIGN, scores[best], t["poisoned"], t["clean"], best,
+                         what + ": within the range of clean photos on every probe"), table
+    between = [p for p in voting if scores[p] >= voting[p]["clean"]]
+    more = ""
+    largest = max(int(s) for s in cal["sizes"])
+    if seen and n < largest and min(seen.values()) > n:
+        more = f"; a larger sample may decide (--per-class {min(largest, min(seen.values()))})"
+    return Judgement(INCONCLUSIVE, scores[best], t["poisoned"], t["clean"], best,
+                     what + f": between the clean and poisoned bounds ({', '.join(between)})" + more), table
+
+
+def judge_relative(scores: dict[str, float], ref_scores: dict[str, float], labels: np.ndarray, k: int,
+                   cfg: ScanConfig) -> Judgement:
+    """The verdict against a clean reference: the largest excess of a probe's score over the reference's."""
+    excess = {p: scores[p] - ref_scores[p] for p in scores}
+    best = max(excess, key=excess.get)
+    score, hi, lo = excess[best], cfg.relative_threshold, cfg.relative_clean_below
+    what = (f"the {best} probe learns these labels {score:+.2f} better than on the clean reference "
+            f"({scores[best]:.2f} vs {ref_scores[best]:.2f})")
+    smallest = min(int(s) for s in calibration()["sizes"])
+    n = _median_per_class(labels, k)
+    if n < smallest:
+        return Judgement(INCONCLUSIVE, score, hi, lo, best, f"too few images per class to judge (median {n:g}, "
+                         f"at least {smallest} needed); {what}")
+    if score >= hi:
+        return Judgement(LIKELY_POISONED, score, hi, lo, best, what + ": the labels are learnable from a shortcut")
+    if score < lo:
+        return Judgement(NO_SIGN, score, hi, lo, best, what + ": no shortcut a quick probe finds")
+    return Judgement(INCONCLUSIVE, score, hi, lo, best, what + ": between the bounds")
