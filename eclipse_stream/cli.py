@@ -279,10 +279,10 @@ def preview(shard, output, num, image_key, denoiser, recipe, t_star, steps, prec
               help="Clean shards of the same classes (e.g. the sparse clean set); repeatable. The verdict then "
                    "compares against them at the same per-class count.")
 @click.option("--threshold", type=float, default=None,
-              help="Score from which the verdict is 'likely poisoned', for every probe; default: each probe's "
-                   "calibrated bound at the sample's size (0.3 over the reference with --reference).")
+              help="Score (with --reference: excess over the reference's) from which the verdict is 'likely "
+                   "poisoned', for every probe; default: each probe's calibrated bound at the sample's size.")
 @click.option("--clean-below", type=float, default=None,
-              help="Score under which a probe sees no sign; default: calibrated (0.15 with --reference).")
+              help="Score (or excess) under which a probe sees no sign; default: calibrated.")
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
               help="Reject images with more pixels (decompression bombs); as purify.")
 @click.option("--on-error", type=click.Choice(ON_ERROR), default="fail",
@@ -304,17 +304,8 @@ def scan(inputs, reference, threshold, clean_below, max_pixels, report, plot, **
     """
     from .scan import ScanConfig, scan_shards
 
-    bounds = {}
-    if reference:
-        key_hi, key_lo = "relative_threshold", "relative_clean_below"
-        if threshold is not None:
-            bounds[key_hi] = threshold
-            bounds[key_lo] = min(threshold, clean_below if clean_below is not None else ScanConfig.relative_clean_below)
-        if clean_below is not None:
-            bounds[key_lo] = clean_below
-            bounds.setdefault(key_hi, max(clean_below, ScanConfig.relative_threshold))
-    else:
-        bounds = {"threshold": threshold, "clean_below": clean_below}
+    hi, lo = ("relative_threshold", "relative_clean_below") if reference else ("threshold", "clean_below")
+    bounds = {hi: threshold, lo: clean_below}  # None: each probe's calibrated bound
     if max_pixels < 1:
         raise click.BadParameter("must be positive", param_hint="--max-pixels")
     cfg = ScanConfig(max_pixels=max_pixels, **bounds, **kwargs)

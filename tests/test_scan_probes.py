@@ -276,3 +276,18 @@ def test_cli_reports_groups_and_exits_10_for_a_poisoned_minority(mixed_shards, t
                                   "--no-null", "--by", "input"])
     assert r.exit_code == 0, r.output
     assert NO_SIGN in r.output
+
+
+def test_reference_bounds_are_the_spread_of_a_difference_of_two_clean_samples(cal):
+    labels = np.repeat(np.arange(10), 50)
+    cfg = ScanConfig()
+    j, table = verdict_module.judge_relative({"a": 0.27, "b": 0.02}, {"a": 0.22, "b": 0.0}, labels, 10, cfg)
+    assert j.verdict == NO_SIGN  # a: +0.05 < 3 * sqrt(2) * 0.03 = 0.127
+    assert table["a"]["poisoned"] == pytest.approx(4 * 2 ** 0.5 * 0.03)
+    j, _ = verdict_module.judge_relative({"a": 0.42, "b": 0.0}, {"a": 0.22, "b": 0.0}, labels, 10, cfg)
+    assert j.verdict == LIKELY_POISONED and j.probe == "a" and j.score == pytest.approx(0.2)
+    j, _ = verdict_module.judge_relative({"a": 0.37, "b": 0.0}, {"a": 0.22, "b": 0.0}, labels, 10, cfg)
+    assert j.verdict == INCONCLUSIVE
+    j, _ = verdict_module.judge_relative({"a": 0.37, "b": 0.0}, {"a": 0.22, "b": 0.0}, labels, 10,
+                                         ScanConfig(relative_threshold=0.1))
+    assert j.verdict == LIKELY_POISONED and j.threshold == 0.1

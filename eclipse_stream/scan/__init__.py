@@ -118,8 +118,8 @@ def _judge(sampled: Sampled, names, cfg, device, ref: Sampled | None, null: bool
                      "sources": ref.sources[:100], "skipped": ref.skipped}
         if ref.classes != sampled.classes:
             reference["warning"] = "the reference's classes differ from the data's"
-        judgement = judge_relative(scores, {p: r["score"] for p, r in ref_found.items()}, sampled.labels, k, cfg)
-        bounds = {}
+        judgement, bounds = judge_relative(scores, {p: r["score"] for p, r in ref_found.items()}, sampled.labels,
+                                           k, cfg)
     return sampled, judgement, found, control, bounds, reference
 
 

@@ -26,6 +26,8 @@ class ScanConfig:
     ``probes``: None runs the default probes (``probes.DEFAULT``; ``thorough`` adds the opt-in ones).
     ``threshold`` / ``clean_below``: None uses each probe's calibrated bounds at the sample's size
     (``calibration.json``, derived from clean CIFAR-10 scores only); a number applies to every probe's score.
+    ``relative_*``: the same for the excess of a probe's score over a clean reference's (calibrated: the clean
+    bounds' z values times sqrt(2) times the probe's clean sd, the spread of a difference of two clean samples).
     Memory: about 50 KB per sampled image at ``probe_size`` 32 (float64 features), so lower ``per_class``
     for datasets with thousands of classes.
     """
@@ -48,8 +50,8 @@ class ScanConfig:
     max_groups: int = 32            # more shards than this: consecutive shards are grouped into this many
     threshold: float | None = None      # None: calibrated per probe and sample size; else score >= this: poisoned
     clean_below: float | None = None    # None: calibrated; else every score < this: no sign
-    relative_threshold: float = 0.3     # with a reference: excess >= this: likely poisoned
-    relative_clean_below: float = 0.15  # with a reference: excess < this: no sign
+    relative_threshold: float | None = None    # with a reference: None: calibrated; else excess >= this: poisoned
+    relative_clean_below: float | None = None  # with a reference: None: calibrated; else every excess < this: no sign
 
     def __post_init__(self) -> None:
         from .probes import PROBES  # the registry (torch); config stays importable without it otherwise
@@ -79,7 +81,8 @@ class ScanConfig:
             raise ValueError(f"max_groups must be positive, not {self.max_groups}")
         if self.threshold is not None and self.clean_below is not None and self.clean_below > self.threshold:
             raise ValueError("the 'clean below' bounds must not exceed the thresholds")
-        if self.relative_clean_below > self.relative_threshold:
+        if (self.relative_threshold is not None and self.relative_clean_below is not None
+                and self.relative_clean_below > self.relative_threshold):
             raise ValueError("the 'clean below' bounds must not exceed the thresholds")
 
     def probe_names(self) -> tuple[str, ...]:

@@ -153,20 +153,46 @@ def judge(scores: dict[str, float], labels: np.ndarray, k: int, cfg: ScanConfig,
 
 
 def judge_relative(scores: dict[str, float], ref_scores: dict[str, float], labels: np.ndarray, k: int,
-                   cfg: ScanConfig) -> Judgement:
-    """The verdict against a clean reference: the largest excess of a probe's score over the reference's."""
-    excess = {p: scores[p] - ref_scores[p] for p in scores}
-    best = max(excess, key=excess.get)
-    score, hi, lo = excess[best], cfg.relative_threshold, cfg.relative_clean_below
-    what = (f"the {best} probe learns these labels {score:+.2f} better than on the clean reference "
-            f"({scores[best]:.2f} vs {ref_scores[best]:.2f})")
-    smallest = min(int(s) for s in calibration()["sizes"])
+                   cfg: ScanConfig) -> tuple[Judgement, dict[str, dict]]:
+    """The verdict against a clean reference sampled alike: each probe's excess over the reference's score,
+    against that probe's bounds for a difference of two clean samples (z * sqrt(2) * clean sd at this size)."""
+    cal = calibration()
     n = _median_per_class(labels, k)
+    policy = cal["policy"]
+    table: dict[str, dict] = {}
+    for p in scores:
+        b = bounds_for(p, n, cal)
+        if b is None and cfg.relative_threshold is None:
+            table[p] = {"calibrated": False, "excess": scores[p] - ref_scores[p]}
+            continue
+        spread = math.sqrt(2) * b.sd if b else None
+        hi = cfg.relative_threshold if cfg.relative_threshold is not None else policy["z_poisoned"] * spread
+        lo = cfg.relative_clean_below if cfg.relative_clean_below is not None else (
+            policy["z_clean"] * spread if b else hi)
+        table[p] = {"calibrated": b is not None, "poisoned": hi, "clean": min(lo, hi),
+                    "excess": scores[p] - ref_scores[p], **({"z": (scores[p] - ref_scores[p]) / spread} if b else {})}
+    voting = {p: t for p, t in table.items() if "poisoned" in t}
+    if not voting:
+        raise ValueError(f"none of the probes {', '.join(scores)} has calibrated bounds; pass a threshold")
+
+    def describe(p):
+        t = voting[p]
+        return (f"the {p} probe learns these labels {t['excess']:+.3f} better than on the clean reference "
+                f"({scores[p]:.3f} vs {ref_scores[p]:.3f})")
+
+    def strength(p):
+        return voting[p].get("z", (voting[p]["excess"] - voting[p]["poisoned"]) * 100)
+
+    best = max(voting, key=strength)
+    smallest = min(int(s) for s in cal["sizes"])
     if n < smallest:
-        return Judgement(INCONCLUSIVE, score, hi, lo, best, f"too few images per class to judge (median {n:g}, "
-                         f"at least {smallest} needed); {what}")
-    if score >= hi:
-        return Judgement(LIKELY_POISONED, score, hi, lo, best, what + ": the labels are learnable from a shortcut")
-    if score < lo:
-        return Judgement(NO_SIGN, score, hi, lo, best, what + ": no shortcut a quick probe finds")
-    return Judgement(INCONCLUSIVE, score, hi, lo, best, what + ": between the bounds")
+        verdict, reason = INCONCLUSIVE, (f"too few images per class to judge (median {n:g}; at least {smallest} "
+                                         f"needed); {describe(best)}")
+    elif any(voting[p]["excess"] >= voting[p]["poisoned"] for p in voting):
+        verdict, reason = LIKELY_POISONED, describe(best) + ": the labels are learnable from a shortcut"
+    elif all(voting[p]["excess"] < voting[p]["clean"] for p in voting):
+        verdict, reason = NO_SIGN, describe(best) + ": no probe learns them better than on clean images"
+    else:
+        verdict, reason = INCONCLUSIVE, describe(best) + ": between the bounds"
+    t = voting[best]
+    return Judgement(verdict, t["excess"], t["poisoned"], t["clean"], best, reason), table
