@@ -160,6 +160,21 @@ def test_bounds_interpolate_in_log_size_floor_the_sd_and_extrapolate_upwards(cal
     assert verdict_module.bounds_for("nope", 50, cal) is None
 
 
+def test_bounds_follow_the_class_count(cal, monkeypatch):
+    few = {**cal, "by_classes": {"2": {"a": {str(n): {"mean": 0.4, "sd": 0.1} for n in (25, 50, 100, 200)}}}}
+    assert verdict_module.bounds_for("a", 50, few, k=2).poisoned == pytest.approx(0.8)
+    mid = verdict_module.bounds_for("a", 50, few, k=round(2 ** 0.5 * 10 ** 0.5))  # ~ half way in log(k): 4
+    assert 0.22 < mid.mean < 0.4 and 0.03 < mid.sd < 0.1
+    many = verdict_module.bounds_for("a", 50, few, k=100)
+    assert many.mean == pytest.approx(0.22) and many.extrapolated  # the 10-class table, said to be beyond it
+    monkeypatch.setattr(verdict_module, "calibration", lambda: few)
+    labels = np.repeat(np.arange(2), 50)
+    j, _ = verdict_module.judge({"a": 0.6}, labels, 2, ScanConfig())  # clean for 2 classes, flagged for 10
+    assert j.verdict == NO_SIGN
+    j, _ = verdict_module.judge({"a": 0.6}, np.repeat(np.arange(10), 50), 10, ScanConfig())
+    assert j.verdict == LIKELY_POISONED
+
+
 def _judge(scores, n=50, seen=None, **cfg):
     labels = np.repeat(np.arange(10), n)
     return verdict_module.judge(scores, labels, 10, ScanConfig(**cfg), seen)

@@ -65,6 +65,7 @@ GENERATED = ("urp", "lsp", "ar", "ops")  # seconds to make: made here in memory,
 #: Families whose look shaped a probe or a bound of the shipped scan (docs/scan.md says how).
 TUNED_ON = {"urp": True, "lsp": True, "ar": True, "ops": True, "cuda": True, "tap": True, "em": False, "sep": False}
 PROCESSING = ("jpeg75", "blur", "gray", "resize")
+CLASS_COUNTS = (2, 5, 10)  # class counts calibrated (a set of another count uses the nearest, see verdict.py)
 MIN_RUNS = 20  # clean subsets a probe needs at a size before it has bounds there
 
 
@@ -210,11 +211,11 @@ class Cache:
         return {p: self.get(set_name, n, seed, p)["score"] for p in names}
 
 
-def verdict_of(scores: dict[str, float], n: int, probes=None) -> tuple[str, str, float]:
-    """The library's verdict on one sample of n per class (10 classes): (verdict, deciding probe, its score)."""
+def verdict_of(scores: dict[str, float], n: int, probes=None, k: int = 10) -> tuple[str, str, float]:
+    """The library's verdict on one sample of n per class of k classes: (verdict, deciding probe, its score)."""
     scores = {p: s for p, s in scores.items() if probes is None or p in probes}
-    labels = np.repeat(np.arange(10), n)
-    j, _ = judge(scores, labels, 10, ScanConfig(per_class=n, null=False, by="none"))
+    labels = np.repeat(np.arange(k), n)
+    j, _ = judge(scores, labels, k, ScanConfig(per_class=n, null=False, by="none"))
     return j.verdict, j.probe, j.score
 
 
@@ -236,13 +237,36 @@ def main() -> None:
     torch.set_num_threads(1)
 
 
+def class_subset(k: int, seed: int) -> np.ndarray:
+    """The classes of a k-class subset (seeded per subset): a dataset of fewer classes than CIFAR-10."""
+    return np.sort(np.random.default_rng([1000, k, seed]).choice(10, size=k, replace=False))
+
+
+def pool_name(k: int) -> str:
+    return "pool" if k == 10 else f"pool-k{k}"
+
+
+def with_classes(load, k: int, seed: int):
+    """A loader of only the seed's k classes (all of them for k = 10)."""
+    if k == 10:
+        return load
+
+    def sub():
+        images, labels = load()
+        keep = np.isin(labels, class_subset(k, seed))
+        return images[keep], labels[keep]
+    return sub
+
+
 @main.command()
 @click.option("--subsets", type=int, default=40, show_default=True, help="Clean subsets per size.")
 @click.option("--sizes", default=",".join(map(str, SIZES)), show_default=True)
+@click.option("--classes", "class_counts", default="10", show_default=True,
+              help="Class counts to calibrate (fewer than 10: a seeded random choice of classes per subset).")
 @click.option("--probes", default=None, help="Comma-separated probes [default: the default set].")
 @click.option("--thorough", is_flag=True, help="Also the opt-in probes.")
 @click.option("--write", is_flag=True, help="Write eclipse_stream/scan/calibration.json from the scores.")
-def clean(subsets, sizes, probes, thorough, write):
+def clean(subsets, sizes, class_counts, probes, thorough, write):
     """Probe scores on clean subsets of the calibration pool; --write stores the calibration."""
     names = _probe_names(thorough, probes)
     cache = Cache()
@@ -253,50 +277,66 @@ def clean(subsets, sizes, probes, thorough, write):
         pool = pool or per_class_slice(*cifar("train"), POOL_START, None)
         return pool
 
-    sizes = [int(s) for s in sizes.split(",")]
-    for n in sizes:
-        t0 = time.time()
-        for seed in range(subsets):
-            cache.scores("pool", n, seed, names, load)
-        _log(f"clean n={n}: {subsets} subsets ({time.time() - t0:.0f} s)")
+    for k in [int(c) for c in class_counts.split(",")]:
+        for n in [int(s) for s in sizes.split(",")]:
+            t0 = time.time()
+            for seed in range(subsets):
+                cache.scores(pool_name(k), n, seed, names, with_classes(load, k, seed))
+            _log(f"clean k={k} n={n}: {subsets} subsets ({time.time() - t0:.0f} s)")
     if write:
         write_calibration(cache, subsets)
 
 
 def write_calibration(cache: Cache, subsets: int) -> dict:
-    """calibration.json from the cached clean-pool scores of every probe with all its sizes cached."""
-    table: dict[str, dict] = {}
+    """calibration.json from the cached clean-pool scores: per class count, probe and size with MIN_RUNS+ runs."""
+    tables: dict[str, dict] = {}
     sizes_seen: set[int] = set()
-    for p in PROBES:
-        rows = {}
-        for n in SIZES:
-            got = [g for g in (cache.get("pool", n, s, p) for s in range(subsets)) if g]
-            if len(got) >= MIN_RUNS:  # the slow opt-in probes are calibrated on fewer subsets than the default ones
-                scores = np.array([g["score"] for g in got])
-                rows[str(n)] = {"mean": round(float(scores.mean()), 5), "sd": round(float(scores.std(ddof=1)), 5),
-                                "max": round(float(scores.max()), 5), "runs": len(scores)}
-                sizes_seen.add(n)
-        if rows:
-            table[p] = rows
-    cal = {"version": 1, "classes": 10, "folds": ScanConfig().folds, "probe_size": ScanConfig().probe_size,
+    for k in CLASS_COUNTS:
+        table: dict[str, dict] = {}
+        for p in PROBES:
+            rows = {}
+            for n in SIZES:
+                got = [g for g in (cache.get(pool_name(k), n, s, p) for s in range(subsets)) if g]
+                if len(got) >= MIN_RUNS:  # the slow opt-in probe is calibrated on fewer subsets than the others
+                    scores = np.array([g["score"] for g in got])
+                    rows[str(n)] = {"mean": round(float(scores.mean()), 5),
+                                    "sd": round(float(scores.std(ddof=1)), 5),
+                                    "max": round(float(scores.max()), 5), "runs": len(scores)}
+                    sizes_seen.add(n)
+            if rows:
+                table[p] = rows
+        if table:
+            tables[str(k)] = table
+    cal = {"version": 2, "classes": 10, "folds": ScanConfig().folds, "probe_size": ScanConfig().probe_size,
            "sizes": sorted(sizes_seen), "needed_for_half_budget": 50, "policy": POLICY,
            "data": (f"CIFAR-10 training split, images {POOL_START}-4999 of every class (JPEG q75 as shipped); "
-                    f"up to {subsets} subsets per size (runs: how many) drawn by the scan's own seeded sampling"),
-           "made_by": f"python -m tools.scan_calibration clean --subsets {subsets} --write",
+                    f"up to {subsets} subsets per size (runs: how many) drawn by the scan's own seeded sampling; "
+                    "fewer classes: a seeded random choice of classes per subset"),
+           "made_by": f"python -m tools.scan_calibration clean --subsets {subsets} --classes "
+                      f"{','.join(tables)} --write",
            "commit": git_commit(), "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "probes": table}
+           "probes": tables["10"], "by_classes": {k: t for k, t in tables.items() if k != "10"}}
     CALIBRATION_FILE.write_text(json.dumps(cal, indent=1) + "\n")
     calibration.cache_clear()
-    _log(f"wrote {CALIBRATION_FILE}: {', '.join(f'{p} ({len(r)} sizes)' for p, r in table.items())}")
+    _log(f"wrote {CALIBRATION_FILE}: {', '.join(f'{p} ({len(r)} sizes)' for p, r in tables['10'].items())}; "
+         f"class counts {', '.join(tables)}")
     return cal
 
 
+VALIDATION_SEED = 100  # class choices of the k-class validation subsets: other seeds than the calibration's
+
+
+def set_classes(set_name: str) -> int:
+    return int(set_name.rsplit("-k", 1)[1]) if "-k" in set_name else 10
+
+
 def _validation_sets():
-    """(name, loader) of the clean validation sets."""
+    """(name, loader) of the clean validation sets; ``test-kK``: K classes of the test split, chosen per subset."""
     def first():
         return per_class_slice(*cifar("train"), 0, POOL_START)
 
     sets = [("train-first1000", first), ("test", lambda: cifar("test"))]
+    sets += [(f"test-k{k}", lambda: cifar("test")) for k in CLASS_COUNTS if k != 10]
     for kind in PROCESSING:
         def load(kind=kind):
             images, labels = cifar("test")
@@ -329,8 +369,12 @@ def validate(subsets, sizes, probes, thorough, only):
             data = data or load()
             return data
 
+        k = set_classes(set_name)
         for n in [int(s) for s in sizes.split(",")]:
-            verdicts = [verdict_of(cache.scores(set_name, n, seed, names, loader), n)[0] for seed in range(subsets)]
+            verdicts = []
+            for seed in range(subsets):
+                scores = cache.scores(set_name, n, seed, names, with_classes(loader, k, VALIDATION_SEED + seed))
+                verdicts.append(verdict_of(scores, n, k=k)[0])
             _log(f"{set_name} n={n}: {verdicts.count(LIKELY_POISONED)} flagged, {verdicts.count(INCONCLUSIVE)} "
                  f"inconclusive of {subsets}")
 
@@ -387,11 +431,12 @@ def report(out, clean_subsets, seeds, purified):
             rows = [cache.get(set_name, n, s, p) for s in range(clean_subsets) for p in names]
             if not all(rows):
                 continue
-            verdicts = [verdict_of(cache.scores(set_name, n, s, names), n) for s in range(clean_subsets)]
-            result["clean"].append({"set": set_name, "per_class": n, "subsets": clean_subsets,
+            k = set_classes(set_name)
+            verdicts = [verdict_of(cache.scores(set_name, n, s, names), n, k=k) for s in range(clean_subsets)]
+            result["clean"].append({"set": set_name, "classes": k, "per_class": n, "subsets": clean_subsets,
                                     "false_positives": sum(v[0] == LIKELY_POISONED for v in verdicts),
                                     "inconclusive": sum(v[0] == INCONCLUSIVE for v in verdicts),
-                                    "max_z": round(max(_max_z(cache.scores(set_name, n, s, names), n)
+                                    "max_z": round(max(_max_z(cache.scores(set_name, n, s, names), n, k)
                                                        for s in range(clean_subsets)), 2)})
     fam_scores: dict[tuple[str, int], list[dict]] = {}
     for kind in [*FAMILIES, *(f"{k}-half" for k in GENERATED)]:
@@ -426,10 +471,10 @@ def report(out, clean_subsets, seeds, purified):
     _log(f"wrote {out}.json and {out}.md")
 
 
-def _max_z(scores: dict[str, float], n: int) -> float:
+def _max_z(scores: dict[str, float], n: int, k: int = 10) -> float:
     from eclipse_stream.scan.verdict import bounds_for
 
-    return max(bounds_for(p, n).z(s) for p, s in scores.items())
+    return max(bounds_for(p, n, k=k).z(s) for p, s in scores.items())
 
 
 def caught(scores: list[dict], n: int, probe: str) -> bool:

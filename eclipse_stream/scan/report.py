@@ -143,7 +143,8 @@ def _draw_plot(result: ScanResult):
     d.text((12, 8), f"{result.verdict.upper()}   {result.best_probe} score {result.score:.3f} "
                     f"({'excess over the clean reference' if result.mode == 'relative' else 'absolute'}); "
                     f"likely poisoned >= {result.threshold:.2f}, no sign < {result.clean_below:.2f}"
-                    + (f"; flagged groups: {len(groups)} of {len(result.groups)}" if result.groups else ""),
+                    + (f"; groups flagged {len(groups)}, scored {sum('verdict' in g for g in result.groups.values())}"
+                       f" of {len(result.groups)}" if result.groups else ""),
            fill=colour)
     d.text((12, 24), result.reason[:180], fill=(60, 60, 60))
     k = len(result.classes)

@@ -67,28 +67,50 @@ class Judgement:
     reason: str
 
 
-def bounds_for(probe: str, per_class: float, cal: dict | None = None) -> Bounds | None:
-    """``probe``'s bounds at ``per_class`` images per class; None if the probe is not calibrated."""
-    cal = cal or calibration()
-    rows = cal["probes"].get(probe)
-    if not rows:
-        return None
+def _tables(cal: dict) -> dict[int, dict]:
+    """Calibration tables by class count (10: ``probes``; others: ``by_classes``)."""
+    return {int(cal.get("classes", 10)): cal["probes"], **{int(k): t for k, t in cal.get("by_classes", {}).items()}}
+
+
+def _stats(rows: dict, per_class: float) -> tuple[float, float]:
+    """Clean mean and sd at ``per_class``, interpolated in log2 between the calibrated sizes."""
     sizes = sorted(int(s) for s in rows)
     logs = [math.log2(s) for s in sizes]
     t = math.log2(max(per_class, 1))
     means = [rows[str(s)]["mean"] for s in sizes]
     sds = [rows[str(s)]["sd"] for s in sizes]
     if t <= logs[0] or len(sizes) == 1:
-        mean, sd = means[0], sds[0]
-    elif t >= logs[-1]:  # beyond the largest size: the last segment's trend (clean scores rise with n)
+        return means[0], sds[0]
+    if t >= logs[-1]:  # beyond the largest size: the last segment's trend (clean scores rise with n)
         slope = (means[-1] - means[-2]) / (logs[-1] - logs[-2])
-        mean, sd = means[-1] + max(0.0, slope) * (t - logs[-1]), sds[-1]
+        return means[-1] + max(0.0, slope) * (t - logs[-1]), sds[-1]
+    return float(np.interp(t, logs, means)), float(np.interp(t, logs, sds))
+
+
+def bounds_for(probe: str, per_class: float, cal: dict | None = None, k: int | None = None) -> Bounds | None:
+    """``probe``'s bounds at ``per_class`` images per class for ``k`` classes (default: the calibration's);
+    None if the probe is not calibrated. Between calibrated class counts mean and sd are interpolated in
+    log(k); above the largest count the largest count's table is used."""
+    cal = cal or calibration()
+    tables = {c: t[probe] for c, t in _tables(cal).items() if t.get(probe)}
+    if not tables:
+        return None
+    counts = sorted(tables)
+    k = k or int(cal.get("classes", 10))
+    lower = max([c for c in counts if c <= k], default=counts[0])
+    upper = min([c for c in counts if c >= k], default=counts[-1])
+    m_lo, s_lo = _stats(tables[lower], per_class)
+    if upper == lower:
+        mean, sd = m_lo, s_lo
     else:
-        mean, sd = float(np.interp(t, logs, means)), float(np.interp(t, logs, sds))
+        m_hi, s_hi = _stats(tables[upper], per_class)
+        w = (math.log(k) - math.log(lower)) / (math.log(upper) - math.log(lower))
+        mean, sd = m_lo + w * (m_hi - m_lo), s_lo + w * (s_hi - s_lo)
+    sizes = sorted(int(s) for s in tables[lower])
     policy = cal["policy"]
     sd = max(sd, policy["min_sd"])
     return Bounds(mean, sd, mean + policy["z_poisoned"] * sd, mean + policy["z_clean"] * sd,
-                  extrapolated=not sizes[0] <= per_class <= sizes[-1])
+                  extrapolated=not sizes[0] <= per_class <= sizes[-1] or k > counts[-1])
 
 
 def _median_per_class(labels: np.ndarray, k: int) -> float:
@@ -103,7 +125,7 @@ def judge(scores: dict[str, float], labels: np.ndarray, k: int, cfg: ScanConfig,
     n = _median_per_class(labels, k)
     table: dict[str, dict] = {}
     for name, score in scores.items():
-        b = bounds_for(name, n, cal)
+        b = bounds_for(name, n, cal, k)
         if b is None and cfg.threshold is None:
             table[name] = {"calibrated": False}
             continue
@@ -121,6 +143,10 @@ def judge(scores: dict[str, float], labels: np.ndarray, k: int, cfg: ScanConfig,
 
     best = max(voting, key=strength)
     t = voting[best]
+    caution = ""
+    if k > max(_tables(cal)) and cfg.threshold is None:
+        caution = (f" (the bounds were calibrated up to {max(_tables(cal))} classes, this sample has {k}: a "
+                   "--reference of clean images of the same classes is the sound judge here)")
     what = (f"the {best} probe scores {scores[best]:.3f}"
             + (f", {t['z']:.1f} clean standard deviations above clean CIFAR-10 ({t['clean_mean']:.3f})"
                if "z" in t else ""))
@@ -139,17 +165,17 @@ def judge(scores: dict[str, float], labels: np.ndarray, k: int, cfg: ScanConfig,
         others = [p for p in flagged if p != best]
         return Judgement(LIKELY_POISONED, scores[best], t["poisoned"], t["clean"], best,
                          what + ": the labels are learnable from a shortcut"
-                         + (f" (also over its bound: {', '.join(others)})" if others else "")), table
+                         + (f" (also over its bound: {', '.join(others)})" if others else "") + caution), table
     if all(scores[p] < voting[p]["clean"] for p in voting):
         return Judgement(NO_SIGN, scores[best], t["poisoned"], t["clean"], best,
-                         what + ": within the range of clean photos on every probe"), table
+                         what + ": within the range of clean photos on every probe" + caution), table
     between = [p for p in voting if scores[p] >= voting[p]["clean"]]
     more = ""
     largest = max(int(s) for s in cal["sizes"])
     if seen and n < largest and min(seen.values()) > n:
         more = f"; a larger sample may decide (--per-class {min(largest, min(seen.values()))})"
     return Judgement(INCONCLUSIVE, scores[best], t["poisoned"], t["clean"], best,
-                     what + f": between the clean and poisoned bounds ({', '.join(between)})" + more), table
+                     what + f": between the clean and poisoned bounds ({', '.join(between)})" + more + caution), table
 
 
 def judge_relative(scores: dict[str, float], ref_scores: dict[str, float], labels: np.ndarray, k: int,
@@ -161,7 +187,7 @@ def judge_relative(scores: dict[str, float], ref_scores: dict[str, float], label
     policy = cal["policy"]
     table: dict[str, dict] = {}
     for p in scores:
-        b = bounds_for(p, n, cal)
+        b = bounds_for(p, n, cal, k)
         if b is None and cfg.relative_threshold is None:
             table[p] = {"calibrated": False, "excess": scores[p] - ref_scores[p]}
             continue
