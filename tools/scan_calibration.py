@@ -55,10 +55,14 @@ from .common import (
 
 WORK = PROJECT_ROOT / "runs" / "scan-cal"
 SIZES = (25, 50, 100, 200)
-#: The false-positive policy, fixed before any poisoned set was scored with the new probes: a probe flags a set
-#: at 4 clean standard deviations above the clean mean (one-sided Gaussian tail 3e-5 per probe), calls it clean
-#: below 3 (0.13% per probe of clean sets inconclusive), and no probe's sd counts as less than 0.01.
-POLICY = {"z_poisoned": 4.0, "z_clean": 3.0, "min_sd": 0.01}
+#: The false-positive policy: a probe flags a set at 4 clean standard deviations above the clean mean (one-sided
+#: Gaussian tail 3e-5 per probe) and calls it clean below 3 (0.13% per probe of clean sets inconclusive); no probe's
+#: sd counts as less than 0.025, i.e. a probe must rise at least 0.10 above clean photos to flag a set. The first
+#: policy (min_sd 0.01, fixed before any poisoned set was scored) flagged 16 of 20 clean test subsets blurred
+#: (sigma 1) at 200 per class: the blur lifts the pixels probe from 0.04 to 0.08-0.11, a tight distribution's
+#: 4-6 sd. The floor was raised on that evidence alone (before TAP, EM or SEP had been scored) and the
+#: processing check repeated on other images (docs/scan.md).
+POLICY = {"z_poisoned": 4.0, "z_clean": 3.0, "min_sd": 0.025}
 POOL_START = 1000  # the calibration pool: training images POOL_START.. of each class (the poisons use the first 1000)
 FAMILIES = ("urp", "lsp", "ar", "ops", "em", "cuda", "tap", "sep")
 GENERATED = ("urp", "lsp", "ar", "ops")  # seconds to make: made here in memory, as the driver makes them
@@ -337,6 +341,15 @@ def _validation_sets():
 
     sets = [("train-first1000", first), ("test", lambda: cifar("test"))]
     sets += [(f"test-k{k}", lambda: cifar("test")) for k in CLASS_COUNTS if k != 10]
+    for kind in PROCESSING:  # the processing check repeated on other images after the policy's revision
+        def load_first(kind=kind):
+            path = WORK / f"first1000-{kind}.npz"
+            if not path.is_file():
+                images, labels = first()
+                np.savez(path, images=processed(kind, images), labels=labels)
+            z = np.load(path)
+            return z["images"], z["labels"]
+        sets.append((f"train-first1000-{kind}", load_first))
     for kind in PROCESSING:
         def load(kind=kind):
             images, labels = cifar("test")
