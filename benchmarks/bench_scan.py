@@ -17,6 +17,7 @@ Detection and false-positive rates at every sample size are measured by ``python
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -30,8 +31,10 @@ import webdataset as wds
 
 from . import common
 
-FULL = {"per_class": 100, "families": "cuda,tap,sep,em", "mixed": "lsp,tap,cuda", "shards": 10, "poisoned_shards": 2}
-QUICK = {"per_class": 25, "families": "urp", "mixed": "urp", "shards": 4, "poisoned_shards": 1}
+FULL = {"per_class": 100, "group_per_class": 50, "families": "cuda,tap,sep,em", "mixed": "lsp,tap,cuda",
+        "shards": 10, "poisoned_shards": 2, "thorough": True}
+QUICK = {"per_class": 25, "group_per_class": 25, "families": "urp", "mixed": "urp", "shards": 4,
+         "poisoned_shards": 1, "thorough": False}
 TIME_TARGET_S = 60.0
 
 
@@ -86,7 +89,8 @@ def quick_data(work: Path) -> tuple[Path, Path]:
     from tools.poisons.driver import poison_split
     from tools.prepare import prepare
 
-    prepare(None, work / "clean", limit_per_class=40, shard_size=100, sparse_per_class=10, beton=False)
+    prepare(None, work / "clean", limit_per_class=100, shard_size=250, sparse_per_class=10, beton=False,
+            test_limit_per_class=10)
     poison_split("urp", work / "clean" / "train", work / "poisoned" / "urp", log=lambda *_: None)
     return work / "clean" / "train", work / "poisoned"
 
@@ -96,6 +100,9 @@ def main() -> None:
     p.add_argument("--clean", type=Path, default=None, help="clean CPU-protocol training shards")
     p.add_argument("--poisoned-root", type=Path, default=None, help="folder of poisoned sets (<kind>/norms.json)")
     p.add_argument("--per-class", type=int, default=None)
+    p.add_argument("--group-per-class", type=int, default=None)
+    p.add_argument("--thorough", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time --thorough on the clean set")
     p.add_argument("--families", default=None, help="poisoned sets to time (those present)")
     p.add_argument("--mixed", default=None, help="families for the mixed-shard sets")
     p.add_argument("--shards", type=int, default=None)
@@ -109,7 +116,7 @@ def main() -> None:
             args.clean, args.poisoned_root = quick_data(work / "quick")
         if args.clean is None or args.poisoned_root is None:
             p.error("--clean and --poisoned-root are needed (or --quick)")
-        extra = ["--per-class", str(args.per_class), "--device", "cpu"]
+        extra = ["--per-class", str(args.per_class), "--group-per-class", str(args.group_per_class), "--device", "cpu"]
         timing = []
         sets = [("clean", args.clean)] + [(k, args.poisoned_root / k) for k in args.families.split(",")
                                            if (args.poisoned_root / k / "norms.json").is_file()]
@@ -118,10 +125,11 @@ def main() -> None:
             timing.append({"set": name, "options": "default", **{k: v for k, v in r.items() if k != "groups"},
                            "groups_flagged": sum(g.get("verdict") == "likely poisoned" for g in r["groups"].values())})
             print(json.dumps(timing[-1]), flush=True)
-        r = run_cli([args.clean], work / "clean-thorough.json", *extra, "--thorough")
-        timing.append({"set": "clean", "options": "--thorough", **{k: v for k, v in r.items() if k != "groups"},
-                       "groups_flagged": sum(g.get("verdict") == "likely poisoned" for g in r["groups"].values())})
-        print(json.dumps(timing[-1]), flush=True)
+        if args.thorough:
+            r = run_cli([args.clean], work / "clean-thorough.json", *extra, "--thorough")
+            timing.append({"set": "clean", "options": "--thorough", **{k: v for k, v in r.items() if k != "groups"},
+                           "groups_flagged": sum(g.get("verdict") == "likely poisoned" for g in r["groups"].values())})
+            print(json.dumps(timing[-1]), flush=True)
 
         mixed = []
         clean = read_set(args.clean)

@@ -97,3 +97,13 @@ def test_bf16_output_close_to_fp32(one_thread):
     x = common.decode_uint8(common.read_cifar_jpegs(4), 4).float() / 255.0
     diff = precision_diff(denoiser, x, t_star=100, steps=3, precision="bf16")
     assert 0 < diff <= MAX_DIFF, f"bf16 vs fp32 mean |diff| = {diff:.4f} in 0..255 units"
+
+
+def test_bench_scan_quick(tmp_path):
+    r = run_quick("bench_scan", tmp_path)
+    timing = {row["set"]: row for row in r["CLI time"]}
+    assert timing["clean"]["exit_status"] in (0, 11) and timing["urp"]["exit_status"] == 10
+    assert all(row["wall_s"] > 0 and row["images"] == 1000 for row in r["CLI time"])
+    (mixed,) = r["Mixed sets"]
+    assert mixed["family"] == "urp" and mixed["poisoned_shards"] == ["mixed-000001.tar"]
+    assert mixed["poisoned_flagged"] == 1 and mixed["clean_flagged"] == 0 and mixed["exit_status"] == 10
