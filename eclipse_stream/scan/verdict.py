@@ -89,7 +89,7 @@ def _stats(rows: dict, per_class: float) -> tuple[float, float]:
 
 def bounds_for(probe: str, per_class: float, cal: dict | None = None, k: int | None = None) -> Bounds | None:
     """``probe``'s bounds at ``per_class`` images per class for ``k`` classes (default: the calibration's);
-    None if the probe is not calibrated. Between calibrated class counts mean and sd are interpolated in
+    None if the probe is not calibrated (for so few classes). Between calibrated class counts mean and sd are interpolated in
     log(k); above the largest count the largest count's table is used."""
     cal = cal or calibration()
     tables = {c: t[probe] for c, t in _tables(cal).items() if t.get(probe)}
@@ -97,6 +97,8 @@ def bounds_for(probe: str, per_class: float, cal: dict | None = None, k: int | N
         return None
     counts = sorted(tables)
     k = k or int(cal.get("classes", 10))
+    if k < counts[0]:  # fewer classes than any calibrated for this probe (e.g. the opt-in probe: 10 only)
+        return None
     lower = max([c for c in counts if c <= k], default=counts[0])
     upper = min([c for c in counts if c >= k], default=counts[-1])
     m_lo, s_lo = _stats(tables[lower], per_class)
