@@ -66,8 +66,10 @@ POLICY = {"z_poisoned": 4.0, "z_clean": 3.0, "min_sd": 0.025}
 POOL_START = 1000  # the calibration pool: training images POOL_START.. of each class (the poisons use the first 1000)
 FAMILIES = ("urp", "lsp", "ar", "ops", "em", "cuda", "tap", "sep")
 GENERATED = ("urp", "lsp", "ar", "ops")  # seconds to make: made here in memory, as the driver makes them
-#: Families whose look shaped a probe or a bound of the shipped scan (docs/scan.md says how).
-TUNED_ON = {"urp": True, "lsp": True, "ar": True, "ops": True, "cuda": True, "tap": True, "em": False, "sep": False}
+#: Families whose scores shaped a probe or a bound of the shipped scan (docs/scan.md says how): the first three
+#: probes were chosen on URP, LSP, AR and OPS, the spectrum probe after CUDA's scores; the probes and the policy were
+#: frozen (bb4054d) before TAP, EM or SEP were scored.
+TUNED_ON = {"urp": True, "lsp": True, "ar": True, "ops": True, "cuda": True, "tap": False, "em": False, "sep": False}
 PROCESSING = ("jpeg75", "blur", "gray", "resize")
 CLASS_COUNTS = (2, 5, 10)  # class counts calibrated (a set of another count uses the nearest, see verdict.py)
 MIN_RUNS = 20  # clean subsets a probe needs at a size before it has bounds there
@@ -468,6 +470,17 @@ def report(out, clean_subsets, seeds, purified):
                 "probes": [v[1] for v in verdicts],
                 "probe_scores": {p: [round(sc[p], 3) for sc in scores] for p in names}})
     result["lofo"] = leave_one_family_out(fam_scores, names)
+    result["thorough"] = []
+    for p in (t for t in THOROUGH if t in cal["probes"]):
+        for set_name in [*FAMILIES, "test", "test-blur"]:
+            for n in SIZES:
+                runs = [r for r in (cache.get(set_name, n, s, p) for s in range(clean_subsets)) if r]
+                if runs:
+                    verdicts = [verdict_of({p: r["score"]}, n)[0] for r in runs]
+                    result["thorough"].append({"probe": p, "set": set_name, "per_class": n, "runs": len(runs),
+                                               "flagged_alone": verdicts.count(LIKELY_POISONED),
+                                               "scores": [round(r["score"], 3) for r in runs[:3]],
+                                               "seconds_each": round(float(np.mean([r["seconds"] for r in runs])), 1)})
     for item in purified:
         name, _, family = item.partition("=")
         for n in SIZES:
@@ -516,8 +529,8 @@ def leave_one_family_out(fam_scores: dict, names: tuple[str, ...]) -> list[dict]
     """For each family: the probes the rule selects without it, and its verdicts under those probes."""
     fams = sorted({f for f, _ in fam_scores}, key=lambda f: [*FAMILIES, *(f"{k}-half" for k in GENERATED)].index(f))
     rows = []
-    for held in fams:
-        chosen = select_probes(fam_scores, [f for f in fams if f != held], names)
+    for held in fams:  # a family's half-budget variant is held out with it
+        chosen = select_probes(fam_scores, [f for f in fams if f.split("-")[0] != held.split("-")[0]], names)
         for (f, n), scores in sorted(fam_scores.items(), key=lambda kv: kv[0][1]):
             if f != held:
                 continue
@@ -554,6 +567,13 @@ def markdown(r: dict) -> str:
     for row in r["lofo"]:
         lines.append(f"| {row['held_out']} | {row['per_class']} | {', '.join(row['probes_selected_without_it'])} | "
                      f"{row['flagged']}/{row['runs']} |")
+    if r.get("thorough"):
+        lines += ["", "## The opt-in probe alone (`--thorough`)", "",
+                  "| probe | set | images/class | runs | flagged by it alone | scores (first 3) | s each |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in r["thorough"]:
+            lines.append(f"| {t['probe']} | {t['set']} | {t['per_class']} | {t['runs']} | {t['flagged_alone']} | "
+                         f"{', '.join(f'{v:.2f}' for v in t['scores'])} | {t['seconds_each']} |")
     if r["purified"]:
         lines += ["", "## Before and after `eclipse-stream purify` (seed 0)", "",
                   "| family | images/class | poisoned | purified |", "|---|---|---|---|"]
