@@ -39,7 +39,7 @@ from eclipse_stream.scan import probes as probe_module
 from eclipse_stream.scan.config import INCONCLUSIVE, LIKELY_POISONED, NO_SIGN, ScanConfig
 from eclipse_stream.scan.probes import DEFAULT, PROBES, THOROUGH, ProbeData
 from eclipse_stream.scan.sampling import sample_arrays
-from eclipse_stream.scan.verdict import CALIBRATION_FILE, calibration, judge
+from eclipse_stream.scan.verdict import CALIBRATION_FILE, calibration, judge, judge_relative
 
 from .common import (
     CLASS_INDEX,
@@ -470,6 +470,20 @@ def report(out, clean_subsets, seeds, purified):
                 "probes": [v[1] for v in verdicts],
                 "probe_scores": {p: [round(sc[p], 3) for sc in scores] for p in names}})
     result["lofo"] = leave_one_family_out(fam_scores, names)
+    result["reference"] = []  # --reference: the clean test split's subset of the same seed and size as reference
+    for set_name in ["train-first1000", *FAMILIES]:
+        runs = clean_subsets if set_name == "train-first1000" else seeds
+        for n in SIZES:
+            pairs = [(cache.scores(set_name, n, s, names), cache.scores("test", n, s, names)) for s in range(runs)
+                     if all(cache.get(set_name, n, s, p) and cache.get("test", n, s, p) for p in names)]
+            if len(pairs) == runs:
+                labels = np.repeat(np.arange(10), n)
+                js = [judge_relative(a, b, labels, 10, ScanConfig(per_class=n, by="none"))[0] for a, b in pairs]
+                result["reference"].append({"set": set_name, "per_class": n, "runs": runs,
+                                            "flagged": sum(j.verdict == LIKELY_POISONED for j in js),
+                                            "inconclusive": sum(j.verdict == INCONCLUSIVE for j in js),
+                                            "excess": [round(j.score, 3) for j in js[:3]],
+                                            "probes": sorted({j.probe for j in js})})
     result["thorough"] = []
     for p in (t for t in THOROUGH if t in cal["probes"]):
         for set_name in [*FAMILIES, "test", "test-blur"]:
@@ -567,6 +581,13 @@ def markdown(r: dict) -> str:
     for row in r["lofo"]:
         lines.append(f"| {row['held_out']} | {row['per_class']} | {', '.join(row['probes_selected_without_it'])} | "
                      f"{row['flagged']}/{row['runs']} |")
+    if r.get("reference"):
+        lines += ["", "## With a clean reference (`--reference`: a test-split subset of the same size)", "",
+                  "| set | images/class | runs | flagged | inconclusive | excess (first 3) | deciding probes |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in r["reference"]:
+            lines.append(f"| {t['set']} | {t['per_class']} | {t['runs']} | {t['flagged']} | {t['inconclusive']} | "
+                         f"{', '.join(f'{v:+.2f}' for v in t['excess'])} | {', '.join(t['probes'])} |")
     if r.get("thorough"):
         lines += ["", "## The opt-in probe alone (`--thorough`)", "",
                   "| probe | set | images/class | runs | flagged by it alone | scores (first 3) | s each |",
