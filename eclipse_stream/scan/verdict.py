@@ -89,8 +89,8 @@ def _stats(rows: dict, per_class: float) -> tuple[float, float]:
 
 def bounds_for(probe: str, per_class: float, cal: dict | None = None, k: int | None = None) -> Bounds | None:
     """``probe``'s bounds at ``per_class`` images per class for ``k`` classes (default: the calibration's);
-    None if the probe is not calibrated (for so few classes). Between calibrated class counts mean and sd are interpolated in
-    log(k); above the largest count the largest count's table is used."""
+    None if the probe is not calibrated (for so few classes). Between calibrated class counts mean and sd are
+    interpolated in log(k); above the largest count the largest count's table is used."""
     cal = cal or calibration()
     tables = {c: t[probe] for c, t in _tables(cal).items() if t.get(probe)}
     if not tables:
