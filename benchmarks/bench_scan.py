@@ -1,23 +1,18 @@
-"""How well `eclipse-stream scan` tells poisoned from clean CIFAR-10, and how fast it is.
+"""How long ``eclipse-stream scan`` takes as a whole command, and whether it finds a poisoned minority of shards.
 
-Measures, on the shared CIFAR-10 (real images):
+* **time**: the CLI with default settings (100 images per class, per-shard verdicts) on CPU-protocol sets
+  (10,000 CIFAR-10 training images in 4 shards: the clean one and each finished poisoned one under
+  ``--poisoned-root``), wall clock of the whole command in a subprocess (Python start, imports, reading,
+  probes, report); ``--thorough`` once on the clean set.
+* **mixed sets**: 10 shards of 1,000 images (100 per class each) cut from the same 10,000 images, 2 of them
+  taken from a poisoned copy (``--mixed`` families): each shard's verdict and the whole set's (20% poisoned).
 
-* detection: for URP, LSP, AR, OPS (``tools/poisons``, the generators ``python -m tools.evaluate
-  poison`` uses) at their documented budget and at half of it, the verdict of a scan at several
-  images per class, over several seeds (each seed: another random subset and other folds);
-* false positives: scans of clean subsets (a different random subset per seed);
-* time: the CLI on 10 shards of 2,500 CIFAR-sized images (``tools.evaluate prepare``), clean and
-  URP-poisoned (``tools.evaluate poison urp``), wall clock of the whole command.
+Detection and false-positive rates at every sample size are measured by ``python -m tools.scan_calibration``
+(docs/scan.md), not here.
 
-Half budget: URP L-inf 4/255, LSP L2 0.65, AR L2 0.5; OPS has an L0 budget of one pixel, so its
-"half" keeps the pixel and moves it half way to the class colour.
-
-Poisons are generated on the first ``--pool`` images per class of the prepared training split
-(generating them on all 50,000 images is the same construction, only slower); clean subsets are
-drawn from all ``--limit-per-class`` images per class.
-
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_scan --per-class 10,25,50,100,200   # ~10 min on 2 cores
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_scan --quick    # smoke run
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_scan --clean runs/eval-cpu/clean/train \\
+        --poisoned-root runs/eval-cpu/poisoned                      # minutes on 2 cores
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_scan --quick       # seconds: a tiny URP set made here
 """
 
 from __future__ import annotations
@@ -25,226 +20,153 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
+import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
+import webdataset as wds
 
-ROOT = Path(__file__).resolve().parents[1]
+from . import common
 
-
-def _git() -> str:
-    """HEAD, plus the uncommitted files (of the package, the tools, this script) the run used, if any."""
-    def run(*a):
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout
-    dirty = run("status", "--porcelain", "--", "eclipse_stream", "benchmarks/bench_scan.py", "tools").splitlines()
-    files = sorted(line.split(maxsplit=1)[1] for line in dirty if line.endswith(".py"))
-    return run("rev-parse", "--short", "HEAD").strip() + (f" + uncommitted {', '.join(files)}" if files else "")
+FULL = {"per_class": 100, "group_per_class": 50, "families": "cuda,tap,sep,em", "mixed": "lsp,tap,cuda",
+        "shards": 10, "poisoned_shards": 2, "thorough": True}
+QUICK = {"per_class": 25, "group_per_class": 25, "families": "urp", "mixed": "urp", "shards": 4,
+         "poisoned_shards": 1, "thorough": False}
+TIME_TARGET_S = 60.0
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-def poisoned_images(kind: str, fraction: float, clean: np.ndarray, labels: np.ndarray, seed: int = 0):
-    from tools.poisons import POISONS
-    from tools.poisons.base import Budget, quantize
-
-    module = POISONS[kind]
-    budget = module.BUDGET
-    if kind == "ops":  # L0 budget: same pixel, moved `fraction` of the way to the class colour
-        return quantize(clean, module.generate(clean, labels, seed=seed) * fraction, budget)
-    eps = budget.eps * fraction
-    return quantize(clean, module.generate(clean, labels, seed=seed, eps=eps), Budget(budget.norm, eps))
-
-
-def prepare(work: Path, limit: int) -> Path:
-    """10 training shards of 2,500 images with the project's own tool (skipped when present)."""
-    out = work / f"clean{limit}"
-    if not (out / "train" / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "tools.evaluate", "prepare", "--limit-per-class", str(limit),
-                        "--no-beton", "--out", str(out)], cwd=ROOT, check=True)
-    return out / "train"
-
-
-def poison_shards(work: Path, train: Path, kind: str) -> Path:
-    out = work / f"{kind}-{train.parent.name}"
-    if not (out / "norms.json").is_file():
-        subprocess.run([sys.executable, "-m", "tools.evaluate", "poison", kind, "--in", str(train),
-                        "--out", str(out)], cwd=ROOT, check=True)
-    return out
-
-
-def time_cli(shards: Path, report: Path, plot: Path) -> dict:
-    cmd = [sys.executable, "-m", "eclipse_stream.cli", "scan", str(shards), "--report", str(report),
-           "--plot", str(plot)]
+def run_cli(inputs: list[Path], report: Path, *extra: str) -> dict:
+    """The whole scan command in a subprocess; its exit status, verdict, groups and wall seconds."""
+    cmd = [sys.executable, "-m", "eclipse_stream.cli", "scan", *map(str, inputs), "--report", str(report), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 10, 11):
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     data = json.loads(report.read_text())
-    n_shards = len(list(shards.glob("*.tar")))
-    return {"input": str(shards.relative_to(ROOT)), "shards": n_shards, "images_in_input": sum(data["seen"].values()),
-            "exit_status": r.returncode, "verdict": data["verdict"], "score": round(data["score"], 3),
-            "wall_seconds": round(wall, 1), "read_seconds": data["seconds"]["read"],
-            "probe_seconds": data["seconds"]["probes"], "stdout": r.stdout}
+    return {"exit_status": proc.returncode, "verdict": data["verdict"], "probe": data["best_probe"],
+            "score": round(data["score"], 3), "wall_s": round(wall, 1), "read_s": data["seconds"]["read"],
+            "probes_s": data["seconds"]["probes"], "groups": data["groups"], "images": sum(data["seen"].values())}
+
+
+def read_set(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    from tools.common import read_split
+
+    return read_split(folder)
+
+
+def write_mixed(out: Path, clean: tuple, poisoned: tuple, shards: int, poisoned_idx: list[int]) -> list[Path]:
+    """``shards`` shards, each with an equal share of every class (classes interleaved); shard i is cut from the
+    poisoned copy when i is in ``poisoned_idx``. The same images either way (the poisoned copy of each)."""
+    keys, images, labels = clean
+    p_keys, p_images, p_labels = poisoned
+    if keys != p_keys or not np.array_equal(labels, p_labels):
+        raise ValueError("the poisoned set is not a copy of the clean one (keys or labels differ)")
+    out.mkdir(parents=True, exist_ok=True)
+    part = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        part[members] = np.arange(len(members)) * shards // len(members)
+    paths = []
+    for i in range(shards):
+        src = p_images if i in poisoned_idx else images
+        path = out / f"mixed-{i:06d}.tar"
+        tmp = path.with_suffix(".tmp")
+        with wds.TarWriter(str(tmp)) as sink:
+            for j in np.flatnonzero(part == i):
+                sink.write({"__key__": keys[j], "png": src[j], "cls": int(labels[j])})
+        tmp.rename(path)
+        paths.append(path)
+    return paths
+
+
+def quick_data(work: Path) -> tuple[Path, Path]:
+    """A tiny clean set (tools.prepare) and its URP copy, made here (seconds)."""
+    from tools.poisons.driver import poison_split
+    from tools.prepare import prepare
+
+    prepare(None, work / "clean", limit_per_class=100, shard_size=250, sparse_per_class=10, beton=False,
+            test_limit_per_class=10)
+    poison_split("urp", work / "clean" / "train", work / "poisoned" / "urp", log=lambda *_: None)
+    return work / "clean" / "train", work / "poisoned"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "scan")
-    p.add_argument("--limit-per-class", type=int, default=2500, help="prepared training images per class")
-    p.add_argument("--pool", type=int, default=500, help="images per class the poisons are generated on")
-    p.add_argument("--per-class", default="10,25,50,100", help="scan sizes (images per class)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per poisoned cell")
-    p.add_argument("--clean-seeds", type=int, default=20, help="clean subsets per size")
-    p.add_argument("--poisons", default="urp,lsp,ar,ops")
-    p.add_argument("--parts", default="detection,clean,relative,timing",
-                   help="which measurements: detection, clean, relative (--reference mode), timing")
-    p.add_argument("--relative-per-class", default="50,100", help="scan sizes for the --reference mode")
-    p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few seeds")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = p.parse_args()
-    if args.quick:
-        args.limit_per_class, args.pool, args.per_class = 100, 50, "25"  # pool within the first half (relative)
-        args.seeds, args.clean_seeds, args.relative_per_class = 1, 2, "25"
-        args.parts = args.parts.replace("timing", "")
-    torch.set_num_threads(1)
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--clean", type=Path, default=None, help="clean CPU-protocol training shards")
+    p.add_argument("--poisoned-root", type=Path, default=None, help="folder of poisoned sets (<kind>/norms.json)")
+    p.add_argument("--per-class", type=int, default=None)
+    p.add_argument("--group-per-class", type=int, default=None)
+    p.add_argument("--thorough", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time --thorough on the clean set")
+    p.add_argument("--families", default=None, help="poisoned sets to time (those present)")
+    p.add_argument("--mixed", default=None, help="families for the mixed-shard sets")
+    p.add_argument("--shards", type=int, default=None)
+    p.add_argument("--poisoned-shards", type=int, default=None)
+    p.add_argument("--work", type=Path, default=None, help="where the mixed shards go [default: a temporary folder]")
+    args = common.resolve(p.parse_args(), FULL, QUICK)
+    env = common.environment("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        if args.quick and args.clean is None:
+            args.clean, args.poisoned_root = quick_data(work / "quick")
+        if args.clean is None or args.poisoned_root is None:
+            p.error("--clean and --poisoned-root are needed (or --quick)")
+        extra = ["--per-class", str(args.per_class), "--group-per-class", str(args.group_per_class), "--device", "cpu"]
+        timing = []
+        sets = [("clean", args.clean)] + [(k, args.poisoned_root / k) for k in args.families.split(",")
+                                           if (args.poisoned_root / k / "norms.json").is_file()]
+        for name, folder in sets:
+            r = run_cli([folder], work / f"{name}.json", *extra)
+            timing.append({"set": name, "options": "default", **{k: v for k, v in r.items() if k != "groups"},
+                           "groups_flagged": sum(g.get("verdict") == "likely poisoned" for g in r["groups"].values())})
+            print(json.dumps(timing[-1]), flush=True)
+        if args.thorough:
+            r = run_cli([args.clean], work / "clean-thorough.json", *extra, "--thorough")
+            timing.append({"set": "clean", "options": "--thorough", **{k: v for k, v in r.items() if k != "groups"},
+                           "groups_flagged": sum(g.get("verdict") == "likely poisoned" for g in r["groups"].values())})
+            print(json.dumps(timing[-1]), flush=True)
 
-    from eclipse_stream.scan import ScanConfig, scan_arrays
-    from tools.common import read_split
+        mixed = []
+        clean = read_set(args.clean)
+        poisoned_idx = list(range(1, 1 + 4 * args.poisoned_shards, 4))[:args.poisoned_shards]  # e.g. shards 1 and 5
+        for kind in args.mixed.split(","):
+            folder = args.poisoned_root / kind
+            if not (folder / "norms.json").is_file():
+                continue
+            shards = write_mixed(work / f"mixed-{kind}", clean, read_set(folder), args.shards, poisoned_idx)
+            r = run_cli([shards[0].parent], work / f"mixed-{kind}.json", *extra)
+            verdicts = {Path(g).name: v.get("verdict", "not scored") for g, v in r["groups"].items()}
+            bad = {shards[i].name for i in poisoned_idx}
+            mixed.append({"family": kind, "shards": args.shards, "poisoned_shards": sorted(bad),
+                          "poisoned_flagged": sum(verdicts[s] == "likely poisoned" for s in bad),
+                          "clean_flagged": sum(verdicts[s] == "likely poisoned" for s in verdicts if s not in bad),
+                          "clean_not_no_sign": sum(verdicts[s] != "no sign of the poison types tested"
+                                                   for s in verdicts if s not in bad),
+                          "whole_verdict": r["verdict"], "whole_sample_verdict": json.loads(
+                              (work / f"mixed-{kind}.json").read_text())["whole"]["verdict"],
+                          "exit_status": r["exit_status"], "wall_s": r["wall_s"],
+                          "group_scores": {s: round(v["score"], 3) for s, v in
+                                           ((Path(g).name, v) for g, v in r["groups"].items()) if "score" in v}})
+            print(json.dumps(mixed[-1]), flush=True)
 
-    started = time.time()
-    args.work.mkdir(parents=True, exist_ok=True)
-    train = prepare(args.work, args.limit_per_class)
-    _, clean_all, labels_all = read_split(train)
-    pool_idx = np.concatenate([np.flatnonzero(labels_all == c)[:args.pool] for c in range(10)])
-    clean_pool, labels_pool = clean_all[pool_idx], labels_all[pool_idx]
-    sizes = [int(s) for s in args.per_class.split(",")]
-    defaults = ScanConfig()
-
-    parts = set(args.parts.split(","))
-    rows, clean_rows, relative_rows = [], [], []
-    for kind in args.poisons.split(",") if "detection" in parts else []:
-        for fraction in (1.0, 0.5):
-            images = poisoned_images(kind, fraction, clean_pool, labels_pool)
-            for n in sizes:
-                results = [scan_arrays(images, labels_pool, ScanConfig(per_class=n, seed=s, null=False))
-                           for s in range(args.seeds)]
-                rows.append({"poison": kind, "budget": "documented" if fraction == 1 else "half", "per_class": n,
-                             "flagged": sum(r.verdict == "likely poisoned" for r in results),
-                             "inconclusive": sum(r.verdict == "inconclusive" for r in results),
-                             "runs": len(results), "scores": [round(r.score, 3) for r in results],
-                             "best_probe": sorted({r.best_probe for r in results}),
-                             "seconds_each": round(float(np.mean([r.seconds["total"] for r in results])), 2)})
-                print(json.dumps(rows[-1]), flush=True)
-    for n in sizes if "clean" in parts else []:
-        results = [scan_arrays(clean_all, labels_all, ScanConfig(per_class=n, seed=s, null=False))
-                   for s in range(args.clean_seeds)]
-        scores = [r.score for r in results]
-        clean_rows.append({"per_class": n, "runs": len(results),
-                           "false_positives": sum(r.verdict == "likely poisoned" for r in results),
-                           "inconclusive": sum(r.verdict == "inconclusive" for r in results),
-                           "score_mean": round(float(np.mean(scores)), 3), "score_max": round(max(scores), 3),
-                           "seconds_each": round(float(np.mean([r.seconds["total"] for r in results])), 2)})
-        print(json.dumps(clean_rows[-1]), flush=True)
-
-    if "relative" in parts:
-        # data from the first half of every class, the clean reference from the other half (disjoint images);
-        # the poisoned pool lies in the first half
-        half = np.zeros(len(labels_all), dtype=bool)
-        for c in range(10):
-            members = np.flatnonzero(labels_all == c)
-            half[members[:len(members) // 2]] = True
-        ref = (clean_all[~half], labels_all[~half])
-        for n in [int(v) for v in args.relative_per_class.split(",")]:
-            results = [scan_arrays(clean_all[half], labels_all[half], ScanConfig(per_class=n, seed=s, null=False),
-                                   reference=ref) for s in range(args.clean_seeds)]
-            scores = [r.score for r in results]
-            relative_rows.append({"data": "clean", "budget": "-", "per_class": n, "runs": len(results),
-                                  "flagged": sum(r.verdict == "likely poisoned" for r in results),
-                                  "inconclusive": sum(r.verdict == "inconclusive" for r in results),
-                                  "score_min": round(min(scores), 3), "score_max": round(max(scores), 3)})
-            print(json.dumps(relative_rows[-1]), flush=True)
-            for kind in args.poisons.split(","):
-                for fraction in (1.0, 0.5):
-                    images = poisoned_images(kind, fraction, clean_pool, labels_pool)
-                    r = scan_arrays(images, labels_pool, ScanConfig(per_class=n, seed=0, null=False), reference=ref)
-                    relative_rows.append({"data": kind, "budget": "documented" if fraction == 1 else "half",
-                                          "per_class": n, "runs": 1, "flagged": int(r.verdict == "likely poisoned"),
-                                          "inconclusive": int(r.verdict == "inconclusive"),
-                                          "score_min": round(r.score, 3), "score_max": round(r.score, 3)})
-                    print(json.dumps(relative_rows[-1]), flush=True)
-
-    timing = []
-    if "timing" in parts:
-        timing.append(time_cli(train, args.work / "clean-10shards.json", args.work / "clean-10shards.png"))
-        urp = poison_shards(args.work, train, "urp")
-        timing.append(time_cli(urp, args.work / "urp-10shards.json", args.work / "urp-10shards.png"))
-        for t in timing:
-            print(json.dumps({k: v for k, v in t.items() if k != "stdout"}), flush=True)
-
-    env = {"machine": _cpu(), "torch": torch.__version__, "python": platform.python_version(),
-           "commit": _git(), "command": " ".join(["python -m benchmarks.bench_scan", *sys.argv[1:]]),
-           "threads": torch.get_num_threads(), "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "defaults": {"threshold": defaults.threshold, "clean_below": defaults.clean_below,
-                        "probes": list(defaults.probes), "folds": defaults.folds},
-           "total_seconds": round(time.time() - started, 1)}
-    env["defaults"].update(relative_threshold=defaults.relative_threshold,
-                           relative_clean_below=defaults.relative_clean_below)
-    out = {"environment": env, "detection": rows, "clean": clean_rows, "relative": relative_rows, "timing": timing}
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"bench_scan-cpu-{stamp}{'-quick' if args.quick else ''}"
-    base.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
-    base.with_suffix(".md").write_text(markdown(out) + "\n")
-    print(markdown(out))
-
-
-def markdown(out: dict) -> str:
-    env = out["environment"]
-    lines = [f"# bench_scan ({env['date_utc']})", "",
-             f"Machine: {env['machine']}; torch {env['torch']}, {env['threads']} thread; commit {env['commit']}; "
-             f"`{env['command']}`; {env['total_seconds']} s in all.", "",
-             "## Detection (flagged = verdict 'likely poisoned')", "",
-             "| poison | budget | images/class | flagged | inconclusive | scores | probe | s/scan |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in out["detection"]:
-        lines.append(f"| {r['poison']} | {r['budget']} | {r['per_class']} | {r['flagged']}/{r['runs']} | "
-                     f"{r['inconclusive']} | {', '.join(f'{s:.2f}' for s in r['scores'])} | "
-                     f"{', '.join(r['best_probe'])} | {r['seconds_each']} |")
-    lines += ["", "## Clean subsets (false positive = verdict 'likely poisoned')", "",
-              "| images/class | subsets | false positives | inconclusive | mean score | max score | s/scan |",
-              "|---|---|---|---|---|---|---|"]
-    for r in out["clean"]:
-        lines.append(f"| {r['per_class']} | {r['runs']} | {r['false_positives']} | {r['inconclusive']} | "
-                     f"{r['score_mean']} | {r['score_max']} | {r['seconds_each']} |")
-    if out.get("relative"):
-        lines += ["", "## With a clean reference (`--reference`, disjoint clean images; score = excess)", "",
-                  "| data | budget | images/class | runs | flagged | inconclusive | score min | score max |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in out["relative"]:
-            lines.append(f"| {r['data']} | {r['budget']} | {r['per_class']} | {r['runs']} | {r['flagged']} | "
-                         f"{r['inconclusive']} | {r['score_min']} | {r['score_max']} |")
-    if out["timing"]:
-        lines += ["", "## CLI time, default settings", "",
-                  "| input | shards | images | verdict (exit) | score | wall s | read s | probes s |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for t in out["timing"]:
-            lines.append(f"| {t['input']} | {t['shards']} | {t['images_in_input']} | {t['verdict']} "
-                         f"({t['exit_status']}) | {t['score']} | {t['wall_seconds']} | {t['read_seconds']} | "
-                         f"{t['probe_seconds']} |")
-    return "\n".join(lines)
+    default_clean = next((t for t in timing if t["set"] == "clean" and t["options"] == "default"), None)
+    slowest = max((t["wall_s"] for t in timing if t["options"] == "default"), default=None)
+    targets = [common.target(f"default scan at {args.per_class}/class, whole command (slowest set)", slowest,
+                             TIME_TARGET_S, at_most=True, unit=" s")]
+    for m in mixed:
+        targets.append(common.target(f"mixed {m['family']}: poisoned shards flagged", m["poisoned_flagged"],
+                                     len(m["poisoned_shards"])))
+        targets.append(common.target(f"mixed {m['family']}: clean shards flagged", m["clean_flagged"], 0,
+                                     at_most=True))
+        targets.append(common.target(f"mixed {m['family']}: whole set flagged (exit 10)",
+                                     float(m["exit_status"] == 10), 1.0))
+    notes = [f"clean set exit status {default_clean['exit_status']}" if default_clean else "no clean timing"]
+    common.write_results("bench_scan", args, env, {"CLI time": timing, "Mixed sets": mixed}, targets, notes)
 
 
 if __name__ == "__main__":

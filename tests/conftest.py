@@ -29,3 +29,14 @@ def shard_dir(tmp_path_factory, cifar64):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     return make_denoiser(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def scan_cifar():
+    """1,200 real CIFAR-10 test images (120 per class) for the scan tests: (names, uint8 NHWC, labels)."""
+    import numpy as np
+    from helpers import rgb_array
+
+    items = read_cifar(1200, split="test")
+    return ([name for name, _, _ in items], np.stack([rgb_array(jpg) for _, _, jpg in items]),
+            np.array([label for _, label, _ in items]))

@@ -128,3 +128,13 @@ def test_bench_remote_quick(tmp_path):
     rows = {r["path"]: r for r in record["reader"]}
     assert rows["local disk"]["images"] == rows["S3 (moto, s3fs)"]["images"] == 200
     assert record["targets"][0]["measured"] > 0 and len(record["raw_bytes"]) == 2
+
+
+def test_bench_scan_quick(tmp_path):
+    r = run_quick("bench_scan", tmp_path)
+    timing = {row["set"]: row for row in r["CLI time"]}
+    assert timing["clean"]["exit_status"] in (0, 11) and timing["urp"]["exit_status"] == 10
+    assert all(row["wall_s"] > 0 and row["images"] == 1000 for row in r["CLI time"])
+    (mixed,) = r["Mixed sets"]
+    assert mixed["family"] == "urp" and mixed["poisoned_shards"] == ["mixed-000001.tar"]
+    assert mixed["poisoned_flagged"] == 1 and mixed["clean_flagged"] == 0 and mixed["exit_status"] == 10

@@ -44,19 +44,22 @@ def test_a_format_registered_under_a_new_suffix_is_scanned(toy_format, tmp_path)
     path.write_text(json.dumps(rows))
     with pytest.raises(SampleError, match=r"part\.toy: sample 'row10': no label"):
         sample_shards(path, ScanConfig(per_class=5))
-    sampled = sample_shards(tmp_path, ScanConfig(per_class=5, probe_size=8, on_error="skip"))
+    sampled = sample_shards(tmp_path, ScanConfig(per_class=5, probe_size=8, on_error="skip")).whole
     assert sampled.classes == ["c0", "c1"] and sampled.seen == {"c0": 5, "c1": 5}
     assert [int(im[0, 0, 0]) for im in sampled.images] == [0, 2, 4, 6, 8, 1, 3, 5, 7, 9]
     assert sampled.skipped == [{"shard": str(path), "key": "row10", "reason": "no label"}]
 
 
 def test_scan_names_no_format():
-    """No suffix or format module in scan.py's code: it reaches formats through format_for only."""
-    tree = ast.parse(Path(scan_module.__file__).read_text())
-    constants = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-    assert not constants & set(suffixes())
-    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert not {m for m in modules if m and m.startswith("formats.")}
+    """No suffix or format module in the scan package's code: it reaches formats through format_for only."""
+    files = sorted(Path(scan_module.__file__).parent.glob("*.py"))
+    assert len(files) >= 5
+    for path in files:
+        tree = ast.parse(path.read_text())
+        constants = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not constants & set(suffixes()), path
+        modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in modules if m and m.startswith("formats.")}, path
 
 
 def _png(value: int) -> bytes:

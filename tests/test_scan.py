@@ -72,6 +72,7 @@ def test_cli_exit_status_report_and_plot(toy, tmp_path):
         assert Image.open(plot).size == (1100, 470)
         assert data["verdict"] in r.output
     assert EXIT_CODES == {NO_SIGN: 0, LIKELY_POISONED: 10, "inconclusive": 11}
+    assert NO_SIGN == "no sign of the poison types tested"  # says what was tested, not "clean"
 
 
 def test_scan_samples_on_a_webdataset_pipeline_matches_scan_shards(toy):
