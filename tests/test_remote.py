@@ -182,7 +182,7 @@ def test_scan_and_train_read_urls(http_base, shard_dir):
 
     sc = ScanConfig(per_class=4, probe_size=8)
     local, remote = sample_shards(shard_dir, sc), sample_shards(f"{http_base}/part-{{000..002}}.tar", sc)
-    assert (local.images == remote.images).all() and (local.labels == remote.labels).all()
+    assert (local.whole.images == remote.whole.images).all() and (local.whole.labels == remote.whole.labels).all()
     images, _ = load_training_images(f"pipe:cat {shard_dir}/part-{{000..002}}.tar", 32)
     assert (images == load_training_images(str(shard_dir), 32)[0]).all() and len(images) == 30
 
