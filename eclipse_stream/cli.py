@@ -3,26 +3,74 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import json
 import logging
 import signal
 import sys
+import typing
 
 import click
 
 from . import __version__
-from .config import PurifierConfig, PurifyConfig, default_of
+from .config import PurifierConfig, PurifyConfig
 from .convert import SCHEDULES, ConvertConfig
-from .defaults import (CORRUPTIONS, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, IMAGE_SIZES, LARGE_IMAGES, ON_ERROR,
-                       PRECISIONS, PRESETS, RESOLUTIONS, TRAIN_PRECISIONS)
+from .defaults import (
+    CORRUPTIONS,
+    DEFAULT_RECIPE,
+    IMAGE_EXTENSIONS,
+    IMAGE_SIZES,
+    LARGE_IMAGES,
+    ON_ERROR,
+    PRECISIONS,
+    PREFILTERS,
+    PRESETS,
+    RECIPES,
+    RESOLUTIONS,
+    TRAIN_PRECISIONS,
+)
 from .errors import EclipseError, Interrupted
+from .preview import preview as make_preview
+from .scan.config import GROUP_MODES, ScanConfig
+from .train import TrainConfig
 
-# Defaults of purify and preview come from the config dataclasses (config.py, no heavy imports); those of
-# train and scan are checked against TrainConfig and ScanConfig by tests/test_cli.py.
-_PURIFY = functools.partial(default_of, PurifyConfig)
-_PURIFIER = functools.partial(default_of, PurifierConfig)
 _IMAGE_EXTS = "/".join(IMAGE_EXTENSIONS)
+
+
+def _option(source, name: str, *decls: str, **kwargs):
+    """A click option whose default, and type unless given, come from ``source``: field ``name`` of a config
+    dataclass or keyword ``name`` of a function, so that every default is written once, there (``--help``
+    shows it; tests/test_cli.py checks every option against its source).
+
+    ``decls`` default to ``--name-with-dashes``; a bool is a flag; ``int | None`` is an int; a field's default
+    factory is called when the command runs; a Choice of strings gets its default as a string.
+    """
+    if dataclasses.is_dataclass(source):
+        field = {f.name: f for f in dataclasses.fields(source)}[name]
+        default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory
+    else:
+        default = inspect.signature(source).parameters[name].default
+    if default is dataclasses.MISSING or default is inspect.Parameter.empty:
+        raise TypeError(f"{source.__name__}.{name} has no default to give --{name.replace('_', '-')}")
+    hint = typing.get_type_hints(source)[name]
+    hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # X | None: X
+    if hint is bool:
+        kwargs["is_flag"] = True
+    elif "type" not in kwargs and hint in (int, float, str):
+        kwargs["type"] = hint
+    if isinstance(kwargs.get("type"), click.Choice) and default is not None:
+        default = str(default)  # e.g. --image-size 32 among "32", "64", ... (click 8.1 compares strings)
+    return click.option(*(decls or [f"--{name.replace('_', '-')}"]), default=default, **kwargs)
+
+
+_train = functools.partial(_option, TrainConfig)
+_purify = functools.partial(_option, PurifyConfig)
+_purifier = functools.partial(_option, PurifierConfig)
+_preview = functools.partial(_option, make_preview)
+_scan = functools.partial(_option, ScanConfig)
+_convert = functools.partial(_option, ConvertConfig)
 
 
 def _friendly_errors(fn):
@@ -87,44 +135,42 @@ def _set_storage_options(ctx, param, value):
 
 
 def _storage_option(fn):
-    return click.option("--storage-options", default=None, expose_value=False, callback=_set_storage_options,
+    return click.option("--storage-options", expose_value=False, callback=_set_storage_options,
                         help="JSON object of fsspec options for s3://, gs://, ... inputs and outputs, e.g. "
                              "'{\"endpoint_url\": \"http://localhost:9000\"}' or '{\"anon\": true}'; "
                              "credentials come from the usual environment and config files.")(fn)
 
 
 def _device_option(fn):
-    return click.option("--device", default=None,
-                        help="torch device; default cuda when present, else cpu.")(fn)
+    # None: every config's default device (cuda when present, else cpu); tests/test_cli.py checks they agree
+    return click.option("--device", help="torch device; default cuda when present, else cpu.")(fn)
 
 
 @main.command()
 @click.argument("sparse")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="Where to write the exported (EMA) denoiser, a .safetensors file.")
-@click.option("--preset", type=click.Choice(PRESETS), default="small",
-              help="UNet size: paper (52.5M params), small (7.3M), tiny (tests/CPU).")
-@click.option("--image-size", type=click.Choice([str(n) for n in IMAGE_SIZES]), default="32",
-              help="Training resolution; other image sizes are resized (shorter side) and centre-cropped.")
-@click.option("--iterations", type=int, default=250_000, help="Optimizer steps (paper: 250K).")
-@click.option("--batch-size", type=int, default=128)
-@click.option("--lr", type=float, default=1e-4, help="AdamW learning rate.")
-@click.option("--ema-decay", type=float, default=0.9999, help="EMA decay (with warm-up (1+s)/(10+s)).")
-@click.option("--replicate", type=int, default=4,
-              help="Replication M of the sparse set (Algorithm 1): the epoch is M copies, reshuffled per epoch.")
-@click.option("--diffusion-steps", type=int, default=4000, help="T of the cosine schedule.")
-@click.option("--max-timestep", type=int, default=None,
-              help="Train on timesteps [0, K) of the T-step schedule only (purification uses t* <= K); "
-                   "default: all of T, as the paper.")
-@click.option("--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Start from this exported denoiser's weights (fine-tuning, e.g. onto a --max-timestep "
-                   "range); its sha256 is recorded. Default: random initialisation.")
-@click.option("--precision", type=click.Choice(TRAIN_PRECISIONS), default="fp32")
-@click.option("--seed", type=int, default=0)
+@_train("preset", type=click.Choice(PRESETS), help="UNet size: paper (52.5M params), small (7.3M), tiny (tests/CPU).")
+@_train("image_size", type=click.Choice([str(n) for n in IMAGE_SIZES]),
+        help="Training resolution; other image sizes are resized (shorter side) and centre-cropped.")
+@_train("iterations", help="Optimizer steps (paper: 250K).")
+@_train("batch_size")
+@_train("lr", help="AdamW learning rate.")
+@_train("ema_decay", help="EMA decay (with warm-up (1+s)/(10+s)).")
+@_train("replicate",
+        help="Replication M of the sparse set (Algorithm 1): the epoch is M copies, reshuffled per epoch.")
+@_train("diffusion_steps", help="T of the cosine schedule.")
+@_train("max_timestep", help="Train on timesteps [0, K) of the T-step schedule only (purification uses t* <= K); "
+                             "default: all of T, as the paper.")
+@_train("init_from", type=click.Path(exists=True, dir_okay=False),
+        help="Start from this exported denoiser's weights (fine-tuning, e.g. onto a --max-timestep range); its "
+             "sha256 is recorded. Default: random initialisation.")
+@_train("precision", type=click.Choice(TRAIN_PRECISIONS))
+@_train("seed")
 @_device_option
-@click.option("--checkpoint-every", type=int, default=1000, help="Steps between training-state saves.")
-@click.option("--state", default=None, help="Training-state file; default <out>.state.safetensors.")
-@click.option("--resume", is_flag=True, help="Continue from the training state at its saved step.")
+@_train("checkpoint_every", help="Steps between training-state saves.")
+@_train("state", help="Training-state file; default <out>.state.safetensors.")
+@_train("resume", help="Continue from the training state at its saved step.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_storage_option
 @_friendly_errors
@@ -134,7 +180,6 @@ def train(sparse, out, image_size, quiet, **kwargs):
     SPARSE is an image folder, a folder or brace pattern of WebDataset .tar shards, or an FFCV .beton;
     shards may be URLs as for purify.
     """
-    from .train import TrainConfig
     from .train import train as run_train
 
     cfg = TrainConfig(source=sparse, out=out, image_size=int(image_size), **kwargs)
@@ -142,34 +187,35 @@ def train(sparse, out, image_size, quiet, **kwargs):
     click.echo(json.dumps(summary, indent=2))
 
 
-def _purifier_options(fn):
-    """Options shared by purify and preview."""
-    from .defaults import DEFAULT_RECIPE, PREFILTERS, RECIPES
-
+def _purifier_options(seed_source):
+    """Options shared by purify and preview (whose --seed defaults come from ``seed_source``)."""
     opts = [
-        click.option("--denoiser", "-d", default=None,
+        click.option("--denoiser", "-d",
                      help="Denoiser checkpoint; default: the one shipped in the package (see README)."),
-        click.option("--t-star", type=int, default=_PURIFIER("t_star"),
-                     help="Forward noise level t* on the checkpoint's T."),
+        _purifier("t_star", help="Forward noise level t* on the checkpoint's T."),
         click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=DEFAULT_RECIPE,
                      help="Named settings: paper (ECLIPSE as published: full chain, no prefilter) or robust "
                           "(impulse prefilter + the 1-step x0 estimate); --steps/--prefilter override it."),
+        # --steps and --prefilter: None is "the recipe's" (PurifierConfig.from_recipe), not the field's default
         click.option("--steps", type=int, default=None,
                      help="Reverse steps [default: the recipe's; paper: t*, the full chain]. Fewer use the "
                           "respaced chain; 1 is the x0 estimate at t*."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default=_PURIFIER("precision")),
-        click.option("--seed", type=int, default=_PURIFY("seed")),
-        click.option("--gray-p", type=float, default=_PURIFIER("gray_p"), help="Corruption: grayscale probability p."),
-        click.option("--noise-sigma", type=float, default=_PURIFIER("noise_sigma"),
-                     help="Corruption: noise std in [0,1] units."),
+        _purifier("precision", type=click.Choice(PRECISIONS)),
+        _option(seed_source, "seed"),
+        _purifier("gray_p", help="Corruption: grayscale probability p."),
+        _purifier("noise_sigma", help="Corruption: noise std in [0,1] units."),
         click.option("--prefilter", type=click.Choice(PREFILTERS), default=None,
                      help="Before the noise [default: the recipe's]: none (the paper), or impulse (replace "
                           "isolated extreme pixels, e.g. one-pixel shortcuts, by their neighbours' median)."),
         _device_option,
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+
+    def decorate(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return decorate
 
 
 def _resolve_denoiser(path):
@@ -184,38 +230,35 @@ def _resolve_denoiser(path):
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.argument("out")
-@_purifier_options
-@click.option("--batch-size", type=int, default=_PURIFY("batch_size"), help="Images per device batch.")
-@click.option("--corruption", type=click.Choice(CORRUPTIONS), default=_PURIFIER("corruption"),
-              help="baked: store one fixed corruption draw; none: leave it to training time.")
-@click.option("--jpeg-quality", type=int, default=_PURIFY("jpeg_quality"),
-              help="Quality for re-encoded JPEG/WebP fields.")
-@click.option("--image-key", default=_PURIFY("image_key"),
-              help="Field(s) to purify, comma-separated; other image fields are then left unchanged. "
-                   f"Default: every field whose extension is {_IMAGE_EXTS} (every RGBImageField of a .beton).")
-@click.option("--max-pixels", type=int, default=_PURIFY("max_pixels"),
-              help="Reject images with more pixels (decompression bombs); the default is Pillow's error limit.")
-@click.option("--resolution", type=click.Choice(RESOLUTIONS), default=_PURIFY("resolution"),
-              help="native: purify and store at each image's size; model: shorter side to the "
-                   "denoiser's size (aspect kept), stored at that size.")
-@click.option("--bucket-multiple", type=int, default=_PURIFY("bucket_multiple"),
-              help="Batch images padded to multiples of this.")
-@click.option("--large-images", type=click.Choice(LARGE_IMAGES), default=_PURIFIER("large_images"),
-              help="Images with a side over twice the denoiser's training size: tiled (overlapping tiles of "
-                   "that size, blended; cost per pixel as for small images) or native (the UNet over the whole "
-                   "image: cost grows with the square of its pixels).")
-@click.option("--tile-batch-pixels", type=int, default=_PURIFIER("tile_batch_pixels"),
-              help="Tiled images: tile pixels per UNet call (the memory of one call); more is faster on a GPU.")
-@click.option("--on-error", type=click.Choice(ON_ERROR), default=_PURIFY("on_error"),
-              help="fail: stop at the first bad sample; skip: record it in the shard's rejects and go on.")
-@click.option("--workers", type=int, default=None,
-              help="Decode worker processes, each reading whole shards; default one per core, at most 8.")
-@click.option("--encode-threads", type=int, default=_PURIFY("encode_threads"),
-              help="Threads encoding and writing outputs.")
-@click.option("--compile", "compile_", is_flag=True,
-              help="torch.compile the denoiser: 2-3x faster on CPU after a compilation of a minute or so "
-                   "per batch shape; may differ from an eager run in the last bit, so it is recorded.")
-@click.option("--overwrite", is_flag=True, help="Redo shards that are already done.")
+@_purifier_options(PurifyConfig)
+@_purify("batch_size", help="Images per device batch.")
+@_purifier("corruption", type=click.Choice(CORRUPTIONS),
+           help="baked: store one fixed corruption draw; none: leave it to training time.")
+@_purify("jpeg_quality", help="Quality for re-encoded JPEG/WebP fields.")
+@_purify("image_key", help="Field(s) to purify, comma-separated; other image fields are then left unchanged. "
+                           f"Default: every field whose extension is {_IMAGE_EXTS} (every RGBImageField of a "
+                           ".beton).")
+@_purify("max_pixels",
+         help="Reject images with more pixels (decompression bombs); the default is Pillow's error limit.")
+@_purify("resolution", type=click.Choice(RESOLUTIONS),
+         help="native: purify and store at each image's size; model: shorter side to the denoiser's size (aspect "
+              "kept), stored at that size.")
+@_purify("bucket_multiple", help="Batch images padded to multiples of this.")
+@_purifier("large_images", type=click.Choice(LARGE_IMAGES),
+           help="Images with a side over twice the denoiser's training size: tiled (overlapping tiles of that "
+                "size, blended; cost per pixel as for small images) or native (the UNet over the whole image: "
+                "cost grows with the square of its pixels).")
+@_purifier("tile_batch_pixels",
+           help="Tiled images: tile pixels per UNet call (the memory of one call); more is faster on a GPU.")
+@_purify("on_error", type=click.Choice(ON_ERROR),
+         help="fail: stop at the first bad sample; skip: record it in the shard's rejects and go on.")
+@_purify("workers", show_default="one per core, at most 8",
+         help="Decode worker processes, each reading whole shards.")
+@_purify("encode_threads", help="Threads encoding and writing outputs.")
+@_purify("compile", "--compile", "compile_",
+         help="torch.compile the denoiser: 2-3x faster on CPU after a compilation of a minute or so per batch "
+              "shape; may differ from an eager run in the last bit, so it is recorded.")
+@_purify("overwrite", help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_storage_option
 @_friendly_errors
@@ -234,8 +277,6 @@ def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p
                                       corruption=corruption, gray_p=gray_p, noise_sigma=noise_sigma,
                                       prefilter=prefilter, large_images=large_images,
                                       tile_batch_pixels=tile_batch_pixels)
-    if kwargs["workers"] is None:  # the config's default: one per core, at most 8
-        kwargs.pop("workers")
     cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels, compile=compile_, **kwargs)
     with _stop_on_sigterm():
         status = run_purify(list(inputs), out, cfg, denoiser=_resolve_denoiser(denoiser), progress=not quiet)
@@ -270,62 +311,54 @@ def run_purify(inputs, out, cfg: PurifyConfig | None = None, *, denoiser=None, p
 @click.argument("shard", type=click.Path(exists=True, dir_okay=False))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="Image file to write, in the format its suffix names (.png, .jpg, .webp, ...).")
-@click.option("--num", "-n", type=int, default=8, help="How many samples (rows), 1..256.")
-@click.option("--image-key", default=None, help=f"Field to show; default the first of {_IMAGE_EXTS}.")
-@_purifier_options
+@_preview("n", "--num", "-n", "n", help="How many samples (rows), 1..256.")
+@_preview("image_key", help=f"Field to show; default the first of {_IMAGE_EXTS}.")
+@_purifier_options(make_preview)
 @_friendly_errors
-def preview(shard, output, num, image_key, denoiser, recipe, t_star, steps, precision, seed, gray_p, noise_sigma,
+def preview(shard, output, n, image_key, denoiser, recipe, t_star, steps, precision, seed, gray_p, noise_sigma,
             prefilter, device):
     """Write a grid of a few samples of SHARD: input / noised at t* / purified / corrupted."""
-    from .preview import preview as run_preview
-
     cfg = PurifierConfig.from_recipe(recipe, t_star=t_star, steps=steps, precision=precision, gray_p=gray_p,
                                      noise_sigma=noise_sigma, prefilter=prefilter)
-    path = run_preview(shard, _resolve_denoiser(denoiser), output, n=num, config=cfg, seed=seed,
+    path = make_preview(shard, _resolve_denoiser(denoiser), output, n=n, config=cfg, seed=seed,
                        image_key=image_key, device=device)
     click.echo(str(path))
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--label-key", default=None,
-              help="Label field (tar extension or .beton field); default first of cls, class, label, target "
-                   "(a .beton: else its first IntField).")
-@click.option("--image-key", default=None, help=f"Image field; default the first of {_IMAGE_EXTS}.")
-@click.option("--per-class", type=int, default=100,
-              help="Images sampled per class (uniformly over all INPUTS, seeded); the bounds are calibrated for "
-                   "25 to 200.")
-@click.option("--thorough", is_flag=True,
-              help="Also run the slower probes (a small CNN's learning dynamics; tens of seconds on a CPU).")
-@click.option("--by", type=click.Choice(["shard", "input", "none"]), default="shard",
-              help="Also judge each shard (or each INPUTS argument) on a sample of its own, to find a poisoned "
-                   "minority of sources; none: the whole input only.")
-@click.option("--group-per-class", type=int, default=50,
-              help="Images sampled per class from each shard or input (--by).")
-@click.option("--max-groups", type=int, default=32,
-              help="With more shards than this, consecutive shards are judged together in this many groups.")
-@click.option("--probe-size", type=int, default=32,
-              help="The probes see a window of this many pixels square of each image.")
-@click.option("--view", type=click.Choice(["crop", "resize"]), default="crop",
-              help="crop: central window at native resolution; resize: whole image resized.")
-@click.option("--folds", type=int, default=4, help="Cross-validation folds (2..4).")
-@click.option("--seed", type=int, default=0, help="Sampling, folds and the shuffled-label control.")
+@_scan("label_key", help="Label field (tar extension or .beton field); default first of cls, class, label, "
+                          "target (a .beton: else its first IntField).")
+@_scan("image_key", help=f"Image field; default the first of {_IMAGE_EXTS}.")
+@_scan("per_class", help="Images sampled per class (uniformly over all INPUTS, seeded); the bounds are calibrated "
+                         "for 25 to 200.")
+@_scan("thorough",
+       help="Also run the slower probes (a small CNN's learning dynamics; tens of seconds on a CPU).")
+@_scan("by", type=click.Choice(GROUP_MODES),
+       help="Also judge each shard (or each INPUTS argument) on a sample of its own, to find a poisoned minority "
+            "of sources; none: the whole input only.")
+@_scan("group_per_class", help="Images sampled per class from each shard or input (--by).")
+@_scan("max_groups",
+       help="With more shards than this, consecutive shards are judged together in this many groups.")
+@_scan("probe_size", help="The probes see a window of this many pixels square of each image.")
+@_scan("view", type=click.Choice(["crop", "resize"]),
+       help="crop: central window at native resolution; resize: whole image resized.")
+@_scan("folds", help="Cross-validation folds (2..4).")
+@_scan("seed", help="Sampling, folds and the shuffled-label control.")
 @_device_option
 @click.option("--reference", multiple=True,
               help="Clean shards of the same classes (e.g. the sparse clean set); repeatable. The verdict then "
                    "compares against them at the same per-class count.")
-@click.option("--threshold", type=float, default=None,
-              help="Score (with --reference: excess over the reference's) from which the verdict is 'likely "
-                   "poisoned', for every probe; default: each probe's calibrated bound at the sample's size.")
-@click.option("--clean-below", type=float, default=None,
-              help="Score (or excess) under which a probe sees no sign; default: calibrated.")
-@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-              help="Reject images with more pixels (decompression bombs); as purify.")
-@click.option("--on-error", type=click.Choice(ON_ERROR), default="fail",
-              help="fail: stop at the first bad sampled image; skip: record it in the report and go on.")
-@click.option("--null/--no-null", default=True, help="Also probe the same images with shuffled labels (plot).")
-@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write the JSON report here.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the PNG plot here.")
+@_scan("threshold", help="Score (with --reference: excess over the reference's) from which the verdict is "
+                          "'likely poisoned', for every probe; default: each probe's calibrated bound at the "
+                          "sample's size.")
+@_scan("clean_below", help="Score (or excess) under which a probe sees no sign; default: calibrated.")
+@_scan("max_pixels", help="Reject images with more pixels (decompression bombs); as purify.")
+@_scan("on_error", type=click.Choice(ON_ERROR),
+       help="fail: stop at the first bad sampled image; skip: record it in the report and go on.")
+@_scan("null", "--null/--no-null", help="Also probe the same images with shuffled labels (plot).")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the PNG plot here.")
 @_storage_option
 @_friendly_errors
 def scan(inputs, reference, threshold, clean_below, max_pixels, report, plot, **kwargs):
@@ -340,7 +373,7 @@ def scan(inputs, reference, threshold, clean_below, max_pixels, report, plot, **
     1 or 2 on errors (2: bad input, as purify).
     """
     from .outputs import check_output_files
-    from .scan import ScanConfig, scan_shards
+    from .scan import scan_shards
 
     hi, lo = ("relative_threshold", "relative_clean_below") if reference else ("threshold", "clean_below")
     bounds = {hi: threshold, lo: clean_below}  # None: each probe's calibrated bound
@@ -370,26 +403,20 @@ def info(checkpoint):
     click.echo(json.dumps({"path": checkpoint, "sha256": den.sha256, **den.metadata}, indent=2))
 
 
-_CONVERT = functools.partial(default_of, ConvertConfig)
-
-
 @main.command()
 @click.argument("reference", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--num-heads", type=int, default=_CONVERT("num_heads"),
-              help="Attention heads the model was trained with: a .pt does not record it (improved-diffusion's "
-                   "and ECLIPSE's default is 4).")
-@click.option("--image-size", type=int, default=_CONVERT("image_size"),
-              help="Training resolution [default: inferred from the channel multipliers, improved-diffusion's "
-                   "table: (1,2,2,2) 32, (1,2,3,4) 64, (1,1,2,3,4) 128, (1,1,2,2,4,4) 256].")
-@click.option("--diffusion-steps", type=int, default=_CONVERT("diffusion_steps"),
-              help="T of the schedule the model was trained with (not in a .pt; ECLIPSE: 4000).")
-@click.option("--noise-schedule", type=click.Choice(SCHEDULES), default=_CONVERT("noise_schedule"),
-              help="Schedule the model was trained with (not in a .pt; ECLIPSE: cosine).")
-@click.option("--max-timestep", type=int, default=_CONVERT("max_timestep"),
-              help="The model was trained on timesteps [0, K) only (purify then refuses a larger --t-star); "
-                   "default: all of T, as improved-diffusion trains.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never the input).")
+@_convert("num_heads", help="Attention heads the model was trained with: a .pt does not record it "
+                             "(improved-diffusion's and ECLIPSE's default is 4).")
+@_convert("image_size", help="Training resolution [default: inferred from the channel multipliers, "
+                             "improved-diffusion's table: (1,2,2,2) 32, (1,2,3,4) 64, (1,1,2,3,4) 128, "
+                             "(1,1,2,2,4,4) 256].")
+@_convert("diffusion_steps", help="T of the schedule the model was trained with (not in a .pt; ECLIPSE: 4000).")
+@_convert("noise_schedule", type=click.Choice(SCHEDULES),
+          help="Schedule the model was trained with (not in a .pt; ECLIPSE: cosine).")
+@_convert("max_timestep", help="The model was trained on timesteps [0, K) only (purify then refuses a larger "
+                               "--t-star); default: all of T, as improved-diffusion trains.")
+@_convert("overwrite", help="Replace OUT if it exists (never the input).")
 @_friendly_errors
 def convert(reference, out, **kwargs):
     """Convert an improved-diffusion checkpoint (REFERENCE, e.g. ECLIPSE's ema_0.9999_250000.pt) to OUT.

@@ -7,9 +7,10 @@ from click.testing import CliRunner
 
 from eclipse_stream import __version__
 from eclipse_stream.cli import main
+from eclipse_stream.defaults import DEFAULT_RECIPE
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["purify"], ["preview"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["purify"], ["preview"], ["scan"], ["info"], ["convert"]])
 def test_help_on_every_subcommand(command):
     r = CliRunner().invoke(main, [*command, "--help"])
     assert r.exit_code == 0 and "Usage: " in r.output
@@ -39,43 +40,138 @@ def test_bad_option_values_are_usage_errors(tmp_path, tiny_ckpt, shard_dir):
     assert r.exit_code == 2 and "tile batch pixels must be an integer in 1.." in r.output
 
 
-# --- one source of defaults: every option that names a config field has that field's default -----------------
+# --- one source of defaults: every option takes its default from its command's config -------------------------
 
-def _config_classes(command: str) -> list:
+def _sources(command: str) -> list:
+    """Where each command's defaults are written: its config dataclasses (preview: its Python function)."""
     from eclipse_stream.config import PurifierConfig, PurifyConfig
+    from eclipse_stream.convert import ConvertConfig
+    from eclipse_stream.preview import preview
     from eclipse_stream.scan import ScanConfig
     from eclipse_stream.train import TrainConfig
 
-    return {"purify": [PurifyConfig, PurifierConfig], "preview": [PurifierConfig, PurifyConfig],
-            "train": [TrainConfig], "scan": [ScanConfig]}[command]
+    return {"purify": [PurifyConfig, PurifierConfig], "preview": [preview, PurifierConfig],
+            "train": [TrainConfig], "scan": [ScanConfig], "convert": [ConvertConfig], "info": []}[command]
 
 
-@pytest.mark.parametrize("command", ["purify", "preview", "train", "scan"])
-def test_every_option_default_is_its_config_fields_default(command):
+#: Options that are no field of their command's config, each for a reason (None: click's "not given").
+NOT_A_FIELD = {
+    "storage_options": None,  # sets fsspec options as it is parsed, no value
+    "quiet": False,  # the progress bar, not a setting of the run
+    "denoiser": None,  # None: the shipped denoiser
+    "recipe": DEFAULT_RECIPE,  # the name of a set of PurifierConfig values
+    "steps": None, "prefilter": None,  # None: the recipe's (PurifierConfig.from_recipe), not the field's default
+    "reference": (),  # scan: clean shards to compare with
+    "report": None, "plot": None,  # scan's output files: none unless asked for
+}
+
+
+def _default(source, name):
+    """The default of field ``name`` of a dataclass (its factory called) or of keyword ``name`` of a function;
+    MISSING when it has none."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(source):
+        f = next(f for f in dataclasses.fields(source) if f.name == name)
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = inspect.signature(source).parameters[name].default
+    return dataclasses.MISSING if default is inspect.Parameter.empty else default
+
+
+def _defaults_received(command) -> dict:
+    """What ``command``'s function receives for each option that is not given: click's own processing of the
+    defaults (factories called, types and choices converted, flags off), without running the command."""
+    ctx = command.make_context(command.name or "cmd", [], resilient_parsing=True)  # missing arguments: None
+    return ctx.params
+
+
+def _option_field_disagreements(command, sources: list) -> list[str]:
+    """Every option of ``command`` whose default is not its config field's (or names no field and is not in
+    NOT_A_FIELD with that default)."""
     import dataclasses
 
-    from eclipse_stream.config import default_of
+    import click
 
-    checked = 0
-    for param in main.commands[command].params:
-        for cls in _config_classes(command):
-            names = {f.name for f in dataclasses.fields(cls)}
-            if param.name not in names:
-                continue
-            want = default_of(cls, param.name)
-            if want is dataclasses.MISSING:
-                break  # a required field (train's --out)
-            if param.default is None and param.name in ("workers", "steps", "prefilter", "threshold", "clean_below"):
-                break  # None: "the config's own default" (one per core, the recipe's, ...), said in the help
-            got = param.default
-            if getattr(param, "is_flag", False) and not isinstance(got, bool):  # click's unset flag: off
-                got = False
-            if isinstance(want, int) and isinstance(got, str):  # Choice of numbers, e.g. --image-size
-                got = int(got)
-            assert got == want, f"{command} --{param.name.replace('_', '-')}: {got!r} != {cls.__name__}.{want!r}"
-            checked += 1
-            break
-    assert checked >= 3
+    received = _defaults_received(command)
+    problems = []
+    for param in command.params:
+        if not isinstance(param, click.Option):
+            continue
+        name = param.name.rstrip("_")  # --compile is compile_ in Python
+        option = f"--{name.replace('_', '-')}"
+        if param.required:  # no default: train --out, preview --output
+            continue
+        got = received.get(param.name)  # an option that exposes no value (--storage-options): None
+        if name in NOT_A_FIELD:
+            if got != NOT_A_FIELD[name]:
+                problems.append(f"{option}: {got!r}, not {NOT_A_FIELD[name]!r}")
+            continue
+        source = next((s for s in sources if name in _names(s)), None)
+        if source is None:
+            problems.append(f"{option} is no field of {[s.__name__ for s in sources]}")
+            continue
+        want = _default(source, name)
+        if want is dataclasses.MISSING:
+            problems.append(f"{option}: {source.__name__}.{name} has no default but the option is optional")
+            continue
+        if isinstance(want, int) and not isinstance(want, bool) and isinstance(got, str):  # Choice of numbers
+            got = int(got)
+        if got != want or type(got) is not type(want):
+            problems.append(f"{option}: {got!r} != {source.__name__}.{name} = {want!r}")
+    return problems
+
+
+def _names(source) -> set:
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(source):
+        return {f.name for f in dataclasses.fields(source)}
+    return set(inspect.signature(source).parameters)
+
+
+@pytest.mark.parametrize("command", ["purify", "preview", "train", "scan", "convert", "info"])
+def test_every_option_default_is_its_config_fields_default(command):
+    assert set(main.commands) == {"purify", "preview", "train", "scan", "convert", "info"}  # a new one: add it
+    assert _option_field_disagreements(main.commands[command], _sources(command)) == []
+
+
+def test_a_disagreeing_option_is_caught():
+    import click
+
+    from eclipse_stream.config import PurifierConfig, PurifyConfig
+
+    @click.command()
+    @click.option("--batch-size", type=int, default=63)
+    @click.option("--gray-p", type=float, default=0.4)
+    @click.option("--noise-sigma", type=int, default=0)  # right value, wrong type
+    @click.option("--not-a-setting", type=int, default=1)
+    @click.option("--overwrite/--no-overwrite", default=True)
+    def cmd(**kwargs):
+        pass
+
+    problems = _option_field_disagreements(cmd, [PurifyConfig, PurifierConfig])
+    assert [p.split(":")[0].split()[0] for p in problems] == [
+        "--batch-size", "--noise-sigma", "--not-a-setting", "--overwrite"], problems
+
+
+@pytest.mark.parametrize("command", ["purify", "preview", "train", "scan", "convert"])
+def test_help_shows_every_default(command):
+    """An option with a default other than None / off says it in --help (the context's show_default)."""
+    import click
+
+    cmd = main.commands[command]
+    received = _defaults_received(cmd)
+    parent = click.Context(main, info_name="eclipse-stream", **main.context_settings)  # show_default=True
+    ctx = click.Context(cmd, info_name=command, parent=parent)
+    shown = 0
+    for param in cmd.get_params(ctx):
+        if not isinstance(param, click.Option) or received.get(param.name) in (None, False, ()):
+            continue
+        assert "[default: " in param.get_help_record(ctx)[1], f"{command} {param.opts}"
+        shown += 1
+    assert shown >= 3
 
 
 def test_choices_come_from_the_one_list_of_each():
