@@ -212,6 +212,9 @@ def _resolve_denoiser(path):
               help="Decode worker processes, each reading whole shards; default one per core, at most 8.")
 @click.option("--encode-threads", type=int, default=_PURIFY("encode_threads"),
               help="Threads encoding and writing outputs.")
+@click.option("--read-ahead-mib", type=int, default=_PURIFY("read_ahead_mib"),
+              help="Remote inputs: MiB each reader worker holds ahead of its decoder per stream (the shard "
+                   "being read, and the next one, started early); 0 reads on demand.")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the denoiser: 2-3x faster on CPU after a compilation of a minute or so "
                    "per batch shape; may differ from an eager run in the last bit, so it is recorded.")

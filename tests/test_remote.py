@@ -181,7 +181,7 @@ def test_scan_and_train_read_urls(http_base, shard_dir):
     from eclipse_stream.sources import load_training_images
 
     sc = ScanConfig(per_class=4, probe_size=8)
-    local, remote = sample_shards(shard_dir, sc), sample_shards(f"{http_base}/part-{{000..002}}.tar", sc)
+    local, remote = sample_shards(shard_dir, sc).whole, sample_shards(f"{http_base}/part-{{000..002}}.tar", sc).whole
     assert (local.images == remote.images).all() and (local.labels == remote.labels).all()
     images, _ = load_training_images(f"pipe:cat {shard_dir}/part-{{000..002}}.tar", 32)
     assert (images == load_training_images(str(shard_dir), 32)[0]).all() and len(images) == 30
@@ -212,6 +212,39 @@ def test_s3_in_and_out_match_the_local_run_and_resume_checks_the_objects(s3, tin
         ["part-001.tar", "part-002.tar"]
     objects = s3_objects(fs, "out-a")
     assert {k: v for k, v in objects.items() if k.endswith(".tar")} == reference
+
+
+def test_readers_ask_no_head_and_get_each_small_shard_in_one_request(s3, shard_dir, tiny_ckpt, tmp_path, reference):
+    """The listing gives each object's size and ETag: a reader sends one GET per shard (< 8 MiB) and no HEAD;
+    the next shard is fetched while one is decoded. Only the finisher asks afresh (one HEAD per shard) before
+    it marks a shard done."""
+    from eclipse_stream.events import Batch, ShardEnded
+    from eclipse_stream.outdir import Task
+    from eclipse_stream.reading import ReadSettings, ShardEvents
+    from eclipse_stream.sources import expand_shards
+
+    endpoint, _ = s3
+    host, port = endpoint.rsplit("/", 1)[1].split(":")
+    proxy = FreezingProxy((host, int(port)))
+    storage.set_options({"endpoint_url": proxy.url})
+    try:
+        urls = expand_shards(f"s3://{BUCKET}/in/")
+        listed = len(proxy.requests)
+        settings = ReadSettings.from_config(cfg(), None)
+        events = list(ShardEvents([Task(i, u, storage.shard_name(u)) for i, u in enumerate(urls)], settings))
+        reads = proxy.requests[listed:]
+        result = purify_shards(f"s3://{BUCKET}/in/", tmp_path / "out", tiny_ckpt, cfg(workers=1), progress=False)
+        run = proxy.requests[listed + len(reads):]
+    finally:
+        storage.set_options({"endpoint_url": endpoint})
+        proxy.close()
+    assert sorted(reads) == [("GET", f"/{BUCKET}/in/part-{i:03d}.tar") for i in range(3)]
+    assert sum(isinstance(e, ShardEnded) for e in events) == 3
+    assert sum(len(e.items) for e in events if isinstance(e, Batch)) == 30
+    assert not result.failed and tars(tmp_path / "out") == reference
+    shards = [f"/{BUCKET}/in/part-{i:03d}.tar" for i in range(3)]
+    assert sorted(p for m, p in run if m == "HEAD" and p in shards) == shards  # the finisher's fresh look, once each
+    assert sorted(p for m, p in run if m == "GET" and p in shards) == shards  # read once each
 
 
 def test_s3_errors_name_the_url(s3, tiny_ckpt, tmp_path):

@@ -1,6 +1,7 @@
 """Where shards live (storage.py): URL parsing, redaction, file:// outputs and inputs."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,101 @@ def test_storage_options_must_be_a_json_object(shard_dir, tmp_path):
         r = CliRunner().invoke(main, ["purify", str(shard_dir), str(tmp_path / "o"), "--storage-options", bad])
         assert r.exit_code == 2 and why in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+# --- reading remote objects: identity from the listing, range requests, the read-ahead (fsspec's memory fs) ---
+
+@pytest.fixture
+def memfs():
+    """fsspec's in-memory filesystem (memory://), emptied after the test."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    yield fs
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append("")
+
+
+def test_listing_identity_is_what_a_fresh_look_gives_and_readers_ask_nothing(memfs, monkeypatch):
+    from eclipse_stream import storage
+
+    for i in range(3):
+        memfs.pipe_file(f"/ls/s-{i}.tar", bytes([i]) * (1000 + i))
+    urls = storage.list_shards("memory://ls/", (".tar",))
+    assert urls == [f"memory:///ls/s-{i}.tar" for i in range(3)]
+    listed = [storage.identity(u, fresh=False) for u in urls]
+    assert [d["size"] for d in listed] == [1000, 1001, 1002] and all("mtime" in d for d in listed)
+    assert [storage.identity(u) for u in urls] == listed  # info and a listing agree (time as UTC text)
+
+    asked = []
+    monkeypatch.setattr(type(memfs), "info", lambda self, path, **kw: asked.append(path) or 1 / 0)
+    assert storage.identity(urls[1], fresh=False) == listed[1]
+    with storage.open_input(urls[1]) as f:  # its size is known: ranges only, no info
+        assert f.read() == b"\1" * 1001
+    assert not asked
+    with pytest.raises(storage.RemoteError):  # fresh: it asks (and says why it failed)
+        storage.identity(urls[1])
+    assert asked == ["/ls/s-1.tar"]
+
+
+def test_object_times_of_listings_and_heads_compare_equal():
+    from datetime import datetime, timedelta, timezone
+
+    from dateutil.tz import tzlocal
+
+    from eclipse_stream.storage import _info_identity
+
+    when = datetime(2026, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+    local = when.astimezone(tzlocal())
+    plus2 = when.astimezone(timezone(timedelta(hours=2)))
+    assert _info_identity({"size": 3, "LastModified": local}) == _info_identity({"size": 3, "LastModified": plus2}) \
+        == _info_identity({"size": 3, "created": when.timestamp()}) == {"size": 3, "mtime": "2026-05-01T12:00:00+00:00"}
+    assert _info_identity({"size": 3, "ETag": '"abc"', "LastModified": local}) == {"size": 3, "etag": '"abc"'}
+
+
+def test_read_in_order_starts_the_next_object_within_its_memory_bound(memfs):
+    from eclipse_stream import storage
+
+    data = {i: bytes(range(256)) * (12_000 + 1000 * i) for i in range(3)}  # about 3 MiB each
+    for i, d in data.items():
+        memfs.pipe_file(f"/ra/s-{i}.tar", d)
+    urls = storage.list_shards("memory://ra/", (".tar",))
+    with storage.read_in_order(urls, read_ahead_mib=1):
+        plan = storage._ORDER.plan
+        first = storage.open_input(urls[0])
+        assert list(plan.ahead) == [1]  # the next one is under way already
+        ahead = plan.ahead[1]
+        for _ in range(200):  # its thread fills its budget, then waits
+            if ahead._held >= 1 << 19:
+                break
+            threading.Event().wait(0.01)
+        threading.Event().wait(0.05)
+        assert 0 < ahead._held <= 1 << 20 and ahead._thread.is_alive()
+        assert first.read(10) == data[0][:10] and first.read() == data[0][10:]
+        second = storage.open_input(urls[1])
+        assert second is ahead and list(plan.ahead) == [2]
+        assert second.read() == data[1]
+        left = plan.ahead[2]
+    assert storage._ORDER.plan is None and not left._thread.is_alive()  # never read: stopped at the end
+    with storage.read_in_order(urls, read_ahead_mib=0):  # no thread: plain range reads of 8 MiB blocks
+        f = storage.open_input(urls[2])
+        assert isinstance(f, storage._Ranges) and f.read() == data[2]
+
+
+def test_a_failing_or_changing_object_is_a_remote_error_when_read(memfs):
+    from eclipse_stream import storage
+
+    memfs.pipe_file("/bad/a.tar", b"x" * 5000)
+    memfs.pipe_file("/bad/b.tar", b"y" * 5000)
+    urls = storage.list_shards("memory://bad/", (".tar",))
+    memfs.rm_file("/bad/b.tar")
+    with storage.read_in_order(urls):
+        assert storage.open_input(urls[0]).read() == b"x" * 5000
+        gone = storage.open_input(urls[1])  # opened in the background: the failure comes with the read
+        with pytest.raises(storage.RemoteError, match="not found"):
+            gone.read()
+    memfs.pipe_file("/bad/b.tar", b"y" * 100)  # shorter than listed
+    storage.list_shards("memory://bad/a.tar", (".tar",))
+    storage._KNOWN["memory:///bad/b.tar"] = {"size": 5000, "mtime": "listed earlier"}
+    with pytest.raises(storage.RemoteError, match="ended at byte 100 of the 5000 listed"):
+        storage.open_input("memory:///bad/b.tar", read_ahead=False).read()
