@@ -445,9 +445,10 @@ def _open_source(location: str, block: int = 0):
 
 class _Ranges:
     """An fsspec object read front to back by range requests (``cat_file(path, start, end)``: one GET each,
-    no HEAD: the size is known), each of at least ``block`` bytes (the rest kept for the next reads). A read
-    that brings nothing before the known end is an error (the object was cut or replaced meanwhile; the
-    finisher's identity check would refuse the shard anyway)."""
+    no HEAD: the size is known), each of at least ``block`` bytes (the rest kept for the next reads). An
+    object that turns out shorter or longer than its known size (replaced since it was listed) is a
+    RemoteError saying so; one replaced by another of the same size is caught by the finisher's fresh
+    identity check (the ETag) before its shard is marked done."""
 
     def __init__(self, fs, path: str, size: int, block: int = 0):
         self.fs, self.path, self.size, self.block = fs, path, size, block
@@ -458,12 +459,17 @@ class _Ranges:
         end = min(self.size, self.pos + n)
         if end <= self.pos:
             return b""
+        last = end == self.size  # ask for one byte more: an object grown since it was listed shows it
         try:
-            data = self.fs.cat_file(self.path, start=self.pos, end=end)
+            data = self.fs.cat_file(self.path, start=self.pos, end=end + last)
         except Exception as e:  # noqa: BLE001 - every backend has its own errors
             raise RemoteError(explain(e)) from None
         if not data:
-            raise RemoteError(f"the object ended at byte {self.pos} of the {self.size} listed (it changed)")
+            raise RemoteError(f"the object changed since it was listed: it ends at byte {self.pos}, not at "
+                              f"{self.size}")
+        if len(data) > end - self.pos:
+            raise RemoteError(f"the object changed since it was listed: it is longer than the {self.size} bytes "
+                              "listed")
         self.pos += len(data)
         return data
 

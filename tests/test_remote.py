@@ -247,6 +247,42 @@ def test_readers_ask_no_head_and_get_each_small_shard_in_one_request(s3, shard_d
     assert sorted(p for m, p in run if m == "GET" and p in shards) == shards  # read once each
 
 
+@pytest.mark.parametrize("replacement", ["another size", "same size"])
+def test_an_object_replaced_after_the_listing_is_never_marked_done(s3, shard_dir, tiny_ckpt, tmp_path, monkeypatch,
+                                                                   replacement):
+    """Readers trust the listing's size and ETag. An input replaced after the listing by one of another size
+    fails its read ("changed since it was listed"); by one of the same size (a label edited), the finisher,
+    which asks the store afresh, refuses it before the shard is marked done."""
+    from eclipse_stream import sources
+
+    _, fs = s3
+    prefix = f"swap-{replacement.replace(' ', '-')}"
+    original = (shard_dir / "part-001.tar").read_bytes()
+    if replacement == "same size":
+        at = original.index(b".cls\0")  # the first label member's header; its data follows the 512-byte block
+        data = bytearray(original)
+        start = at - at % 512 + 512
+        data[start] = ord("7") if data[start] != ord("7") else ord("8")
+        new = bytes(data)
+    else:
+        new = (shard_dir / "part-002.tar").read_bytes()
+    assert (len(new) == len(original)) == (replacement == "same size") and new != original
+    fs.pipe_file(f"{BUCKET}/{prefix}/part-001.tar", original)
+    real = sources.list_shards
+
+    def list_then_replace(url, suffixes):
+        found = real(url, suffixes)
+        fs.pipe_file(f"{BUCKET}/{prefix}/part-001.tar", new)
+        return found
+
+    monkeypatch.setattr(sources, "list_shards", list_then_replace)
+    why = "cannot read: the object changed since it was listed" if replacement == "another size" else \
+        "the input shard changed while it was read"
+    with pytest.raises(InputError, match=rf"s3://{BUCKET}/{prefix}/part-001.tar: {why}"):
+        purify_shards(f"s3://{BUCKET}/{prefix}/", tmp_path / "out", tiny_ckpt, cfg(), progress=False)
+    assert not list((tmp_path / "out").glob("part-001.tar*"))
+
+
 def test_s3_errors_name_the_url(s3, tiny_ckpt, tmp_path):
     with pytest.raises(InputError, match=rf"s3://{BUCKET}/in/nope.tar: no such shard"):
         purify_shards(f"s3://{BUCKET}/in/nope.tar", tmp_path / "o", tiny_ckpt, cfg(), progress=False)

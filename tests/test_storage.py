@@ -179,5 +179,8 @@ def test_a_failing_or_changing_object_is_a_remote_error_when_read(memfs):
     memfs.pipe_file("/bad/b.tar", b"y" * 100)  # shorter than listed
     storage.list_shards("memory://bad/a.tar", (".tar",))
     storage._KNOWN["memory:///bad/b.tar"] = {"size": 5000, "mtime": "listed earlier"}
-    with pytest.raises(storage.RemoteError, match="ended at byte 100 of the 5000 listed"):
+    with pytest.raises(storage.RemoteError, match="changed since it was listed: it ends at byte 100, not at 5000"):
         storage.open_input("memory:///bad/b.tar", read_ahead=False).read()
+    storage._KNOWN["memory:///bad/b.tar"] = {"size": 60, "mtime": "listed earlier"}
+    with pytest.raises(storage.RemoteError, match="changed since it was listed: it is longer than the 60 bytes"):
+        storage.open_input("memory:///bad/b.tar").read()
