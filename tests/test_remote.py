@@ -363,17 +363,26 @@ def test_sigkill_during_an_upload_then_a_rerun_gives_the_clean_outputs(s3, shard
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"eclipse-stream-out-{proc.pid}-*"))
 
 
-def test_a_remote_beton_is_staged_and_gives_the_local_output(s3, cifar64, tiny_ckpt, tmp_path):
+def test_a_remote_beton_is_staged_once_and_gives_the_local_output(s3, cifar64, tiny_ckpt, tmp_path, monkeypatch):
     pytest.importorskip("ffcv")
     from test_pipeline_beton import make_beton
+
+    from eclipse_stream.formats import beton
 
     _, fs = s3
     (tmp_path / "in").mkdir()
     src = make_beton(tmp_path / "in" / "b.beton", [rgb_array(s["png"]) for s in cifar_samples(cifar64[:5])])
     fs.put_file(str(src), f"{BUCKET}/beton/b.beton")
     purify_shards(src, tmp_path / "local", tiny_ckpt, cfg(), progress=False)
+    # The reader worker (another process) stages the shard; this process, which writes the output, fetches
+    # only the head it takes the field layout from: never the whole shard a second time.
+    staged, fetched = [], []
+    real_staged, real_fetch = beton.staged, storage._Ranges._fetch
+    monkeypatch.setattr(beton, "staged", lambda *a, **kw: staged.append(a) or real_staged(*a, **kw))
+    monkeypatch.setattr(storage._Ranges, "_fetch", lambda self, n: fetched.append(real_fetch(self, n)) or fetched[-1])
     purify_shards(f"s3://{BUCKET}/beton/b.beton", tmp_path / "remote", tiny_ckpt, cfg(workers=1), progress=False)
     assert (tmp_path / "remote" / "b.beton").read_bytes() == (tmp_path / "local" / "b.beton").read_bytes()
+    assert not staged and 0 < sum(map(len, fetched)) < src.stat().st_size / 10, (len(fetched), src.stat().st_size)
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"eclipse-stream-stage-{os.getpid()}-*"))
 
 
