@@ -184,3 +184,53 @@ def test_a_failing_or_changing_object_is_a_remote_error_when_read(memfs):
     storage._KNOWN["memory:///bad/b.tar"] = {"size": 60, "mtime": "listed earlier"}
     with pytest.raises(storage.RemoteError, match="changed since it was listed: it is longer than the 60 bytes"):
         storage.open_input("memory:///bad/b.tar").read()
+
+
+# --- outputs that are local files only: scan's report/plot, train's checkpoint/state, preview's image ---------
+
+LOCAL_ONLY = [
+    ("scan", ["--report", "{url}"], "--report"),
+    ("scan", ["--plot", "{url}"], "--plot"),
+    ("train", ["--out", "{url}", "--iterations", "1", "--preset", "tiny"], "--out"),
+    ("train", ["--out", "d.safetensors", "--state", "{url}", "--iterations", "1", "--preset", "tiny"], "--state"),
+    ("preview", ["-o", "{url}"], "-o"),
+]
+
+
+@pytest.mark.parametrize("command,args,what", LOCAL_ONLY, ids=[f"{c} {w}" for c, _, w in LOCAL_ONLY])
+@pytest.mark.parametrize("url", ["s3://bucket/out/x.png", "https://user:pw@host/x.png?sig=1", "pipe:cat > x.png",
+                                 "gs:/bucket/x.png"])
+def test_a_url_for_a_local_only_output_is_refused_by_name(command, args, what, url, shard_dir, tiny_ckpt, tmp_path,
+                                                          monkeypatch):
+    """These outputs are written on the local disk: a URL used to become a local folder named 's3:' (or
+    'https:'); now it is a one-line error naming the option and the URL (no credentials), exit 2, nothing
+    written."""
+    from click.testing import CliRunner
+
+    from eclipse_stream.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    target = str(shard_dir / "part-000.tar") if command == "preview" else str(shard_dir)
+    extra = ["-d", str(tiny_ckpt)] if command == "preview" else []
+    r = CliRunner().invoke(main, [command, target, *[a.format(url=url) for a in args], *extra])
+    assert r.exit_code == 2, r.output
+    assert f"error: {what} " in r.output and "writes this file on the local disk, not to a URL" in r.output
+    assert "pw" not in r.output and "sig=1" not in r.output and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_file_url_for_a_local_only_output_is_its_path(shard_dir, tiny_ckpt, tmp_path, monkeypatch):
+    from eclipse_stream.outputs import check_output_files
+    from eclipse_stream.preview import preview
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "grids" / "p.png"
+    out.parent.mkdir()
+    assert check_output_files({"--plot": f"file://{out}", "--report": None}, [shard_dir], "scan") == \
+        {"--plot": str(out), "--report": None}
+    with pytest.raises(InputError, match="absolute local path"):
+        check_output_files({"-o": "file:relative.png"}, [shard_dir], "preview")
+    with pytest.raises(InputError, match="overlaps the input"):  # the URL is checked as the path it names
+        check_output_files({"-o": f"file://{shard_dir}/x.png"}, [shard_dir], "preview")
+    assert preview(shard_dir / "part-000.tar", tiny_ckpt, f"file://{out}", n=2) == out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == ["grids"]
