@@ -21,7 +21,7 @@ from .errors import EclipseError, ShardError
 from .events import Batch, Item, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
 from .formats import Image, ReadPolicy
 from .outdir import Task
-from .storage import identity, read_in_order
+from .storage import ReadOrder, identity
 
 __all__ = ["ReadSettings", "ShardEvents", "read_shard", "reader_worker_init"]
 
@@ -97,7 +97,7 @@ def read_shard(task: Task, settings: ReadSettings) -> Iterator:
 
 class ShardEvents(IterableDataset):
     """Each DataLoader worker reads whole shards: worker w takes tasks w, w + n, ...; a remote one's next shard
-    is started while one is decoded (``storage.read_in_order``)."""
+    is started while one is decoded (``storage.ReadOrder``)."""
 
     def __init__(self, tasks: list[Task], settings: ReadSettings):
         self.tasks, self.settings = tasks, settings
@@ -106,9 +106,21 @@ class ShardEvents(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         mine = self.tasks[wid::nw]
-        with read_in_order([task.path for task in mine], self.settings.read_ahead_mib):
+        order = ReadOrder([task.path for task in mine], self.settings.read_ahead_mib)
+        events = None
+        try:
             for task in mine:
-                yield from read_shard(task, self.settings)
+                events = read_shard(task, self.settings)
+                while True:
+                    with order.active():  # only while reading: not across the yield (workers=0 shares the thread)
+                        event = next(events, None)
+                    if event is None:
+                        break
+                    yield event
+        finally:
+            if events is not None:
+                events.close()  # its open shard, if this generator is abandoned mid-way
+            order.close()
 
 
 def reader_worker_init(_worker_id: int, parent: int) -> None:

@@ -11,7 +11,7 @@ Three kinds of location, told apart by :func:`kind_of`:
   (``--storage-options``). Needs the ``cloud`` extra (fsspec + s3fs; ``gcsfs``, ``adlfs`` for others).
 
 :func:`open_input` opens any of them for reading (an object in range requests, read ahead on a thread;
-:func:`read_in_order` also starts the next shard while one is decoded), :func:`identity` says what tells a
+:class:`ReadOrder` also starts the next shard while one is decoded), :func:`identity` says what tells a
 changed input apart on a rerun (size and mtime, ETag, Last-Modified), :func:`list_shards` expands a folder,
 prefix or glob of an object store and keeps what the listing says of each object, so that a reader asks no
 HEAD. Every failure becomes an :class:`~eclipse_stream.errors.InputError` (or ``OutputError``) that
@@ -41,7 +41,7 @@ from .defaults import READ_AHEAD_MIB
 from .errors import EclipseError, InputError, OutputError
 
 __all__ = ["RemoteError", "filesystem", "identity", "kind_of", "list_shards", "local_path", "open_input",
-           "read_in_order", "redact", "scheme_of", "set_options", "shard_name", "staged"]
+           "ReadOrder", "read_in_order", "redact", "scheme_of", "set_options", "shard_name", "staged"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 #: URL schemes WebDataset's gopen streams through curl (``gs://`` is left to fsspec: random access, listing).
@@ -178,7 +178,7 @@ def filesystem(url: str, *, output: bool = False):
 def explain(e: BaseException) -> str:
     """Why a remote operation failed, in words, without credentials."""
     name = type(e).__name__
-    text = _scrub(str(e))
+    text = _scrub(e.strerror if isinstance(e, OSError) and e.errno is not None and e.strerror else str(e))
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return "no such bucket"
     if isinstance(e, FileNotFoundError):
@@ -639,26 +639,45 @@ class _Plan:
         self.ahead.clear()
 
 
+class ReadOrder:
+    """The remote locations one reader opens, in this order: while :meth:`active`, this thread's
+    :func:`open_input` of one of them returns it read ahead by a thread (at most ``read_ahead_mib`` MiB held),
+    and starts the location after it in the same way, so the next shard's first bytes (a whole CIFAR-sized
+    shard) arrive while this one is decoded and its first request costs no time. Memory: at most two streams
+    of ``read_ahead_mib`` each. Local files are left to the operating system's read-ahead. ``read_ahead_mib``
+    0: each location is opened when it is read, without a thread (curl still streams ahead in its process).
+    :meth:`close` stops everything started and not read.
+
+    A generator that reads (``reading.ShardEvents``) makes it active only while it runs, not across its
+    yields: the plan belongs to the reading code, not to whatever else runs on the thread meanwhile."""
+
+    def __init__(self, locations, read_ahead_mib: int = READ_AHEAD_MIB):
+        remote = [os.fspath(loc) for loc in locations if kind_of(loc) != "local"]
+        self._plan = _Plan(remote, max(0, read_ahead_mib) << 20) if remote else None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        previous = getattr(_ORDER, "plan", None)
+        _ORDER.plan = self._plan
+        try:
+            yield
+        finally:
+            _ORDER.plan = previous
+
+    def close(self) -> None:
+        if self._plan is not None:
+            self._plan.close()
+
+
 @contextlib.contextmanager
 def read_in_order(locations, read_ahead_mib: int = READ_AHEAD_MIB) -> Iterator[None]:
-    """While the block runs, this thread's :func:`open_input` of a remote location in ``locations`` returns
-    one read ahead by a thread (at most ``read_ahead_mib`` MiB held), and starts the location after it in
-    the same way: the next shard's first bytes (a whole CIFAR-sized shard) arrive while this one is decoded,
-    so its first request, and a HEAD where there was no listing, cost no time. Memory: at most two streams
-    of ``read_ahead_mib`` each. Local files are left to the operating system's read-ahead. ``read_ahead_mib``
-    0: every location is opened when it is read, without a thread (curl still streams ahead in its process).
-    Everything started and not read is closed at the end of the block."""
-    remote = [os.fspath(loc) for loc in locations if kind_of(loc) != "local"]
-    if not remote:
-        yield
-        return
-    plan, previous = _Plan(remote, max(0, read_ahead_mib) << 20), getattr(_ORDER, "plan", None)
-    _ORDER.plan = plan
+    """A :class:`ReadOrder` of ``locations``, active for the block and closed after it (for a plain loop)."""
+    order = ReadOrder(locations, read_ahead_mib)
     try:
-        yield
+        with order.active():
+            yield
     finally:
-        _ORDER.plan = previous
-        plan.close()
+        order.close()
 
 
 def alive(pid: int) -> bool:

@@ -312,6 +312,79 @@ def test_missing_credentials_are_a_clear_error(s3, tiny_ckpt, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+# What s3fs raises for an AccessDenied answer (moto enforces no IAM, so the store's call is replaced): a
+# PermissionError whose text carries a signed URL, as botocore and aiohttp messages can.
+DENIED = ("Access Denied (https://127.0.0.1/eclipse-test/x?X-Amz-Credential=AKIAFAKEKEY%2F20261205"
+          "&X-Amz-Signature=t0ps3cr3t)")
+SECRETS = ("t0ps3cr3t", "AKIAFAKEKEY", FAKE_AWS["AWS_SECRET_ACCESS_KEY"])
+
+
+def _deny(fs, monkeypatch, method: str, when=lambda *a, **kw: True):
+    real = getattr(fs, method)
+
+    def denied(*args, **kwargs):
+        if when(*args, **kwargs):
+            raise PermissionError(DENIED)  # as s3fs.errors.translate_boto_error builds it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fs, method, denied)  # the filesystem storage.py opens: fsspec keeps one per options
+
+
+def _purify_cli(*args) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from eclipse_stream.cli import main
+
+    r = CliRunner().invoke(main, ["purify", *args, "--steps", "2", "--batch-size", "4", "--workers", "0", "-q"])
+    return r.exit_code, r.output
+
+
+@pytest.mark.parametrize("where", ["listing", "reading"])
+def test_a_permission_error_on_an_input_is_named_and_leaves_nothing_partial(s3, tiny_ckpt, tmp_path, monkeypatch,
+                                                                            where):
+    endpoint, _ = s3
+    fs, _ = storage.filesystem(f"s3://{BUCKET}/in/")
+    if where == "listing":
+        _deny(fs, monkeypatch, "ls")
+        _deny(fs, monkeypatch, "info")
+        url = f"s3://{BUCKET}/in/"
+    else:  # the object's GET: the listing works, reading part-001 is refused
+        _deny(fs, monkeypatch, "cat_file", lambda path, *a, **kw: path.endswith("part-001.tar"))
+        url = f"s3://{BUCKET}/in/part-001.tar"
+    out = tmp_path / "out"
+    code, text = _purify_cli(f"s3://{BUCKET}/in/", str(out), "-d", str(tiny_ckpt))
+    assert code == 2, text
+    assert text.startswith(f"error: {url}: cannot {'list' if where == 'listing' else 'read'}: permission denied "
+                           "(Access Denied (https://127.0.0.1/eclipse-test/x?...)"), text
+    assert "check your credentials" in text and "Traceback" not in text
+    assert not any(secret in text for secret in SECRETS)
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not [n for n in left if n.startswith(".") or n.startswith("part-001")], left  # nothing partial
+    for name in left:  # what a run that stopped there did finish is complete: its stats file says so
+        if name.endswith(".tar"):
+            assert json.loads((out / f"{name}.stats.json").read_text())["output_size"] == (out / name).stat().st_size
+
+
+@pytest.mark.parametrize("what", ["lock", "upload"])
+def test_a_permission_error_on_the_output_is_named_and_leaves_no_object(s3, shard_dir, tiny_ckpt, monkeypatch, what):
+    endpoint, fs_test = s3
+    out = f"s3://{BUCKET}/out-denied-{what}"
+    fs, _ = storage.filesystem(out)
+    if what == "lock":  # no write permission at all under OUT
+        _deny(fs, monkeypatch, "put_file")
+        name, verb = ".eclipse-stream.lock", "write"
+    else:  # the lock may be written, shard objects may not (a policy on *.tar)
+        _deny(fs, monkeypatch, "put_file", lambda local, remote, **kw: remote.endswith(".tar"))
+        name, verb = "part-000.tar", "upload"
+    code, text = _purify_cli(str(shard_dir / "part-000.tar"), out, "-d", str(tiny_ckpt))
+    assert code == 1, text
+    assert text.startswith(f"error: {out}/{name}: cannot {verb}: permission denied (Access Denied "), text
+    assert not any(secret in text for secret in SECRETS) and "Traceback" not in text
+    fs_test.invalidate_cache()
+    assert fs_test.find(f"{BUCKET}/out-denied-{what}") == []  # no shard, no stats, no manifest; the lock released
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"eclipse-stream-out-{os.getpid()}-*"))
+
+
 def test_a_remote_out_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(s3, tiny_ckpt):
     _, fs = s3
     lock = f"{BUCKET}/out-lock/.eclipse-stream.lock"

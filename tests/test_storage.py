@@ -1,6 +1,7 @@
 """Where shards live (storage.py): URL parsing, redaction, file:// outputs and inputs."""
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -164,6 +165,41 @@ def test_read_in_order_starts_the_next_object_within_its_memory_bound(memfs):
         assert isinstance(f, storage._Ranges) and f.read() == data[2]
 
 
+def test_a_readers_plan_is_active_only_while_it_reads_and_is_closed_with_it(memfs, shard_dir):
+    """With --workers 0 the reader generator shares the main thread: between its events the thread's
+    open_input must not see its plan, and an abandoned reader stops what it started."""
+    import io
+    import tarfile
+
+    from eclipse_stream import storage
+    from eclipse_stream.events import ShardStarted
+    from eclipse_stream.outdir import Task
+    from eclipse_stream.reading import ReadSettings, ShardEvents
+
+    for p in sorted(shard_dir.glob("*.tar")):  # each shard with 4 MiB more at its end: the read-ahead fills up
+        buf = io.BytesIO()
+        with tarfile.open(p) as src, tarfile.open(fileobj=buf, mode="w") as dst:
+            for m in src:
+                dst.addfile(m, src.extractfile(m))
+            big = tarfile.TarInfo("zz-padding.bin")
+            big.size = 4 << 20
+            dst.addfile(big, io.BytesIO(bytes(big.size)))
+        memfs.pipe_file(f"/plan/{p.name}", buf.getvalue())
+    urls = storage.list_shards("memory://plan/", (".tar",))
+    events = ShardEvents([Task(i, u, storage.shard_name(u)) for i, u in enumerate(urls)], ReadSettings.from_config(
+        cfg(read_ahead_mib=1), None))
+    it = iter(events)
+    seen = [next(it) for _ in range(3)]
+    assert isinstance(seen[0], ShardStarted)
+    assert getattr(storage._ORDER, "plan", None) is None  # not active between events
+    threads = [t for t in threading.enumerate() if t.name == "eclipse-read-ahead"]
+    assert threads  # the shard being read and the next one
+    it.close()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads)
+
+
 def test_a_failing_or_changing_object_is_a_remote_error_when_read(memfs):
     from eclipse_stream import storage
 
@@ -234,3 +270,61 @@ def test_a_file_url_for_a_local_only_output_is_its_path(shard_dir, tiny_ckpt, tm
         check_output_files({"-o": f"file://{shard_dir}/x.png"}, [shard_dir], "preview")
     assert preview(shard_dir / "part-000.tar", tiny_ckpt, f"file://{out}", n=2) == out
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == ["grids"]
+
+
+# --- an fsspec OUT whose uploads are not all-or-nothing: upload to a temporary name, then move ---------------
+
+def _objects(fs, root: str) -> dict[str, bytes]:
+    return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in sorted(fs.find(root))}
+
+
+def test_a_non_atomic_store_gets_each_shard_through_a_temporary_name(memfs, shard_dir, tiny_ckpt, tmp_path,
+                                                                     monkeypatch):
+    """fsspec's memory:// is not one of the stores whose uploads are all-or-nothing: each shard is uploaded to
+    .NAME.partial-PID and moved into place. The outputs are the local run's, nothing temporary is left; a
+    failure between the upload and the move leaves no object under the final name (and removes the
+    temporary one), and the rerun finishes the job with the same bytes."""
+    from eclipse_stream.outstore import RemoteStore
+
+    local = tmp_path / "local"
+    purify_shards(shard_dir, local, tiny_ckpt, cfg(), progress=False)
+    expected = {p.name: p.read_bytes() for p in sorted(local.glob("*.tar"))}
+    store = RemoteStore("memory://out")
+    assert not store.atomic_upload
+    fs = store.fs
+    store.close()
+
+    moved, real_mv = [], fs.mv
+    monkeypatch.setattr(fs, "mv", lambda a, b, **kw: moved.append((a, b)) or real_mv(a, b, **kw))
+    result = purify_shards(shard_dir, "memory://out", tiny_ckpt, cfg(), progress=False)
+    assert not result.failed and len(result.processed) == 3
+    objects = _objects(fs, "/out")
+    assert {k: v for k, v in objects.items() if k.endswith(".tar")} == expected
+    assert sorted(objects) == sorted([*expected, *(f"{n}.stats.json" for n in expected), "manifest.json"])
+    assert any(a.endswith(f"/.part-001.tar.partial-{os.getpid()}") and b == "/out/part-001.tar" for a, b in moved)
+
+    def fail_on_part_001(a, b, **kw):
+        if b.endswith("/part-001.tar"):
+            assert fs.exists(a) and not fs.exists(b)  # uploaded whole under the temporary name
+            raise OSError(5, "the store went away between the upload and the move")
+        return real_mv(a, b, **kw)
+
+    monkeypatch.setattr(fs, "mv", fail_on_part_001)
+    with pytest.raises(OutputError, match=r"memory://failing/part-001\.tar: cannot upload: .*went away"):
+        purify_shards(shard_dir, "memory://failing", tiny_ckpt, cfg(), progress=False)
+    left = _objects(fs, "/failing")
+    assert "part-001.tar" not in left and "part-001.tar.stats.json" not in left and "manifest.json" not in left
+    assert not [k for k in left if "partial" in k]  # the temporary object was removed too
+    assert left.get("part-000.tar", expected["part-000.tar"]) == expected["part-000.tar"]
+
+    monkeypatch.setattr(fs, "mv", real_mv)
+    again = purify_shards(shard_dir, "memory://failing", tiny_ckpt, cfg(), progress=False)
+    assert not again.failed and "part-001.tar" in [s["shard"] for s in again.processed]
+    assert {k: v for k, v in _objects(fs, "/failing").items() if k.endswith(".tar")} == expected
+
+
+def test_a_leftover_temporary_object_of_a_killed_run_is_removed_by_the_rerun(memfs, shard_dir, tiny_ckpt):
+    memfs.pipe_file("/kill/.part-002.tar.partial-999999999", b"half an upload")
+    result = purify_shards(shard_dir / "part-002.tar", "memory://kill", tiny_ckpt, cfg(), progress=False)
+    assert len(result.processed) == 1
+    assert sorted(_objects(memfs, "/kill")) == ["manifest.json", "part-002.tar", "part-002.tar.stats.json"]
