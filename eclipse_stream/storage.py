@@ -357,6 +357,19 @@ class _Stream:
             self._finish_check()
         return data
 
+    def read1(self, n: int = -1) -> bytes:
+        """What the process has written so far, up to ``n`` bytes (waiting only for the first); b"" at the end."""
+        if self.eof:
+            return b""
+        try:
+            data = self.pipe.stream.read1(n)
+            self.pipe.check_status()
+        except OSError as e:
+            raise self._why(e) from None
+        if not data:
+            self._finish_check()
+        return data
+
     def _finish_check(self) -> None:
         """At the end of the data: the process must have ended well, or the data is not the whole shard."""
         if self.eof:
@@ -525,6 +538,7 @@ class _ReadAhead:
         except Exception as e:  # noqa: BLE001 - handed to the reader
             self._put(e if isinstance(e, EclipseError | RemoteError) else RemoteError(explain(e)))
             return
+        read = getattr(self._source, "read1", None) or self._source.read  # a stream: what has come so far
         while True:
             with self._cond:
                 while not self._stop and self._held and self._held + self._block > self._budget:
@@ -532,7 +546,7 @@ class _ReadAhead:
                 if self._stop:
                     return
             try:
-                data = self._source.read(self._block)
+                data = read(self._block)
             except Exception as e:  # noqa: BLE001 - handed to the reader
                 data = e if isinstance(e, EclipseError | RemoteError) else RemoteError(explain(e))
             self._put(data)
