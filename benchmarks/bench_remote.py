@@ -70,8 +70,7 @@ def moto_server():
 def cpu_seconds(pid: int | None = None) -> float:
     """CPU seconds (user + system) of this process, or of process ``pid``."""
     if pid is None:
-        t = os.times()
-        return t.user + t.system
+        return time.process_time()  # every thread of this process, nanosecond clock
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -154,7 +153,8 @@ def main(argv=None):
     notes = [f"{len(shards)} shards of {args.per_shard} images ({shard_mb:.1f} MB each); one reader in this "
              "process (what one purify reader worker does); moto's server in another process on the same cores",
              "local disk reads come from the page cache after the warm-up; the S3 path goes through HTTP on "
-             "127.0.0.1 to moto, which keeps objects in memory",
+             "127.0.0.1 to moto, which keeps objects in memory and closes the connection after every request "
+             "(werkzeug's development server): each request pays a new TCP connection, which S3 does not",
              f"S3 without read-ahead: {rows[2]['median_images_per_s'] / rows[0]['median_images_per_s']:.3f}x local",
              f"1-minute load average before / after: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} CPUs"]
     common.write_results("bench_remote", args, env, {"reader": rows, "raw_bytes": raw}, targets, notes)

@@ -412,6 +412,8 @@ class _Stream:
 #: bytes per request when an object is read front to back: a CIFAR-sized shard of 1,000 images (4.6 MB) is
 #: one GET; at most half the read-ahead, so that one block is read while the one before is decoded
 READ_BLOCK = 8 << 20
+#: the first request of an object opened when its turn comes (not started early): the reader waits for it
+FIRST_BLOCK = 1 << 20
 _ORDER = threading.local()  # the read_in_order plan of this thread, if any
 
 
@@ -433,7 +435,7 @@ def open_input(location: str | os.PathLike, *, read_ahead: bool = True):
         return _open_source(location)
     if kind == "stream":  # curl or the command already runs ahead of us, in its own process
         return _open_source(location)
-    return _ReadAhead(location, READ_AHEAD_MIB << 20)
+    return _ReadAhead(location, READ_AHEAD_MIB << 20, FIRST_BLOCK)
 
 
 def _open_source(location: str, block: int = 0):
@@ -520,9 +522,10 @@ class _ReadAhead:
     :data:`READ_BLOCK` (half of ``budget``) while the blocks held, the one being read included, stay within
     ``budget`` bytes. Not seekable. Failures are raised by the read that reaches them."""
 
-    def __init__(self, location: str, budget: int):
+    def __init__(self, location: str, budget: int, first_block: int | None = None):
         self._location, self._budget = location, max(1, budget)
         self._block = max(1 << 16, min(READ_BLOCK, self._budget // 2))
+        self._first = min(first_block or self._block, self._block)  # waited for: smaller, the reader starts sooner
         self._source = None
         self._chunks: collections.deque = collections.deque()
         self._held = 0  # bytes of the blocks queued and of the one being read
@@ -539,6 +542,7 @@ class _ReadAhead:
             self._put(e if isinstance(e, EclipseError | RemoteError) else RemoteError(explain(e)))
             return
         read = getattr(self._source, "read1", None) or self._source.read  # a stream: what has come so far
+        size = self._first
         while True:
             with self._cond:
                 while not self._stop and self._held and self._held + self._block > self._budget:
@@ -546,7 +550,8 @@ class _ReadAhead:
                 if self._stop:
                     return
             try:
-                data = read(self._block)
+                data = read(size)
+                size = self._block
             except Exception as e:  # noqa: BLE001 - handed to the reader
                 data = e if isinstance(e, EclipseError | RemoteError) else RemoteError(explain(e))
             self._put(data)
@@ -642,7 +647,7 @@ class _Plan:
             return _open_source(location, READ_BLOCK)
         for j in [j for j in self.ahead if j < i]:  # started, then never opened (e.g. its shard failed first)
             self.ahead.pop(j).close()
-        f = self.ahead.pop(i, None) or _ReadAhead(location, self.budget)
+        f = self.ahead.pop(i, None) or _ReadAhead(location, self.budget, FIRST_BLOCK)  # not started early
         if i + 1 < len(self.order) and i + 1 not in self.ahead:
             self.ahead[i + 1] = _ReadAhead(self.order[i + 1], self.budget)
         return f
