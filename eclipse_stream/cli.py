@@ -255,6 +255,9 @@ def _resolve_denoiser(path):
 @_purify("workers", show_default="one per core, at most 8",
          help="Decode worker processes, each reading whole shards.")
 @_purify("encode_threads", help="Threads encoding and writing outputs.")
+@_purify("read_ahead_mib",
+         help="Remote inputs: MiB each reader worker holds ahead of its decoder per stream (the shard being "
+              "read, and the next one, started early); 0 reads on demand.")
 @_purify("compile", "--compile", "compile_",
          help="torch.compile the denoiser: 2-3x faster on CPU after a compilation of a minute or so per batch "
               "shape; may differ from an eager run in the last bit, so it is recorded.")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from . import __version__
 from .defaults import (
     CORRUPTIONS, DEFAULT_GRAY_P, DEFAULT_IMPULSE_THRESHOLD, DEFAULT_MAX_PIXELS, DEFAULT_RECIPE, DEFAULT_SIGMA,
-    LARGE_IMAGES, ON_ERROR, PRECISIONS, PREFILTERS, RECIPES, RESOLUTIONS)
+    LARGE_IMAGES, ON_ERROR, PRECISIONS, PREFILTERS, READ_AHEAD_MIB, RECIPES, RESOLUTIONS)
 
 __all__ = ["PurifierConfig", "PurifyConfig", "check_corruption", "default_of", "default_workers", "is_int",
            "is_real"]
@@ -28,6 +28,7 @@ MAX_BUCKET_MULTIPLE = 256  # every image is padded to a multiple of this in both
 MAX_BATCH_PIXELS = 2**28  # 268M pixels: 0.8 GB as uint8, 3.2 GB as float32, before the UNet's activations
 MAX_THREADS = 256  # workers, encode threads
 MAX_TILE_SIZE = 4096  # px: one tile through the UNet at once
+MAX_READ_AHEAD_MIB = 4096  # per remote stream of a reader worker
 
 
 def _check(checks) -> None:
@@ -122,7 +123,7 @@ def default_workers() -> int:
 
 #: PurifyConfig fields that change how a run goes, not the bytes it writes (left out of the fingerprint).
 #: on_error decides which runs stop, not the bytes of a finished shard: resuming with the other mode is fine.
-EXECUTION_ONLY = ("workers", "encode_threads", "device", "overwrite", "on_error")
+EXECUTION_ONLY = ("workers", "encode_threads", "device", "overwrite", "on_error", "read_ahead_mib")
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class PurifyConfig:
     encode_threads: int = 2
     device: str | None = None
     overwrite: bool = False
+    read_ahead_mib: int = READ_AHEAD_MIB  # remote inputs: MiB read ahead per stream (storage.read_in_order)
 
     def __post_init__(self) -> None:
         _check([
@@ -163,6 +165,8 @@ class PurifyConfig:
             (is_int(self.workers, 0, MAX_THREADS), f"workers must be in 0..{MAX_THREADS}, got {self.workers!r}"),
             (is_int(self.encode_threads, 1, MAX_THREADS),
              f"encode threads must be in 1..{MAX_THREADS}, got {self.encode_threads!r}"),
+            (is_int(self.read_ahead_mib, 0, MAX_READ_AHEAD_MIB),
+             f"read-ahead must be in 0..{MAX_READ_AHEAD_MIB} MiB, got {self.read_ahead_mib!r}"),
         ])
 
     def resolved_device(self):

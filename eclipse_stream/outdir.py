@@ -94,7 +94,7 @@ def plan(shards: list, out, fingerprint: dict, overwrite: bool,
             todo.append(task)
             continue
         try:
-            now = identity(task.path)
+            now = identity(task.path, fresh=False)  # an object: as this run's listing gave it
         except OSError as e:
             raise InputError(f"{task.shown}: cannot read: {e.strerror or e}") from e
         if {k: stats.get(k) for k in input_record(now)} != input_record(now):

@@ -6,7 +6,10 @@
   its own output).
 * :func:`check_output_files` (scan's ``--report`` / ``--plot``, preview's ``-o``, train's ``-o`` / ``--state``):
   each file is not an input file, not inside a folder named as input, not an existing folder, and no two
-  outputs are the same file.
+  outputs are the same file. These outputs are local files: a ``file://`` URL is taken as its path, any
+  other URL (``s3://``, ``https://``, ``pipe:``, also one with a slash lost, ``s3:/b/x``) is refused, never
+  written to a local folder named ``s3:`` (:func:`local_output`). purify's OUT may be an object store
+  (``outstore``).
 
 Paths are compared after resolving symbolic links (an output that is a link to an input, or lies in a folder
 that links to one, is refused) and, for files that exist, by device and inode (a hard link). Both run before
@@ -18,14 +21,18 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from braceexpand import braceexpand
 
 from .errors import InputError
+from .storage import local_path, redact, scheme_of
 
-__all__ = ["check_output_files", "check_output_folder"]
+__all__ = ["check_output_files", "check_output_folder", "local_output"]
+
+_SLASH_LOST = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):/")  # "s3:/bucket/x": a URL after os.path/Path normalising
 
 
 def _real(path) -> Path:
@@ -71,16 +78,36 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def check_output_files(outputs: dict, inputs, command: str) -> None:
-    """Refuse output files (``{what: path}``, None entries ignored) that land on or inside ``inputs`` (files,
-    folders or patterns), that are existing folders, or that name the same file twice."""
+def local_output(what: str, path, command: str) -> str:
+    """The local path an output option (``what``) names: a path as it is, a ``file://`` URL as its path. Any
+    other URL is an InputError (exit 2) naming it: this output is written locally, and a URL taken as a path
+    would create a folder named after its scheme."""
+    text = os.fspath(path)
+    scheme = scheme_of(text)
+    if scheme == "file":
+        return local_path(text)  # InputError for a file:// URL that names no absolute local path
+    if scheme is None and not _SLASH_LOST.match(text):
+        return text
+    shown = redact(text)
+    kind = f"{scheme}://" if scheme not in (None, "pipe") else "pipe:" if scheme else f"{_SLASH_LOST.match(text)[1]}:"
+    raise InputError(f"{what} {shown}: {command} writes this file on the local disk, not to a URL ({kind}); "
+                     "name a local path (and copy it to object storage after, e.g. with aws s3 cp)")
+
+
+def check_output_files(outputs: dict, inputs, command: str) -> dict:
+    """Refuse output files (``{what: path}``, None entries ignored) that are URLs (:func:`local_output`), land
+    on or inside ``inputs`` (files, folders or patterns), are existing folders, or name the same file twice.
+    Returns ``{what: local path}`` (a ``file://`` URL as its path; None kept): what to write to."""
     named = _named(inputs)
     seen: dict[Path, str] = {}
+    local: dict = {}
     for what, path in outputs.items():
         if path is None:
+            local[what] = None
             continue
         if not os.fspath(path).strip():
             raise InputError(f"{what}: empty path")
+        path = local[what] = local_output(what, path, command)
         out = _real(path)
         for inp in named:
             real = _real(inp)
@@ -93,3 +120,4 @@ def check_output_files(outputs: dict, inputs, command: str) -> None:
         if out in seen:
             raise InputError(f"{what} {path} is the same file as {seen[out]}; name two different files")
         seen[out] = f"{what} {path}"
+    return local

@@ -237,8 +237,13 @@ class RemoteStore(OutputStore):
             self.fs.put_file(local, path)
             return
         tmp = self._path(f".{name}.partial-{os.getpid()}")
-        self.fs.put_file(local, tmp)
-        self.fs.mv(tmp, path)
+        try:
+            self.fs.put_file(local, tmp)
+            self.fs.mv(tmp, path)
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort: a rerun removes a leftover .partial anyway
+                self.fs.rm_file(tmp)
+            raise
 
     def write_json(self, name: str, obj) -> None:
         local = self.staging / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"

@@ -61,8 +61,7 @@ def preview(shard, denoiser, out, *, n: int = 8, config: PurifierConfig | None =
     JPEG, WebP, ...), and return its path. ``out`` may not be the shard or the denoiser."""
     if not (isinstance(n, int) and 1 <= n <= MAX_ROWS):
         raise ValueError(f"number of samples must be in 1..{MAX_ROWS}, got {n!r}")
-    out = Path(out)
-    check_output_files({"-o": out}, [shard, denoiser], "preview")
+    out = Path(check_output_files({"-o": out}, [shard, denoiser], "preview")["-o"])  # a URL is refused
     fmt = _image_format(out)
     device = resolve_device(device)
     den = load_denoiser(denoiser, device=device)

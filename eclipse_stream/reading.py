@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .bucketing import Bucketer, resize_for_model
+from .defaults import READ_AHEAD_MIB
 from .errors import EclipseError, ShardError
 from .events import Batch, Item, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
 from .formats import Image, ReadPolicy
 from .outdir import Task
-from .storage import identity
+from .storage import ReadOrder, identity
 
 __all__ = ["ReadSettings", "ShardEvents", "read_shard", "reader_worker_init"]
 
@@ -36,11 +37,12 @@ class ReadSettings:
     bucket_multiple: int = 32
     max_batch_pixels: int = 64 * 256 * 256
     tile_size: int | None = None  # the purifier tiles images with a longer padded side, one by one
+    read_ahead_mib: int = READ_AHEAD_MIB  # remote shards: read ahead per stream, the next shard started early
 
     @classmethod
     def from_config(cls, cfg, model_size: int | None, tile_size: int | None = None) -> ReadSettings:
         return cls(ReadPolicy(cfg.image_key, cfg.max_pixels), model_size, cfg.resolution, cfg.batch_size,
-                   cfg.bucket_multiple, cfg.max_batch_pixels, tile_size)
+                   cfg.bucket_multiple, cfg.max_batch_pixels, tile_size, cfg.read_ahead_mib)
 
     def bucketer(self) -> Bucketer:
         tiled = None
@@ -55,7 +57,8 @@ class ReadSettings:
 def read_shard(task: Task, settings: ReadSettings) -> Iterator:
     """Events for one shard, in order: ShardStarted, (Batch | Rejected | Members)*, ShardEnded -- or ShardFailed."""
     try:
-        ident = identity(task.path)  # size and mtime; a remote one's size, ETag...; compared again at the end
+        # size and mtime; an object's size and ETag as listed (no request); compared afresh before it is marked done
+        ident = identity(task.path, fresh=False)
     except (OSError, EclipseError) as e:
         yield ShardStarted(task.index, None)
         yield ShardFailed(task.index, f"cannot read: {getattr(e, 'strerror', None) or e}")
@@ -93,7 +96,8 @@ def read_shard(task: Task, settings: ReadSettings) -> Iterator:
 
 
 class ShardEvents(IterableDataset):
-    """Each DataLoader worker reads whole shards: worker w takes tasks w, w + n, ..."""
+    """Each DataLoader worker reads whole shards: worker w takes tasks w, w + n, ...; a remote one's next shard
+    is started while one is decoded (``storage.ReadOrder``)."""
 
     def __init__(self, tasks: list[Task], settings: ReadSettings):
         self.tasks, self.settings = tasks, settings
@@ -101,8 +105,22 @@ class ShardEvents(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for task in self.tasks[wid::nw]:
-            yield from read_shard(task, self.settings)
+        mine = self.tasks[wid::nw]
+        order = ReadOrder([task.path for task in mine], self.settings.read_ahead_mib)
+        events = None
+        try:
+            for task in mine:
+                events = read_shard(task, self.settings)
+                while True:
+                    with order.active():  # only while reading: not across the yield (workers=0 shares the thread)
+                        event = next(events, None)
+                    if event is None:
+                        break
+                    yield event
+        finally:
+            if events is not None:
+                events.close()  # its open shard, if this generator is abandoned mid-way
+            order.close()
 
 
 def reader_worker_init(_worker_id: int, parent: int) -> None:

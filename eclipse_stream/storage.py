@@ -10,20 +10,22 @@ Three kinds of location, told apart by :func:`kind_of`:
   credentials (environment, config files, instance roles) and the options of :func:`set_options`
   (``--storage-options``). Needs the ``cloud`` extra (fsspec + s3fs; ``gcsfs``, ``adlfs`` for others).
 
-:func:`open_input` opens any of them for reading, :func:`identity` says what tells a changed input apart on
-a rerun (size and mtime, ETag, Last-Modified), :func:`list_shards` expands a folder, prefix or glob of an
-object store. Every failure becomes an :class:`~eclipse_stream.errors.InputError` (or ``OutputError``) that
+:func:`open_input` opens any of them for reading (an object in range requests, read ahead on a thread;
+:class:`ReadOrder` also starts the next shard while one is decoded), :func:`identity` says what tells a
+changed input apart on a rerun (size and mtime, ETag, Last-Modified), :func:`list_shards` expands a folder,
+prefix or glob of an object store and keeps what the listing says of each object, so that a reader asks no
+HEAD. Every failure becomes an :class:`~eclipse_stream.errors.InputError` (or ``OutputError``) that
 names the location as :func:`redact` shows it: never with a user, password or query string (a signed URL's
 signature). A ``pipe:`` command is shown as given: keep secrets out of it (use the environment).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
 import os
-import queue
 import re
 import shutil
 import tempfile
@@ -31,13 +33,15 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from .defaults import READ_AHEAD_MIB
 from .errors import EclipseError, InputError, OutputError
 
 __all__ = ["RemoteError", "filesystem", "identity", "kind_of", "list_shards", "local_path", "open_input",
-           "redact", "scheme_of", "set_options", "shard_name", "staged"]
+           "ReadOrder", "read_in_order", "redact", "scheme_of", "set_options", "shard_name", "staged"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 #: URL schemes WebDataset's gopen streams through curl (``gs://`` is left to fsspec: random access, listing).
@@ -174,7 +178,7 @@ def filesystem(url: str, *, output: bool = False):
 def explain(e: BaseException) -> str:
     """Why a remote operation failed, in words, without credentials."""
     name = type(e).__name__
-    text = _scrub(str(e))
+    text = _scrub(e.strerror if isinstance(e, OSError) and e.errno is not None and e.strerror else str(e))
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return "no such bucket"
     if isinstance(e, FileNotFoundError):
@@ -196,56 +200,98 @@ def explain(e: BaseException) -> str:
 # Listing and identity
 # --------------------------------------------------------------------------------------------------------
 
+#: What this process last learnt of each fsspec input (its identity, with its size): from the listing of
+#: :func:`list_shards` or the latest :func:`identity`. A reader uses it instead of asking the store again
+#: (``identity(fresh=False)``, :func:`open_input`); reader worker processes, forked after the listing, inherit it.
+_KNOWN: dict[str, dict] = {}
+
+
+def _info_identity(info: dict) -> dict:
+    """An fsspec ``info`` (or listing entry) as an identity: size and ETag (an object's content tag, the same in
+    a listing and a HEAD); without an ETag, size and modification time (as UTC ISO text: listings and HEAD
+    requests give it in different types and time zones)."""
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("md5")
+    found = {"size": info.get("size"), "etag": etag}
+    if etag is None:
+        mtime = next((info[k] for k in ("LastModified", "last_modified", "updated", "mtime", "created")
+                      if info.get(k) is not None), None)
+        found["mtime"] = _utc(mtime)
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _utc(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        value = datetime.fromtimestamp(value, timezone.utc)
+    if isinstance(value, datetime):
+        value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc).isoformat()
+    return str(value)
+
+
 def list_shards(url: str, suffixes: tuple[str, ...]) -> list[str]:
     """The shards an fsspec URL names: the object itself, every shard under a prefix ("folder"), or the
-    matches of a glob; sorted, as URLs with the input's protocol. InputError if there are none."""
+    matches of a glob; sorted, as URLs with the input's protocol. InputError if there are none. What the
+    listing says of each (size, ETag) is kept as its identity for this run's readers (``_KNOWN``)."""
     fs, path = filesystem(url)
     protocol = scheme_of(url)
     try:
+        fs.invalidate_cache(path)  # what the store holds now, not a listing cached earlier in this process
         if any(c in path for c in "*?["):
-            found = sorted(fs.glob(path))
+            found = sorted(fs.glob(path, detail=True).items())
             if not found:
                 raise InputError(f"{redact(url)}: no objects match this pattern")
-            paths = found
-        elif fs.isfile(path):
-            return [url]
-        elif fs.isdir(path):
-            paths = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffixes))
-            if not paths:
-                raise InputError(f"{redact(url)}: no {' or '.join(suffixes)} shards under this prefix")
         else:
-            raise InputError(f"{redact(url)}: no such shard (not found)")
+            try:
+                info = fs.info(path)
+            except FileNotFoundError:
+                raise InputError(f"{redact(url)}: no such shard (not found)") from None
+            if info.get("type") != "directory":
+                _KNOWN[os.fspath(url)] = _info_identity(info)
+                return [url]
+            found = sorted((i["name"], i) for i in fs.ls(path, detail=True) if i["name"].endswith(suffixes))
+            if not found:
+                raise InputError(f"{redact(url)}: no {' or '.join(suffixes)} shards under this prefix")
     except EclipseError:
         raise
     except Exception as e:  # noqa: BLE001 - every backend has its own errors
         raise InputError(f"{redact(url)}: cannot list: {explain(e)}") from None
     urls = []
-    for p in paths:
+    for p, info in found:
         if not p.endswith(suffixes):
             raise InputError(f"{protocol}://{p}: not a shard (expected a {' or '.join(suffixes)} file)")
         urls.append(fs.unstrip_protocol(p))
+        _KNOWN[urls[-1]] = _info_identity(info)
     return urls
 
 
-def identity(location: str) -> dict:
+def identity(location: str, *, fresh: bool = True) -> dict:
     """What tells a changed input apart on a rerun: a local file's size and mtime (as make and rsync do), an
-    object's size, ETag and modification time, an HTTP resource's Content-Length, ETag and Last-Modified (a
-    server that answers no HEAD gives none). A ``pipe:`` command gives {} : its output cannot be checked
-    without running it. Raises RemoteError (InputError for a missing object) when it cannot be reached."""
+    object's size and ETag (its modification time where it has no ETag), an HTTP resource's Content-Length,
+    ETag and Last-Modified (a server that answers no HEAD gives none). A ``pipe:`` command gives {} : its
+    output cannot be checked without running it. Raises RemoteError (InputError for a missing object) when it
+    cannot be reached.
+
+    ``fresh`` False: for an fsspec object, what this process's listing (or last look) said, if anything, so
+    a reader does not ask the store again; the check that an input did not change while it was read asks
+    afresh (``finisher``)."""
     kind = kind_of(location)
     if kind == "local":
         st = os.stat(local_path(location))
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if kind == "fsspec":
+        location = os.fspath(location)
+        if not fresh and location in _KNOWN:
+            return dict(_KNOWN[location])
         fs, path = filesystem(location)
         try:
-            info = fs.info(path)
+            fs.invalidate_cache(path)  # a HEAD, never an earlier listing
+            found = _info_identity(fs.info(path))
         except Exception as e:  # noqa: BLE001
             raise RemoteError(explain(e)) from None
-        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("md5")
-        mtime = info.get("LastModified") or info.get("last_modified") or info.get("updated") or info.get("mtime")
-        found = {"size": info.get("size"), "etag": etag, "mtime": str(mtime) if mtime is not None else None}
-        return {k: v for k, v in found.items() if v is not None}
+        _KNOWN[location] = found
+        return dict(found)
     if scheme_of(location) in ("http", "https"):
         return _http_identity(location)
     return {}
@@ -311,6 +357,19 @@ class _Stream:
             self._finish_check()
         return data
 
+    def read1(self, n: int = -1) -> bytes:
+        """What the process has written so far, up to ``n`` bytes (waiting only for the first); b"" at the end."""
+        if self.eof:
+            return b""
+        try:
+            data = self.pipe.stream.read1(n)
+            self.pipe.check_status()
+        except OSError as e:
+            raise self._why(e) from None
+        if not data:
+            self._finish_check()
+        return data
+
     def _finish_check(self) -> None:
         """At the end of the data: the process must have ended well, or the data is not the whole shard."""
         if self.eof:
@@ -329,13 +388,18 @@ class _Stream:
     def seekable(self) -> bool:
         return False
 
+    def kill(self) -> None:
+        """End the process now: a read blocked on it returns (``close`` tidies up after)."""
+        with contextlib.suppress(Exception):
+            self.pipe.proc.kill()
+
     def close(self) -> None:
         if self.eof:
             return
         self.eof = True
         with contextlib.suppress(Exception):  # abandoned early (an error elsewhere): the exit status says nothing
-            self.pipe.stream.close()
             self.pipe.proc.kill()
+            self.pipe.stream.close()
             self.pipe.proc.wait()
 
     def __enter__(self):
@@ -345,15 +409,39 @@ class _Stream:
         self.close()
 
 
-def open_input(location: str | os.PathLike):
+#: bytes per request when an object is read front to back: a CIFAR-sized shard of 1,000 images (4.6 MB) is
+#: one GET; at most half the read-ahead, so that one block is read while the one before is decoded
+READ_BLOCK = 8 << 20
+#: the first request of an object opened when its turn comes (not started early): the reader waits for it
+FIRST_BLOCK = 1 << 20
+_ORDER = threading.local()  # the read_in_order plan of this thread, if any
+
+
+def open_input(location: str | os.PathLike, *, read_ahead: bool = True):
     """A binary file object reading ``location`` front to back: a local file, a gopen stream, or an fsspec
-    file read ahead on a thread (4 MiB requests, 3 ahead; the last two are not seekable). Raises RemoteError
-    (an OSError) if it cannot be opened or read."""
+    object read in ranges of :data:`READ_BLOCK` (one request each; its size from the listing, else one
+    HEAD), ahead of the reader on a thread (:class:`_ReadAhead`, ``READ_AHEAD_MIB``). Inside
+    :func:`read_in_order`, a location of the plan comes already started, and the next one is started.
+    ``read_ahead`` False: no thread and no plan (a few small reads, e.g. a file's header). Not seekable.
+    Raises RemoteError (an OSError) if it cannot be opened or read."""
     kind = kind_of(location)
     if kind == "local":
         return open(local_path(location), "rb")
     location = os.fspath(location)
-    if kind == "stream":
+    plan = getattr(_ORDER, "plan", None)
+    if read_ahead and plan is not None and (f := plan.take(location)) is not None:
+        return f
+    if not read_ahead:
+        return _open_source(location)
+    if kind == "stream":  # curl or the command already runs ahead of us, in its own process
+        return _open_source(location)
+    return _ReadAhead(location, READ_AHEAD_MIB << 20, FIRST_BLOCK)
+
+
+def _open_source(location: str, block: int = 0):
+    """The remote location as an object with ``read(n)`` and ``close()``: a gopen stream or object ranges
+    (requests of at least ``block`` bytes)."""
+    if kind_of(location) == "stream":
         from webdataset.gopen import gopen
 
         try:
@@ -361,51 +449,134 @@ def open_input(location: str | os.PathLike):
         except (OSError, ValueError) as e:
             raise RemoteError(_scrub(str(e))) from None
     fs, path = filesystem(location)
-    try:
-        return _Prefetch(fs.open(path, "rb", block_size=_CHUNK, cache_type="none"))
-    except Exception as e:  # noqa: BLE001
-        raise RemoteError(explain(e)) from None
+    size = identity(location, fresh=False).get("size")
+    if size is None:  # a filesystem that gives no size: its own file object, read front to back
+        try:
+            return fs.open(path, "rb", block_size=READ_BLOCK, cache_type="none")
+        except Exception as e:  # noqa: BLE001
+            raise RemoteError(explain(e)) from None
+    return _Ranges(fs, path, size, block)
 
 
-_CHUNK = 4 << 20  # bytes per request when an object is read front to back
+class _Ranges:
+    """An fsspec object read front to back by range requests (``cat_file(path, start, end)``: one GET each,
+    no HEAD: the size is known), each of at least ``block`` bytes (the rest kept for the next reads). An
+    object that turns out shorter or longer than its known size (replaced since it was listed) is a
+    RemoteError saying so; one replaced by another of the same size is caught by the finisher's fresh
+    identity check (the ETag) before its shard is marked done."""
+
+    def __init__(self, fs, path: str, size: int, block: int = 0):
+        self.fs, self.path, self.size, self.block = fs, path, size, block
+        self.pos = 0  # of the next request
+        self.buf = b""
+
+    def _fetch(self, n: int) -> bytes:
+        end = min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        last = end == self.size  # ask for one byte more: an object grown since it was listed shows it
+        try:
+            data = self.fs.cat_file(self.path, start=self.pos, end=end + last)
+        except Exception as e:  # noqa: BLE001 - every backend has its own errors
+            raise RemoteError(explain(e)) from None
+        if not data:
+            raise RemoteError(f"the object changed since it was listed: it ends at byte {self.pos}, not at "
+                              f"{self.size}")
+        if len(data) > end - self.pos:
+            raise RemoteError(f"the object changed since it was listed: it is longer than the {self.size} bytes "
+                              "listed")
+        self.pos += len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            parts, self.buf = [self.buf], b""
+            while self.pos < self.size:
+                parts.append(self._fetch(self.size - self.pos))
+            return b"".join(parts)
+        if len(self.buf) < n:
+            self.buf += self._fetch(max(n - len(self.buf), self.block))
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-class _Prefetch:
-    """An fsspec file read front to back by a thread, up to ``depth`` chunks ahead of the reader, so the
-    requests overlap with decoding (as curl's process does for a gopen stream). Not seekable; memory stays
-    within ``depth`` + 1 chunks. Failures of the thread are raised, explained, by the next read."""
+class _ReadAhead:
+    """A remote location read front to back by a thread, ahead of the reader, so that requests (or curl's
+    output) overlap with decoding. The thread opens the location itself (a slow or failing open does not stop
+    the caller: the failure is raised, explained, by the first read), then reads blocks of at most
+    :data:`READ_BLOCK` (half of ``budget``) while the blocks held, the one being read included, stay within
+    ``budget`` bytes. Not seekable. Failures are raised by the read that reaches them."""
 
-    def __init__(self, f, chunk: int = _CHUNK, depth: int = 3):
-        self._f, self._chunk = f, chunk
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._stop = threading.Event()
+    def __init__(self, location: str, budget: int, first_block: int | None = None):
+        self._location, self._budget = location, max(1, budget)
+        self._block = max(1 << 16, min(READ_BLOCK, self._budget // 2))
+        self._first = min(first_block or self._block, self._block)  # waited for: smaller, the reader starts sooner
+        self._source = None
+        self._chunks: collections.deque = collections.deque()
+        self._held = 0  # bytes of the blocks queued and of the one being read
+        self._cond = threading.Condition()
+        self._stop = False
         self._buf, self._pos, self._eof = b"", 0, False
-        self._thread = threading.Thread(target=self._run, name="eclipse-prefetch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="eclipse-read-ahead", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        size = min(self._chunk, 1 << 18)  # a small first request: the reader starts sooner
-        while not self._stop.is_set():
+        try:
+            self._source = _open_source(self._location)
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            self._put(e if isinstance(e, EclipseError | RemoteError) else RemoteError(explain(e)))
+            return
+        read = getattr(self._source, "read1", None) or self._source.read  # a stream: what has come so far
+        size = self._first
+        while True:
+            with self._cond:
+                while not self._stop and self._held and self._held + self._block > self._budget:
+                    self._cond.wait()
+                if self._stop:
+                    return
             try:
-                data = self._f.read(size)
-                size = self._chunk
+                data = read(size)
+                size = self._block
             except Exception as e:  # noqa: BLE001 - handed to the reader
-                data = RemoteError(explain(e))
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(data, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+                data = e if isinstance(e, EclipseError | RemoteError) else RemoteError(explain(e))
+            self._put(data)
             if not isinstance(data, bytes) or not data:
                 return
 
+    def _put(self, item) -> None:
+        with self._cond:
+            self._chunks.append(item)
+            if isinstance(item, bytes):
+                self._held += len(item)
+            self._cond.notify_all()
+
     def _next(self) -> None:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
+        with self._cond:
+            self._held -= len(self._buf)  # the block read to its end is let go
+            self._buf, self._pos = b"", 0
+            self._cond.notify_all()
+            while not self._chunks:
+                self._cond.wait()
+            item = self._chunks.popleft()
+        if not isinstance(item, bytes):
             self._eof = True
             raise item
-        self._buf, self._pos = item, 0
+        self._buf = item
         if not item:
             self._eof = True
 
@@ -418,11 +589,20 @@ class _Prefetch:
                 self._next()
                 continue
             take = len(self._buf) - self._pos if n is None or n < 0 else min(n, len(self._buf) - self._pos)
-            parts.append(self._buf[self._pos:self._pos + take])
+            parts.append(self._buf[self._pos:self._pos + take] if take < len(self._buf) else self._buf)
             self._pos += take
             if n is not None and n >= 0:
                 n -= take
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read1(self, n: int = -1) -> bytes:
+        """The rest of the block at hand, or the next one (at most ``n`` bytes if n >= 0); b"" at the end.
+        A whole block comes without a copy."""
+        if self._pos >= len(self._buf):
+            if self._eof:
+                return b""
+            self._next()
+        return self.read(len(self._buf) - self._pos if n is None or n < 0 else min(n, len(self._buf) - self._pos))
 
     def readable(self) -> bool:
         return True
@@ -431,16 +611,92 @@ class _Prefetch:
         return False
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        source = self._source
+        if isinstance(source, _Stream):
+            source.kill()  # a read blocked on curl or the command returns
+        self._thread.join(timeout=30)  # at most one request in flight
         with contextlib.suppress(Exception):
-            self._f.close()
+            (self._source or source).close()
+        self._chunks.clear()
+        self._buf = b""
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Plan:
+    """The remote locations one reader opens, in order (see :func:`read_in_order`)."""
+
+    def __init__(self, locations: list[str], budget: int):
+        self.order = locations
+        self.index = {loc: i for i, loc in reversed(list(enumerate(locations)))}
+        self.budget = budget
+        self.ahead: dict[int, _ReadAhead] = {}
+
+    def take(self, location: str):
+        i = self.index.get(location)
+        if i is None:
+            return None
+        if self.budget <= 0:
+            return _open_source(location, READ_BLOCK)
+        for j in [j for j in self.ahead if j < i]:  # started, then never opened (e.g. its shard failed first)
+            self.ahead.pop(j).close()
+        f = self.ahead.pop(i, None) or _ReadAhead(location, self.budget, FIRST_BLOCK)  # not started early
+        if i + 1 < len(self.order) and i + 1 not in self.ahead:
+            self.ahead[i + 1] = _ReadAhead(self.order[i + 1], self.budget)
+        return f
+
+    def close(self) -> None:
+        for f in self.ahead.values():
+            f.close()
+        self.ahead.clear()
+
+
+class ReadOrder:
+    """The remote locations one reader opens, in this order: while :meth:`active`, this thread's
+    :func:`open_input` of one of them returns it read ahead by a thread (at most ``read_ahead_mib`` MiB held),
+    and starts the location after it in the same way, so the next shard's first bytes (a whole CIFAR-sized
+    shard) arrive while this one is decoded and its first request costs no time. Memory: at most two streams
+    of ``read_ahead_mib`` each. Local files are left to the operating system's read-ahead. ``read_ahead_mib``
+    0: each location is opened when it is read, without a thread (curl still streams ahead in its process).
+    :meth:`close` stops everything started and not read.
+
+    A generator that reads (``reading.ShardEvents``) makes it active only while it runs, not across its
+    yields: the plan belongs to the reading code, not to whatever else runs on the thread meanwhile."""
+
+    def __init__(self, locations, read_ahead_mib: int = READ_AHEAD_MIB):
+        remote = [os.fspath(loc) for loc in locations if kind_of(loc) != "local"]
+        self._plan = _Plan(remote, max(0, read_ahead_mib) << 20) if remote else None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        previous = getattr(_ORDER, "plan", None)
+        _ORDER.plan = self._plan
+        try:
+            yield
+        finally:
+            _ORDER.plan = previous
+
+    def close(self) -> None:
+        if self._plan is not None:
+            self._plan.close()
+
+
+@contextlib.contextmanager
+def read_in_order(locations, read_ahead_mib: int = READ_AHEAD_MIB) -> Iterator[None]:
+    """A :class:`ReadOrder` of ``locations``, active for the block and closed after it (for a plain loop)."""
+    order = ReadOrder(locations, read_ahead_mib)
+    try:
+        with order.active():
+            yield
+    finally:
+        order.close()
 
 
 def alive(pid: int) -> bool:

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -202,7 +202,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     (refused before anything is read); a loss or weights that become NaN/inf raise NumericalError, and nothing
     is written from that point on."""
     inputs = [cfg.source] + ([cfg.init_from] if cfg.init_from else [])
-    check_output_files({"--out": cfg.out, "--state": cfg.state_path}, inputs, "train")
+    local = check_output_files({"--out": cfg.out, "--state": cfg.state_path}, inputs, "train")
+    cfg = replace(cfg, out=local["--out"], state=local["--state"] if cfg.state else None)  # file://
     device = cfg.resolved_device()
     data, files_hash = load_training_images(cfg.source, cfg.image_size)
     if len(data) < 1:

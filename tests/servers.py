@@ -7,9 +7,11 @@ import contextlib
 import functools
 import http.server
 import os
+import re
 import socket
 import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 #: credentials moto accepts (any); no real account is ever reached: the endpoint is 127.0.0.1
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
@@ -57,13 +59,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_REQUEST_LINE = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (/[^ \r\n]*) HTTP/1\.[01]\r\n")
+
+
 class FreezingProxy:
     """A TCP proxy to ``target`` (host, port) that, once a client request contains ``trigger`` (bytes, e.g.
     b"PUT /bucket/out/a.tar"), forwards ``after`` more bytes of it and then holds the connection: the upload
-    is in flight and never completes. ``frozen`` is set then. Everything else passes through."""
+    is in flight and never completes. ``frozen`` is set then. Everything else passes through. ``requests``
+    lists the (method, path) of every request seen (``trigger`` None: a proxy that only records)."""
 
-    def __init__(self, target: tuple[str, int], trigger: bytes, after: int = 4096):
+    def __init__(self, target: tuple[str, int], trigger: bytes | None = None, after: int = 4096):
         self.target, self.trigger, self.after = target, trigger, after
+        self.requests: list[tuple[str, str]] = []
         self.frozen = threading.Event()
         self._release = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -94,7 +101,9 @@ class FreezingProxy:
         seen, budget = b"", None
         try:
             while data := src.recv(65536):
-                if watch and budget is None and not self.frozen.is_set():
+                if watch:  # request lines (a body that happened to hold one would count too: not ours)
+                    self.requests += [(m.decode(), unquote(p.decode())) for m, p in _REQUEST_LINE.findall(data)]
+                if watch and self.trigger is not None and budget is None and not self.frozen.is_set():
                     seen = (seen + data)[-(len(self.trigger) + 65536):]
                     if self.trigger in seen:
                         budget = self.after

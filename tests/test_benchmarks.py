@@ -126,8 +126,10 @@ def test_bench_remote_quick(tmp_path):
     pytest.importorskip("moto.server")
     record = run_quick("bench_remote", tmp_path)
     rows = {r["path"]: r for r in record["reader"]}
-    assert rows["local disk"]["images"] == rows["S3 (moto, s3fs)"]["images"] == 200
-    assert record["targets"][0]["measured"] > 0 and len(record["raw_bytes"]) == 2
+    ahead, none = "S3 (moto, s3fs), read-ahead 16 MiB", "S3 (moto, s3fs), no read-ahead"
+    assert rows["local disk"]["images"] == rows[ahead]["images"] == rows[none]["images"] == 200
+    assert rows[ahead]["median_cpu_s"] > 0 and record["targets"][0]["measured"] > 0
+    assert [r["path"] for r in record["raw_bytes"]] == ["local disk", "S3 (moto, s3fs)"]
 
 
 def test_bench_scan_quick(tmp_path):

@@ -181,8 +181,8 @@ def test_scan_and_train_read_urls(http_base, shard_dir):
     from eclipse_stream.sources import load_training_images
 
     sc = ScanConfig(per_class=4, probe_size=8)
-    local, remote = sample_shards(shard_dir, sc), sample_shards(f"{http_base}/part-{{000..002}}.tar", sc)
-    assert (local.whole.images == remote.whole.images).all() and (local.whole.labels == remote.whole.labels).all()
+    local, remote = sample_shards(shard_dir, sc).whole, sample_shards(f"{http_base}/part-{{000..002}}.tar", sc).whole
+    assert (local.images == remote.images).all() and (local.labels == remote.labels).all()
     images, _ = load_training_images(f"pipe:cat {shard_dir}/part-{{000..002}}.tar", 32)
     assert (images == load_training_images(str(shard_dir), 32)[0]).all() and len(images) == 30
 
@@ -214,6 +214,75 @@ def test_s3_in_and_out_match_the_local_run_and_resume_checks_the_objects(s3, tin
     assert {k: v for k, v in objects.items() if k.endswith(".tar")} == reference
 
 
+def test_readers_ask_no_head_and_get_each_small_shard_in_one_request(s3, shard_dir, tiny_ckpt, tmp_path, reference):
+    """The listing gives each object's size and ETag: a reader sends one GET per shard (< 8 MiB) and no HEAD;
+    the next shard is fetched while one is decoded. Only the finisher asks afresh (one HEAD per shard) before
+    it marks a shard done."""
+    from eclipse_stream.events import Batch, ShardEnded
+    from eclipse_stream.outdir import Task
+    from eclipse_stream.reading import ReadSettings, ShardEvents
+    from eclipse_stream.sources import expand_shards
+
+    endpoint, _ = s3
+    host, port = endpoint.rsplit("/", 1)[1].split(":")
+    proxy = FreezingProxy((host, int(port)))
+    storage.set_options({"endpoint_url": proxy.url})
+    try:
+        urls = expand_shards(f"s3://{BUCKET}/in/")
+        listed = len(proxy.requests)
+        settings = ReadSettings.from_config(cfg(), None)
+        events = list(ShardEvents([Task(i, u, storage.shard_name(u)) for i, u in enumerate(urls)], settings))
+        reads = proxy.requests[listed:]
+        result = purify_shards(f"s3://{BUCKET}/in/", tmp_path / "out", tiny_ckpt, cfg(workers=1), progress=False)
+        run = proxy.requests[listed + len(reads):]
+    finally:
+        storage.set_options({"endpoint_url": endpoint})
+        proxy.close()
+    assert sorted(reads) == [("GET", f"/{BUCKET}/in/part-{i:03d}.tar") for i in range(3)]
+    assert sum(isinstance(e, ShardEnded) for e in events) == 3
+    assert sum(len(e.items) for e in events if isinstance(e, Batch)) == 30
+    assert not result.failed and tars(tmp_path / "out") == reference
+    shards = [f"/{BUCKET}/in/part-{i:03d}.tar" for i in range(3)]
+    assert sorted(p for m, p in run if m == "HEAD" and p in shards) == shards  # the finisher's fresh look, once each
+    assert sorted(p for m, p in run if m == "GET" and p in shards) == shards  # read once each
+
+
+@pytest.mark.parametrize("replacement", ["another size", "same size"])
+def test_an_object_replaced_after_the_listing_is_never_marked_done(s3, shard_dir, tiny_ckpt, tmp_path, monkeypatch,
+                                                                   replacement):
+    """Readers trust the listing's size and ETag. An input replaced after the listing by one of another size
+    fails its read ("changed since it was listed"); by one of the same size (a label edited), the finisher,
+    which asks the store afresh, refuses it before the shard is marked done."""
+    from eclipse_stream import sources
+
+    _, fs = s3
+    prefix = f"swap-{replacement.replace(' ', '-')}"
+    original = (shard_dir / "part-001.tar").read_bytes()
+    if replacement == "same size":
+        at = original.index(b".cls\0")  # the first label member's header; its data follows the 512-byte block
+        data = bytearray(original)
+        start = at - at % 512 + 512
+        data[start] = ord("7") if data[start] != ord("7") else ord("8")
+        new = bytes(data)
+    else:
+        new = (shard_dir / "part-002.tar").read_bytes()
+    assert (len(new) == len(original)) == (replacement == "same size") and new != original
+    fs.pipe_file(f"{BUCKET}/{prefix}/part-001.tar", original)
+    real = sources.list_shards
+
+    def list_then_replace(url, suffixes):
+        found = real(url, suffixes)
+        fs.pipe_file(f"{BUCKET}/{prefix}/part-001.tar", new)
+        return found
+
+    monkeypatch.setattr(sources, "list_shards", list_then_replace)
+    why = "cannot read: the object changed since it was listed" if replacement == "another size" else \
+        "the input shard changed while it was read"
+    with pytest.raises(InputError, match=rf"s3://{BUCKET}/{prefix}/part-001.tar: {why}"):
+        purify_shards(f"s3://{BUCKET}/{prefix}/", tmp_path / "out", tiny_ckpt, cfg(), progress=False)
+    assert not list((tmp_path / "out").glob("part-001.tar*"))
+
+
 def test_s3_errors_name_the_url(s3, tiny_ckpt, tmp_path):
     with pytest.raises(InputError, match=rf"s3://{BUCKET}/in/nope.tar: no such shard"):
         purify_shards(f"s3://{BUCKET}/in/nope.tar", tmp_path / "o", tiny_ckpt, cfg(), progress=False)
@@ -241,6 +310,79 @@ def test_missing_credentials_are_a_clear_error(s3, tiny_ckpt, tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"error: s3://{BUCKET}/in/: cannot list: no credentials found"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+# What s3fs raises for an AccessDenied answer (moto enforces no IAM, so the store's call is replaced): a
+# PermissionError whose text carries a signed URL, as botocore and aiohttp messages can.
+DENIED = ("Access Denied (https://127.0.0.1/eclipse-test/x?X-Amz-Credential=AKIAFAKEKEY%2F20261205"
+          "&X-Amz-Signature=t0ps3cr3t)")
+SECRETS = ("t0ps3cr3t", "AKIAFAKEKEY", FAKE_AWS["AWS_SECRET_ACCESS_KEY"])
+
+
+def _deny(fs, monkeypatch, method: str, when=lambda *a, **kw: True):
+    real = getattr(fs, method)
+
+    def denied(*args, **kwargs):
+        if when(*args, **kwargs):
+            raise PermissionError(DENIED)  # as s3fs.errors.translate_boto_error builds it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fs, method, denied)  # the filesystem storage.py opens: fsspec keeps one per options
+
+
+def _purify_cli(*args) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from eclipse_stream.cli import main
+
+    r = CliRunner().invoke(main, ["purify", *args, "--steps", "2", "--batch-size", "4", "--workers", "0", "-q"])
+    return r.exit_code, r.output
+
+
+@pytest.mark.parametrize("where", ["listing", "reading"])
+def test_a_permission_error_on_an_input_is_named_and_leaves_nothing_partial(s3, tiny_ckpt, tmp_path, monkeypatch,
+                                                                            where):
+    endpoint, _ = s3
+    fs, _ = storage.filesystem(f"s3://{BUCKET}/in/")
+    if where == "listing":
+        _deny(fs, monkeypatch, "ls")
+        _deny(fs, monkeypatch, "info")
+        url = f"s3://{BUCKET}/in/"
+    else:  # the object's GET: the listing works, reading part-001 is refused
+        _deny(fs, monkeypatch, "cat_file", lambda path, *a, **kw: path.endswith("part-001.tar"))
+        url = f"s3://{BUCKET}/in/part-001.tar"
+    out = tmp_path / "out"
+    code, text = _purify_cli(f"s3://{BUCKET}/in/", str(out), "-d", str(tiny_ckpt))
+    assert code == 2, text
+    assert text.startswith(f"error: {url}: cannot {'list' if where == 'listing' else 'read'}: permission denied "
+                           "(Access Denied (https://127.0.0.1/eclipse-test/x?...)"), text
+    assert "check your credentials" in text and "Traceback" not in text
+    assert not any(secret in text for secret in SECRETS)
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not [n for n in left if n.startswith(".") or n.startswith("part-001")], left  # nothing partial
+    for name in left:  # what a run that stopped there did finish is complete: its stats file says so
+        if name.endswith(".tar"):
+            assert json.loads((out / f"{name}.stats.json").read_text())["output_size"] == (out / name).stat().st_size
+
+
+@pytest.mark.parametrize("what", ["lock", "upload"])
+def test_a_permission_error_on_the_output_is_named_and_leaves_no_object(s3, shard_dir, tiny_ckpt, monkeypatch, what):
+    endpoint, fs_test = s3
+    out = f"s3://{BUCKET}/out-denied-{what}"
+    fs, _ = storage.filesystem(out)
+    if what == "lock":  # no write permission at all under OUT
+        _deny(fs, monkeypatch, "put_file")
+        name, verb = ".eclipse-stream.lock", "write"
+    else:  # the lock may be written, shard objects may not (a policy on *.tar)
+        _deny(fs, monkeypatch, "put_file", lambda local, remote, **kw: remote.endswith(".tar"))
+        name, verb = "part-000.tar", "upload"
+    code, text = _purify_cli(str(shard_dir / "part-000.tar"), out, "-d", str(tiny_ckpt))
+    assert code == 1, text
+    assert text.startswith(f"error: {out}/{name}: cannot {verb}: permission denied (Access Denied "), text
+    assert not any(secret in text for secret in SECRETS) and "Traceback" not in text
+    fs_test.invalidate_cache()
+    assert fs_test.find(f"{BUCKET}/out-denied-{what}") == []  # no shard, no stats, no manifest; the lock released
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"eclipse-stream-out-{os.getpid()}-*"))
 
 
 def test_a_remote_out_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(s3, tiny_ckpt):
@@ -294,17 +436,26 @@ def test_sigkill_during_an_upload_then_a_rerun_gives_the_clean_outputs(s3, shard
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"eclipse-stream-out-{proc.pid}-*"))
 
 
-def test_a_remote_beton_is_staged_and_gives_the_local_output(s3, cifar64, tiny_ckpt, tmp_path):
+def test_a_remote_beton_is_staged_once_and_gives_the_local_output(s3, cifar64, tiny_ckpt, tmp_path, monkeypatch):
     pytest.importorskip("ffcv")
     from test_pipeline_beton import make_beton
+
+    from eclipse_stream.formats import beton
 
     _, fs = s3
     (tmp_path / "in").mkdir()
     src = make_beton(tmp_path / "in" / "b.beton", [rgb_array(s["png"]) for s in cifar_samples(cifar64[:5])])
     fs.put_file(str(src), f"{BUCKET}/beton/b.beton")
     purify_shards(src, tmp_path / "local", tiny_ckpt, cfg(), progress=False)
+    # The reader worker (another process) stages the shard; this process, which writes the output, fetches
+    # only the head it takes the field layout from: never the whole shard a second time.
+    staged, fetched = [], []
+    real_staged, real_fetch = beton.staged, storage._Ranges._fetch
+    monkeypatch.setattr(beton, "staged", lambda *a, **kw: staged.append(a) or real_staged(*a, **kw))
+    monkeypatch.setattr(storage._Ranges, "_fetch", lambda self, n: fetched.append(real_fetch(self, n)) or fetched[-1])
     purify_shards(f"s3://{BUCKET}/beton/b.beton", tmp_path / "remote", tiny_ckpt, cfg(workers=1), progress=False)
     assert (tmp_path / "remote" / "b.beton").read_bytes() == (tmp_path / "local" / "b.beton").read_bytes()
+    assert not staged and 0 < sum(map(len, fetched)) < src.stat().st_size / 10, (len(fetched), src.stat().st_size)
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"eclipse-stream-stage-{os.getpid()}-*"))
 
 

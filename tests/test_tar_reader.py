@@ -116,3 +116,69 @@ def test_the_writer_writes_what_tarfile_writes(tmp_path):
                 tf.addfile(info, io.BytesIO(fields[name]))
     assert (tmp_path / "ours.tar").read_bytes() == ref.getvalue()
     assert sha == __import__("hashlib").sha256(ref.getvalue()).hexdigest()
+
+
+class _OneWay(io.RawIOBase):
+    """Read front to back only (a pipe, an HTTP body, an object read in ranges), in odd-sized pieces."""
+
+    def __init__(self, data: bytes, piece: int = 7919):
+        self._data, self._pos, self._piece = data, 0, piece
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    def readinto(self, b):
+        n = min(len(b), len(self._data) - self._pos, self._piece)
+        b[:n] = self._data[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+def _read_stream(path, data: bytes, piece: int = 7919):
+    try:
+        items = []
+        for item in tarformat.read_tar(path, fileobj=_OneWay(data, piece)):
+            members = [(i.get_info(), d) for i, d in item.members] if item.members else None
+            items.append((item.key, item.fields, members))
+        return items, None
+    except ShardError as e:
+        return None, str(e)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_stream_reads_what_the_file_reads_also_cut_or_corrupt(case, tmp_path):
+    """The stream entry (no seeking, a look-back window) gives the file's samples, or the file's error."""
+    data = CASES[case]
+    rng = random.Random(case + "stream")
+    path = tmp_path / "t.tar"
+    variants = [data] + [data[:n] for n in sorted(rng.sample(range(1, len(data)), 30))]
+    for _ in range(30):
+        pos = rng.randrange(len(data))
+        variants.append(data[:pos] + bytes([data[pos] ^ (1 << rng.randrange(8))]) + data[pos + 1:])
+    for variant in variants:
+        path.write_bytes(variant)
+        assert _read_stream(path, variant) == _read(path, True), len(variant)
+
+
+def test_a_big_stream_with_members_larger_than_the_look_back(tmp_path):
+    """Members bigger than the 1 MiB look-back and many small ones between, read in odd pieces: the window is
+    rebuilt many times and every byte still arrives in order."""
+    rng = random.Random(5)
+    members = []
+    for i in range(40):
+        size = (3 << 20) // 2 + rng.randrange(1000) if i % 13 == 5 else rng.randrange(1, 3000)
+        members.append((f"s{i:03d}.bin", rng.randbytes(size), REG, {}))
+        members.append((f"s{i:03d}.cls", str(i).encode(), REG, {}))
+    data = _tar(tarfile.PAX_FORMAT, members)
+    path = tmp_path / "big.tar"
+    path.write_bytes(data)
+    expected = _read(path, True)
+    assert expected[1] is None and len(expected[0]) == 40
+    for piece in (1 << 16, 1000003, 7919):
+        assert _read_stream(path, data, piece) == expected
+    cut = data[:len(data.rstrip(b"\0")) - 100]  # inside the last member's data
+    path.write_bytes(cut)
+    assert _read_stream(path, cut) == _read(path, True) and "incomplete tar" in _read(path, True)[1]

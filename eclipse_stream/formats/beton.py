@@ -52,7 +52,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import EclipseError, InputError, SampleError, ShardError
-from ..storage import RemoteError, is_remote, redact, staged
+from ..storage import RemoteError, is_remote, open_input, redact, staged, sweep_stale_temporaries
 
 INSTALL_HINT = ("install it with: apt-get install pkg-config libopencv-dev libturbojpeg0-dev"
                 " && pip install 'eclipse-stream[ffcv]'")
@@ -79,11 +79,13 @@ class BetonReader:
     as an array of its dtype and shape, BytesField as a uint8 array, JSONField as the decoded object.
     """
 
-    def __init__(self, path: str | os.PathLike, image_field: str | None = None, max_pixels: int | None = None):
+    def __init__(self, path: str | os.PathLike, image_field: str | None = None, max_pixels: int | None = None,
+                 *, head_only: bool = False):
         self.path = str(path)
         self.max_pixels = max_pixels  # images over it raise SampleError from the metadata, before any decode
         require_ffcv(self.path)
-        self._reader = _open_reader(self.path)
+        # head_only: a file holding only the bytes before the data (see _head): the field layout, no samples
+        self._reader = _open_reader(self.path, head_only)
         self.field_names: list[str] = list(self._reader.field_names)
         if len(set(self.field_names)) < len(self.field_names):  # names are cut to 16 bytes in the file
             raise ShardError(self.path, f"duplicate field names {self.field_names}; they cannot be told apart")
@@ -561,8 +563,9 @@ class _AllocationSizes:
         return int(np.max(self._sizes[low:high])) if high > low else None
 
 
-def _open_reader(path: str):
-    """ffcv's Reader (memory-mapped variant) for ``path``; every way the file can be bad -> ShardError."""
+def _open_reader(path: str, head_only: bool = False):
+    """ffcv's Reader (memory-mapped variant) for ``path``; every way the file can be bad -> ShardError.
+    ``head_only``: the file ends where the data starts (no allocation table is read)."""
     from ffcv.types import HeaderType
 
     try:
@@ -573,7 +576,7 @@ def _open_reader(path: str):
         raise ShardError(path, f"not an FFCV .beton file: {size} bytes, shorter than its "
                                f"{HeaderType.itemsize}-byte header")
     try:
-        return _mapped_reader_class()(path)
+        return _mapped_reader_class(head_only)(path)
     except (AssertionError, KeyError, UnicodeDecodeError) as exc:  # version, field type id, field name
         raise ShardError(path, f"not an FFCV .beton file (bad header or field table: {exc!r})") from exc
     except (ValueError, IndexError, TypeError, OSError) as exc:
@@ -581,9 +584,10 @@ def _open_reader(path: str):
 
 
 @functools.cache
-def _mapped_reader_class() -> type:
+def _mapped_reader_class(head_only: bool = False) -> type:
     """ffcv's ``Reader``, with the per-sample metadata and the allocation table memory-mapped and their
-    bounds checked against the file size (a truncated file fails here, with a reason)."""
+    bounds checked against the file size (a truncated file fails here, with a reason). ``head_only``: no
+    allocation table (a file cut where the data starts)."""
     from ffcv.reader import Reader
     from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
 
@@ -596,6 +600,9 @@ def _mapped_reader_class() -> type:
                                        int(self.num_samples), "the per-sample metadata")
 
         def read_allocation_table(self):
+            if head_only:
+                self.alloc_table = np.zeros(0, ALLOC_TABLE_TYPE)
+                return
             start = int(self.header["alloc_table_ptr"])
             size = os.path.getsize(self._fname)
             if start == 0:
@@ -786,8 +793,8 @@ class BetonShardWriter(ShardWriter):
 
     def write_sample(self, key: str, fields: dict) -> None:
         if self._writer is None:
-            with _local(self._source) as local:  # a remote input is fetched again here, for its layout
-                self._writer = BetonWriter(self._tmp, like=BetonReader(local),
+            with _head(self._source) as local:  # a remote input: only the bytes before its data, not again whole
+                self._writer = BetonWriter(self._tmp, like=BetonReader(local, head_only=local != self._source),
                                            jpeg_quality=self._policy.jpeg_quality,
                                            spool_dir=os.path.dirname(self._tmp), seed=self._policy.seed)
         self._writer.write(fields)
@@ -963,6 +970,43 @@ def _local(path: str):
         raise ShardError(shown, e.reason.replace(local or shown, shown)) from None
     except InputError as e:
         raise InputError(str(e).replace(local or shown, shown)) from None
+
+
+@contextlib.contextmanager
+def _head(path: str):
+    """A local path from which the field layout of the .beton at ``path`` can be read (``BetonReader(...,
+    head_only=True)``): the file itself if local; for a remote one, a temporary file holding only its head
+    (header, field table, per-sample metadata: a few bytes per sample), fetched in three small reads instead of
+    the whole shard, which the reader worker has fetched already. Removed when the block ends."""
+    if not is_remote(path):
+        yield path
+        return
+    from ffcv.types import FieldDescType, HeaderType, get_handlers, get_metadata_type
+
+    shown = redact(path)
+    sweep_stale_temporaries()
+    fd, tmp = tempfile.mkstemp(prefix=f"eclipse-stream-stage-{os.getpid()}-", suffix=".beton-head")
+    try:
+        with os.fdopen(fd, "wb") as out, open_input(path, read_ahead=False) as src:
+            header = src.read(HeaderType.itemsize)
+            out.write(header)
+            if len(header) == HeaderType.itemsize:
+                h = np.frombuffer(header, HeaderType, count=1)[0]
+                table = src.read(int(h["num_fields"]) * FieldDescType.itemsize)
+                out.write(table)
+                try:
+                    metadata_type = get_metadata_type(get_handlers(np.frombuffer(table, FieldDescType)))
+                except (KeyError, ValueError, TypeError, AttributeError) as e:
+                    raise ShardError(shown, f"not an FFCV .beton file (bad field table: {e!r})") from None
+                out.write(src.read(int(h["num_samples"]) * metadata_type.itemsize))
+        yield tmp
+    except RemoteError as e:
+        raise ShardError(shown, f"cannot read: {e}") from None
+    except ShardError as e:
+        raise ShardError(shown, e.reason.replace(tmp, shown)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 register(BetonFormat())

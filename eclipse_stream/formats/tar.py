@@ -17,6 +17,7 @@ import contextlib
 import copy
 import functools
 import importlib
+import io
 import lzma
 import os
 import re
@@ -164,46 +165,61 @@ def _seekable(f) -> bool:
 class _Lookback:
     """A stream read front to back that can still seek back a little: the tar reader re-reads a header it
     looked at (at most a few blocks back). The last ``keep`` bytes read stay in memory; a seek back beyond
-    them raises OSError naming the distance (a corrupt tar could ask for that; a good one never does)."""
+    them raises OSError naming the distance (a corrupt tar could ask for that; a good one never does).
+
+    The bytes at hand are an ``io.BytesIO`` window, so the tar reader's many small reads and seeks are C calls,
+    as on a file; the window is rebuilt (the last ``keep`` bytes and at least 1 MiB more) when a read needs
+    more."""
 
     def __init__(self, raw, keep: int = 1 << 20):
         self.raw, self.keep = raw, keep
-        self.buf = bytearray()
-        self.start = self.pos = 0  # absolute offsets of buf[0] and of the next read
+        self.window = io.BytesIO()
+        self.start = 0  # absolute offset of the window's first byte
         self.eof = False
 
-    def read(self, n: int = -1) -> bytes:
-        want = None if n is None or n < 0 else self.pos + n
-        while not self.eof and (want is None or self.start + len(self.buf) < want):
-            chunk = self.raw.read(max(1 << 20, (want or 0) - self.start - len(self.buf)))
+    def _fill(self, upto: int) -> None:
+        """Read on until the window reaches absolute offset ``upto`` (or the stream ends), dropping what lies
+        more than ``keep`` bytes before the read position."""
+        pos = self.start + self.window.tell()
+        data = self.window.getvalue()
+        cut = min(len(data), max(0, pos - self.keep - self.start))
+        parts, have = [data[cut:]] if cut < len(data) else [], self.start + len(data)
+        read1 = getattr(self.raw, "read1", None)  # a whole block of a read-ahead stream comes without a copy
+        got = 0
+        while (have < upto or got < 1 << 20) and not self.eof:  # at least 1 MiB more: few rebuilds
+            chunk = read1() if read1 is not None else self.raw.read(max(1 << 20, upto - have))
             if not chunk:
                 self.eof = True
                 break
-            self.buf += chunk
-        end = self.start + len(self.buf)
-        stop = end if want is None else min(want, end)
-        if stop <= self.pos:
-            return b""
-        with memoryview(self.buf) as view:
-            data = bytes(view[self.pos - self.start:stop - self.start])
-        self.pos += len(data)
-        drop = self.pos - self.keep - self.start
-        if drop > self.keep:  # trim in big steps: deleting from the front of a bytearray moves the rest
-            del self.buf[:drop]
-            self.start += drop
+            parts.append(chunk)
+            have += len(chunk)
+            got += len(chunk)
+        self.start += cut
+        self.window = io.BytesIO(parts[0] if len(parts) == 1 else b"".join(parts))  # one part: shared, no copy
+        self.window.seek(pos - self.start)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            self._fill(1 << 62)
+            return self.window.read()
+        data = self.window.read(n)
+        if len(data) < n and not self.eof:
+            self._fill(self.tell() + n - len(data))
+            data += self.window.read(n - len(data))
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        target = offset if whence == 0 else self.pos + offset if whence == 1 else None
+        pos = self.tell()
+        target = offset if whence == 0 else pos + offset if whence == 1 else None
         if target is None:
             raise OSError("cannot seek from the end of a stream")
         if target < self.start:
-            raise OSError(f"cannot seek back {self.pos - target} bytes in a stream")
-        self.pos = target
+            raise OSError(f"cannot seek back {pos - target} bytes in a stream")
+        self.window.seek(target - self.start)
         return target
 
     def tell(self) -> int:
-        return self.pos
+        return self.start + self.window.tell()
 
     def seekable(self) -> bool:
         return True

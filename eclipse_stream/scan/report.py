@@ -65,8 +65,7 @@ class ScanResult:
         return d
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        check_output_files({"report": path}, self._inputs(), "scan")
-        path = Path(path)
+        path = Path(check_output_files({"report": path}, self._inputs(), "scan")["report"])
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
@@ -122,8 +121,7 @@ class ScanResult:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """A PNG: held-out learning curves (and the reference / shuffled-label curves), per-class recall."""
-        check_output_files({"plot": path}, self._inputs(), "scan")
-        path = Path(path)
+        path = Path(check_output_files({"plot": path}, self._inputs(), "scan")["plot"])
         image = _draw_plot(self)
         with atomic_path(path) as tmp:
             buf = io.BytesIO()

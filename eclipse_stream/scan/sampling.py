@@ -18,6 +18,7 @@ from ..errors import InputError, SampleError
 from ..formats import class_label, format_for, sample_label
 from ..imageio import ImageDecodeError, decode_image
 from ..sources import expand_shards, resize_center_crop
+from ..storage import read_in_order
 from .config import MIN_PER_CLASS, ScanConfig
 
 __all__ = ["Sampled", "Sample", "sample_shards", "sample_samples", "sample_arrays", "subsample"]
@@ -208,12 +209,13 @@ def sample_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike], cfg: 
     shards = expand_shards(inputs)
     per_shard, names = _shard_groups(shards, inputs, cfg) if groups else ([""] * len(shards), [""])
     collector = _Collector(cfg, grouped=len(names) > 1)
-    for shard, group in zip(shards, per_shard):
-        for item in format_for(shard).labelled(str(shard), cfg.label_key, cfg.image_key, cfg.max_pixels):
-            if item.error is not None:
-                collector.skip(SampleError(str(shard), item.key, item.error))
-            else:
-                collector.add(item.label, item.load, group)
+    with read_in_order(shards):  # a remote shard's next one is fetched while it is read (storage)
+        for shard, group in zip(shards, per_shard):
+            for item in format_for(shard).labelled(str(shard), cfg.label_key, cfg.image_key, cfg.max_pixels):
+                if item.error is not None:
+                    collector.skip(SampleError(str(shard), item.key, item.error))
+                else:
+                    collector.add(item.label, item.load, group)
     return collector.finish(lambda load: load(), [str(s) for s in shards])
 
 
