@@ -135,6 +135,8 @@ def test_cpu_protocol_grid_end_to_end_at_toy_size(tmp_path):
     md = results_path.with_suffix(".md").read_text()
     assert "not comparable" in md and "### Calibration" in md and "### Targets" in md and "(n=2)" in md
     assert "(—)" not in md  # no paper column in the CPU protocol
+    assert results["tuned_on"] == {"clean": None, "ops": True} and cell["tuned_on"] is True
+    assert "| *defaults tuned on it?* | yes | — |" in md
     assert results_path.with_suffix(".png").stat().st_size > 1000
 
 
@@ -190,3 +192,25 @@ def test_two_grid_runs_on_one_results_file_keep_each_others_cells(tmp_path, monk
     results = run_grid(cfg, log=lambda m: None)
     assert sorted(results["cells"]) == ["clean/corruption", "clean/iss-gray", "clean/none"]
     assert sorted(read_json(cfg.results_path())["cells"]) == sorted(results["cells"]) and results["complete"]
+
+
+def test_reports_say_which_families_the_defaults_were_tuned_on():
+    """Held-out families are marked in the JSON checks and in every markdown table, and the worst family is named."""
+    from tools.families import FAMILIES, held_out
+    from tools.grid import checks
+
+    assert set(FAMILIES) == set(grid.POISONS) and {"tap", "cuda", "sep"} <= set(held_out())
+
+    def cell(poison, defense, acc):
+        return {"poison": poison, "defense": defense, "seed": 0, "accuracy": acc, "cell_seconds": 1.0,
+                "poison_norms": None, "settings": {"recipe": {"arch": "resnet9"}, "device": "cpu"}}
+
+    accs = {("clean", "none"): 70.0, ("urp", "none"): 69.0, ("tap", "none"): 30.0, ("urp", "iss-jpeg10"): 60.0,
+            ("tap", "iss-jpeg10"): 63.0, ("clean", "d"): 69.0, ("urp", "d"): 68.0, ("tap", "d"): 40.0}
+    results = {"settings": {"protocol": "cpu"}, "cells": {f"{p}/{d}": cell(p, d, a) for (p, d), a in accs.items()}}
+    c = checks(results)
+    assert c["poisons"]["tap"]["tuned_on"] is False and c["poisons"]["urp"]["tuned_on"] is True
+    assert c["defenses"]["d"]["worst_family"] == "tap" and abs(c["defenses"]["d"]["worst_fraction"] - 40 / 70) < 1e-9
+    md = markdown_table(results)
+    assert "| URP | yes |" in md and "| TAP | **no** |" in md and "TAP (held out)" in md and "URP (held out)" not in md
+    assert "| d | " in md and "TAP 57.1%" in md

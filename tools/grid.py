@@ -19,6 +19,7 @@ from eclipse_stream.fsutil import file_sha256
 
 from .common import DEFAULT_WORK, PROJECT_ROOT, ToolError, provenance, read_json, write_json
 from .defenses import PurifyTimeout, get_defense, purify
+from .families import tuned_on
 from .paper import PAPER_POISONS, TABLE1_AVG, paper_value
 from .poisons import POISONS
 from .poisons.driver import NORMS, is_poisoned, poison_split
@@ -243,7 +244,8 @@ def run_cell(cfg: GridConfig, poison: str, defense: str, seed: int, clock: Clock
         return None
     result.pop("history", None)
     return {"poison": poison, "defense": defense, "seed": seed, "accuracy": result["test_accuracy"],
-            "paper": paper_value(poison, defense), "poison_norms": norms, "cell_seconds": round(time.time() - t0, 2),
+            "tuned_on": tuned_on(poison), "paper": paper_value(poison, defense), "poison_norms": norms,
+            "cell_seconds": round(time.time() - t0, 2),
             "purify_seconds": round(purify_seconds, 2), "purify_compiled": cfg.compile if purify_seconds else None,
             **result}
 
@@ -306,6 +308,7 @@ def _save(path: Path, cfg: GridConfig, wanted, cell: tuple[str, dict] | None = N
             results["cells"][key] = record
             results["updated_by"] = provenance(record["settings"]["device"])
         results["complete"] = all(key in results["cells"] for *_, key in wanted)
+        results["tuned_on"] = {p: tuned_on(p) for p in sorted({c["poison"] for c in results["cells"].values()})}
         write_json(path, results)
         write_reports(results, path)
     return results
@@ -364,7 +367,8 @@ def markdown_table(results: dict) -> str:
     cols, rows = _columns(results)
     cells = results["cells"]
     head = "| defense | " + " | ".join(c.upper() if c != "clean" else "clean (Table 3)" for c in cols)
-    lines = [head + " | paper avg (Table 1) |", "|---" * (len(cols) + 2) + "|"]
+    lines = [head + " | paper avg (Table 1) |", "|---" * (len(cols) + 2) + "|",
+             "| *defaults tuned on it?* | " + " | ".join(_tuned(c) for c in cols) + " | |"]
     for d in rows:
         vals = []
         for p in cols:
@@ -387,7 +391,8 @@ def _cpu_table(results: dict) -> str:
     cells = results["cells"].values()
     settings = results.get("settings", {})
     lines = ["| defense | " + " | ".join(c.upper() if c != "clean" else "clean" for c in cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]
+             "|---" * (len(cols) + 1) + "|",
+             "| *defaults tuned on it?* | " + " | ".join(_tuned(c) for c in cols) + " |"]
     for d in rows:
         lines.append(f"| {d} | " + " | ".join(_fmt_cell(accuracies(results, p, d)) for p in cols) + " |")
     recipe = next((c["settings"]["recipe"] for c in cells), {})
@@ -410,6 +415,11 @@ def _cpu_table(results: dict) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def _tuned(poison: str) -> str:
+    flag = tuned_on(poison)
+    return "—" if flag is None else ("yes" if flag else "**no**")
+
+
 def checks(results: dict) -> dict:
     """Calibration and targets, computed from the cells present (None where a needed cell is missing)."""
     cols, rows = _columns(results)
@@ -419,7 +429,7 @@ def checks(results: dict) -> dict:
     for p in poisons:
         undefended = mean_accuracy(results, p, "none")
         norms = next((c["poison_norms"] for c in results["cells"].values() if c["poison"] == p), None)
-        out["poisons"][p] = {"undefended": undefended, "norms": norms,
+        out["poisons"][p] = {"undefended": undefended, "norms": norms, "tuned_on": tuned_on(p),
                              "poisons_victim": None if clean is None else clean - undefended >= POISONED_DROP}
     for d in rows:
         if d == "none" or clean is None:
@@ -434,7 +444,10 @@ def checks(results: dict) -> dict:
         on_clean = mean_accuracy(results, "clean", d)
         clean_ok = None if on_clean is None else clean - on_clean <= CLEAN_TOLERANCE
         verdicts = [v for r in per.values() for v in (r["at_least_90pct"], r["not_below_jpeg10"])] + [clean_ok]
+        fractions = {p: r["fraction_of_clean"] for p, r in per.items() if r["fraction_of_clean"] is not None}
+        worst = min(fractions, key=fractions.get) if fractions else None
         out["defenses"][d] = {"poisons": per, "clean_accuracy": on_clean, "clean_within_3": clean_ok,
+                              "worst_family": worst, "worst_fraction": fractions.get(worst),
                               "all_targets_met": None if None in verdicts or not per else all(verdicts)}
     return out
 
@@ -448,18 +461,21 @@ def checks_markdown(results: dict) -> str:
     if c["clean_accuracy"] is None:
         return ""
     lines = [f"\n### Calibration\n\nClean accuracy, undefended: {c['clean_accuracy']:.2f}%.\n",
-             "| poison | undefended | drop | poisons this victim? | measured norms |", "|---|---|---|---|---|"]
+             "| poison | defaults tuned on it? | undefended | drop | poisons this victim? | measured norms |",
+             "|---|---|---|---|---|---|"]
     for p, r in c["poisons"].items():
         n = r["norms"] or {}
         norms = (f"L-inf {n.get('linf_max_255')}/255, L2 mean {n.get('l2_mean', 0):.3f} max {n.get('l2_max', 0):.3f}"
                  if n else "—")
         verdict = "yes" if r["poisons_victim"] else f"**no** (drop < {POISONED_DROP:.0f} points)"
-        lines.append(f"| {p.upper()} | {r['undefended']:.2f} | {c['clean_accuracy'] - r['undefended']:.2f} | "
+        lines.append(f"| {p.upper()} | {_tuned(p)} | {r['undefended']:.2f} | "
+                     f"{c['clean_accuracy'] - r['undefended']:.2f} | "
                      f"{verdict} | {norms} |")
     lines += [f"\n### Targets\n\nEvery poison at least {TARGET_FRACTION:.0%} of the undefended clean accuracy "
               f"and not below ISS-JPEG10; clean accuracy within {CLEAN_TOLERANCE:.0f} points of undefended.\n",
-              "| defense | " + " | ".join(p.upper() for p in c["poisons"]) + " | clean | all targets |",
-              "|---" * (len(c["poisons"]) + 3) + "|"]
+              "| defense | " + " | ".join(p.upper() + (" (held out)" if c["poisons"][p]["tuned_on"] is False else "")
+                                          for p in c["poisons"]) + " | clean | worst family | all targets |",
+              "|---" * (len(c["poisons"]) + 4) + "|"]
     for d, r in c["defenses"].items():
         vals = []
         for p in c["poisons"]:
@@ -472,9 +488,11 @@ def checks_markdown(results: dict) -> str:
             vals.append(f"{100 * x['fraction_of_clean']:.1f}%{marks}")
         clean = "—" if r["clean_accuracy"] is None else (
             f"{r['clean_accuracy'] - c['clean_accuracy']:+.2f}" + ("" if r["clean_within_3"] else " (>3)"))
-        lines.append(f"| {d} | " + " | ".join(vals) + f" | {clean} | {_yes(r['all_targets_met'])} |")
+        worst = "—" if r["worst_family"] is None else f"{r['worst_family'].upper()} {100 * r['worst_fraction']:.1f}%"
+        lines.append(f"| {d} | " + " | ".join(vals) + f" | {clean} | {worst} | {_yes(r['all_targets_met'])} |")
     lines.append("\nPoison cells: accuracy as a fraction of the undefended clean accuracy; `<90%` misses the 90% "
-                 "target, `<JPEG` is below ISS-JPEG10 on that poison. Clean: points against undefended.\n")
+                 "target, `<JPEG` is below ISS-JPEG10 on that poison. Clean: points against undefended. "
+                 "*held out*: the defaults were not tuned on that family (tools/families.py).\n")
     return "\n".join(lines)
 
 

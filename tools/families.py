@@ -1,0 +1,46 @@
+"""Which poison families the defaults were tuned on, and which are only reported (the tuning/report split).
+
+Every default of the recommended recipe (purify ``--recipe robust``: impulse prefilter, t* = 100, one step; the
+training-time corruption with its low-frequency term; the shipped stage-3 denoiser) was chosen by looking at
+victim accuracy on the families marked ``tuned_on=True``. The others were added after that default was frozen
+and have not changed it: their rows are a report, not a fit. A family moves to ``tuned_on=True`` as soon as a
+default is changed after looking at its results (docs/evaluation.md, "Tuning and report split"). Results JSON
+files and tables carry this flag per row (``tools/grid.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    tuned_on: bool
+    kind: str     # what the poison does, in a few words
+    since: str    # when it entered the evaluation, and whether the default was frozen before
+
+
+FAMILIES = {
+    "urp": Family("urp", True, "sample-wise random noise, L-inf 8/255", "tuning family from the start"),
+    "lsp": Family("lsp", True, "class-wise linearly separable patches, L-inf 16/255", "tuning family from the start"),
+    "ar": Family("ar", True, "class-wise autoregressive noise, L2 1", "tuning family from the start"),
+    "ops": Family("ops", True, "one class-wise pixel per image, L0 1", "tuning family from the start"),
+    "em": Family("em", True, "error-minimizing noise (EM), L-inf 8/255", "tuning family from the start"),
+    "tap": Family("tap", False, "targeted adversarial poisoning, L-inf 8/255",
+                  "added after the default was frozen; its results have not changed a default"),
+    "cuda": Family("cuda", False, "class-wise 3x3 convolution (blur), unbounded",
+                   "added after the default was frozen; its results have not changed a default"),
+    "sep": Family("sep", False, "self-ensemble protection (checkpoint-ensemble adversarial), L-inf 8/255",
+                  "held out: first evaluated once, with the frozen default of commit 07ec7c9"),
+}
+
+
+def tuned_on(poison: str) -> bool | None:
+    """Whether the defaults were tuned on this family (None for clean data and unknown names)."""
+    family = FAMILIES.get(poison)
+    return None if family is None else family.tuned_on
+
+
+def held_out() -> list[str]:
+    return [name for name, family in FAMILIES.items() if not family.tuned_on]
