@@ -214,3 +214,17 @@ def test_reports_say_which_families_the_defaults_were_tuned_on():
     md = markdown_table(results)
     assert "| URP | yes |" in md and "| TAP | **no** |" in md and "TAP (held out)" in md and "URP (held out)" not in md
     assert "| d | " in md and "TAP 57.1%" in md
+
+
+def test_leave_one_family_out_names_a_default_that_rests_on_one_family():
+    from tools.families import choose, leave_one_family_out
+
+    clean = 70.0
+    cands = {"a": {"clean": 69.0, "x": 66.0, "y": 66.0, "z": 40.0},   # good on x, y; fails z
+             "b": {"clean": 68.0, "x": 60.0, "y": 61.0, "z": 62.0},   # even
+             "c": {"clean": 60.0, "x": 69.0, "y": 69.0, "z": 69.0}}   # too costly on clean data
+    assert choose(cands, clean, ["x", "y", "z"]) == ("b", 60.0 / 70.0)
+    rows = {r["left_out"]: r for r in leave_one_family_out(cands, clean, ["x", "y", "z"])}
+    assert rows["z"]["chosen_without_it"] == "a" and not rows["z"]["same_as_with_it"]
+    assert abs(rows["z"]["fraction_on_the_left_out"] - 40 / 70) < 1e-9
+    assert rows["x"]["same_as_with_it"] and rows["y"]["same_as_with_it"]

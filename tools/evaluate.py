@@ -214,5 +214,38 @@ def table(results):
     click.echo(md.read_text())
 
 
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--families", default=None, help="Comma list [default: the tuning families, tools/families.py].")
+@click.option("--clean-tolerance", type=float, default=3.0, show_default=True)
+def lofo(results, families, clean_tolerance):
+    """Leave one family out: would the selection rule pick another default without one tuning family?
+
+    Candidates are every defense row of the RESULTS files (one grid each; rows named defense@file-stem); clean
+    accuracy undefended is the mean of their clean/none cells. The rule: clean cost within the tolerance, then the
+    best worst-family fraction of clean accuracy (tools/families.py)."""
+    from .families import FAMILIES, candidates_from, choose, leave_one_family_out
+
+    loaded = [read_json(r) for r in results]
+    cands = candidates_from(loaded, [Path(r).stem for r in results])
+    nones = [c["accuracy"] for r in loaded for c in r["cells"].values() if (c["poison"], c["defense"]) ==
+             ("clean", "none")]
+    if not nones:
+        raise ToolError("no clean/none cell in RESULTS: the undefended clean accuracy is needed")
+    clean = sum(nones) / len(nones)
+    fams = families.split(",") if families else [f for f, fam in FAMILIES.items() if fam.tuned_on]
+    chosen, worst = choose(cands, clean, fams, clean_tolerance)
+    click.echo(f"undefended clean {clean:.2f} (n={len(nones)}); families {', '.join(fams)}")
+    click.echo(f"chosen on all of them: {chosen} (worst family at {100 * worst:.1f}% of clean)" if chosen else
+               "no candidate measured on every family within the clean tolerance")
+    click.echo("| left out | chosen without it | same | worst of the rest | on the left-out family |")
+    click.echo("|---|---|---|---|---|")
+    for r in leave_one_family_out(cands, clean, fams, clean_tolerance):
+        def pct(v):
+            return "—" if v is None else f"{100 * v:.1f}%"
+        click.echo(f"| {r['left_out']} | {r['chosen_without_it']} | {'yes' if r['same_as_with_it'] else '**no**'} | "
+                   f"{pct(r['worst_fraction_of_the_rest'])} | {pct(r['fraction_on_the_left_out'])} |")
+
+
 if __name__ == "__main__":
     main()

@@ -44,3 +44,46 @@ def tuned_on(poison: str) -> bool | None:
 
 def held_out() -> list[str]:
     return [name for name, family in FAMILIES.items() if not family.tuned_on]
+
+
+# ---- leave one family out --------------------------------------------------------------------------------
+
+
+def choose(candidates: dict[str, dict[str, float]], clean: float, families: list[str],
+           clean_tolerance: float = 3.0) -> tuple[str | None, float | None]:
+    """The selection rule behind the default: among candidates measured on every family in ``families`` (and on
+    clean data) that cost at most ``clean_tolerance`` points of clean accuracy, the one whose *worst* family has
+    the highest fraction of clean accuracy. Returns (name, that worst fraction), or (None, None)."""
+    best, best_worst = None, None
+    for name, accs in candidates.items():
+        if "clean" not in accs or any(f not in accs for f in families) or clean - accs["clean"] > clean_tolerance:
+            continue
+        worst = min(accs[f] / clean for f in families)
+        if best_worst is None or worst > best_worst:
+            best, best_worst = name, worst
+    return best, best_worst
+
+
+def leave_one_family_out(candidates: dict[str, dict[str, float]], clean: float, families: list[str],
+                         clean_tolerance: float = 3.0) -> list[dict]:
+    """For each family: the candidate the rule picks without it, and how that pick does on the family left out."""
+    chosen, _ = choose(candidates, clean, families, clean_tolerance)
+    rows = []
+    for left in families:
+        pick, worst = choose(candidates, clean, [f for f in families if f != left], clean_tolerance)
+        on_left = None if pick is None or left not in candidates[pick] else candidates[pick][left] / clean
+        rows.append({"left_out": left, "chosen_without_it": pick, "same_as_with_it": pick == chosen,
+                     "worst_fraction_of_the_rest": worst, "fraction_on_the_left_out": on_left})
+    return rows
+
+
+def candidates_from(results_files: list[dict], names: list[str]) -> dict[str, dict[str, float]]:
+    """``{defense@label: {poison: mean accuracy}}`` from several grid results (label: a name per file)."""
+    out: dict[str, dict[str, float]] = {}
+    for label, results in zip(names, results_files):
+        by: dict[tuple[str, str], list[float]] = {}
+        for cell in results["cells"].values():
+            by.setdefault((cell["defense"], cell["poison"]), []).append(cell["accuracy"])
+        for (defense, poison), accs in by.items():
+            out.setdefault(f"{defense}@{label}", {})[poison] = sum(accs) / len(accs)
+    return out
