@@ -228,8 +228,9 @@ def lofo(results, families, clean_tolerance):
 
     loaded = [read_json(r) for r in results]
     cands = candidates_from(loaded, [Path(r).stem for r in results])
-    nones = [c["accuracy"] for r in loaded for c in r["cells"].values() if (c["poison"], c["defense"]) ==
-             ("clean", "none")]
+    # keyed by cell (clean/none, clean/none@seed1, ...): a cell copied into several files counts once
+    nones = list({k: c["accuracy"] for r in loaded for k, c in r["cells"].items()
+                  if (c["poison"], c["defense"]) == ("clean", "none")}.values())
     if not nones:
         raise ToolError("no clean/none cell in RESULTS: the undefended clean accuracy is needed")
     clean = sum(nones) / len(nones)
