@@ -193,3 +193,33 @@ def test_one_list_of_image_fields_everywhere():
     assert imageio.IMAGE_EXTENSIONS is IMAGE_EXTENSIONS
     assert transform.DEFAULT_IMAGE_KEYS.split(";") == list(IMAGE_EXTENSIONS)
     assert imageio.image_fields({"a.gif": b"", "b.TIFF": b"", "cls": b""}) == ["a.gif", "b.TIFF"]
+
+
+def test_readme_command_lines_parse(tmp_path, monkeypatch):
+    """Every line of README's Commands block names a real subcommand with real options and valid values
+    (click parses it: an option renamed or a choice dropped fails here)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import click
+
+    from eclipse_stream.cli import main as cli_main
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- snippet: commands[^>]*-->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README has no commands snippet"
+    for d in ("sparse", "shards"):
+        (tmp_path / d).mkdir()
+    for f in ("shards/train-000000.tar", "denoiser.safetensors", "ema_0.9999_250000.pt"):
+        (tmp_path / f).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    seen = set()
+    for line in block.group(1).strip().splitlines():
+        words = shlex.split(line, comments=True)
+        args = words[1:] if words[0] == "eclipse-stream" else words[words.index("eclipse_stream.cli") + 1:]
+        command = cli_main.commands[args[0]]
+        with click.Context(cli_main) as parent:
+            command.make_context(args[0], args[1:], parent=parent)  # raises on an unknown option or bad value
+        seen.add(args[0])
+    assert {"train", "purify", "preview", "scan", "info", "convert"} <= seen
