@@ -108,6 +108,10 @@ def test_defense_names_and_parts():
     assert robust.purify_tag == "-steps1-impulse"  # the same purified set as without the training-time term
     assert get_defense("corruption-lf0.1").lowfreq_sigma == 0.1 and not get_defense("corruption-lf0.1").purify
     assert "lowfreq_sigma" not in get_defense("eclipse").to_dict()  # the paper's rows record what they did before
+    alone = get_defense("purify-steps1+impulse")  # the ablation: the purified set, no training-time corruption
+    assert alone.purify and not alone.train_corruption and alone.purify_tag == robust.purify_tag
+    with pytest.raises(ToolError):
+        get_defense("purify-steps0")
 
 
 def test_once_only_transforms():

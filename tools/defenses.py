@@ -11,7 +11,8 @@ alone), ``eclipse`` (purified shards + corruption) and ``eclipse-steps<K>`` (pur
 K reverse steps instead of the default). Suffixes: ``+impulse`` (purify's impulse prefilter),
 ``-grayP`` (the corruption's grayscale probability) and ``-lfS`` (the corruption's low-frequency
 noise std, 0 unless given: every row without it is the paper's corruption); ``corruption-lfS`` is
-that corruption alone. The recommended setting is ``eclipse-steps1+impulse-lf0.05``.
+that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data without any training-time corruption
+(for ablations). The recommended setting is ``eclipse-steps1+impulse-lf0.05``.
 """
 
 from __future__ import annotations
@@ -92,10 +93,15 @@ def get_defense(name: str) -> Defense:
         return Defense(name, train_corruption=True, purify=True, purify_steps=steps,
                        prefilter=match.group(2) or "none", gray_p=gray,
                        lowfreq_sigma=float(match.group(4)) if match.group(4) else 0.0)
+    match = re.fullmatch(r"purify(?:-steps(\d+))?(?:\+(none|impulse))?", name)
+    if match and (match.group(1) is None or int(match.group(1)) > 0):  # the data stage alone, no corruption
+        return Defense(name, purify=True, purify_steps=int(match.group(1)) if match.group(1) else None,
+                       prefilter=match.group(2) or "none")
     match = re.fullmatch(r"corruption-lf(0(?:\.\d+)?)", name)
     if match:
         return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(1)))
-    raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or eclipse-steps<K>[+impulse][-grayP][-lfS]")
+    raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or eclipse-steps<K>[+impulse][-grayP][-lfS], "
+                    "purify-steps<K>[+impulse] (purified, no training-time corruption), corruption-lfS")
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:
