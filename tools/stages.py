@@ -81,7 +81,9 @@ def picture(rows: dict, path: Path, scale: int = 4) -> None:
 @click.option("--images", type=int, default=200, show_default=True, help="Images per poison (the first N).")
 @click.option("--denoiser", type=click.Path(path_type=Path), default=None, help="[default: the shipped one]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: WORK_DIR/stages]")
-def main(work_dir, poisons, images, denoiser, out):
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Reverse steps of the purification (100: the paper's full chain at t* = 100).")
+def main(work_dir, poisons, images, denoiser, out, steps):
     """Measure and draw what is left of each poison after each purification stage."""
     torch.manual_seed(0)
     den = load_denoiser(denoiser or default_denoiser_path())
@@ -93,7 +95,7 @@ def main(work_dir, poisons, images, denoiser, out):
     table, rows = {}, {}
     for poison in [p.strip() for p in poisons.split(",") if p.strip()]:
         _, poisoned_all, _ = read_split(work_dir / "poisoned" / poison)
-        res = residuals(clean_all[idx], poisoned_all[idx], den)
+        res = residuals(clean_all[idx], poisoned_all[idx], den, steps=steps)
         stored = _norms(res["stored"])
         table[poison] = {stage: {**_norms(d), "l2_left_fraction": _norms(d)["l2_mean"] / stored["l2_mean"]}
                          for stage, d in res.items()}
@@ -103,10 +105,11 @@ def main(work_dir, poisons, images, denoiser, out):
                         *[_tile(res[s][k], True) for s in ("stored", "purified", "impulse+purified")]]
         click.echo(f"{poison}: " + ", ".join(f"{s} L2 {v['l2_mean']:.3f} ({100 * v['l2_left_fraction']:.0f}%)"
                                             for s, v in table[poison].items()))
-    record = {"images_per_poison": int(len(idx)), "steps": 1, "precision": "bf16", "table": table,
+    record = {"images_per_poison": int(len(idx)), "steps": steps, "precision": "bf16", "table": table,
               **provenance("cpu")}
     write_json(out / "stages.json", record)
-    lines = ["| poison | stored L2 | impulse only | purified (paper, 1 step) | impulse + purified |", "|---|---|---|---|---|"]
+    lines = [f"| poison | stored L2 | impulse only | purified (paper, {steps} step{'s' if steps > 1 else ''}) | "
+             "impulse + purified |", "|---|---|---|---|---|"]
     for poison, t in table.items():
         cells = [f"{t[s]['l2_mean']:.3f} ({100 * t[s]['l2_left_fraction']:.0f}%)"
                  for s in ("stored", "impulse", "purified", "impulse+purified")]
