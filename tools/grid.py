@@ -525,7 +525,8 @@ def bar_plot(results: dict, path: Path) -> None:
     if clean is not None and not paper:
         ax.axhline(TARGET_FRACTION * clean, color="gray", linestyle="--", linewidth=1)
         ax.text(len(cols) - 0.5, TARGET_FRACTION * clean + 1, "90% of clean", fontsize=7, ha="right", color="gray")
-    ax.set_xticks(range(len(cols)), [c.upper() if c != "clean" else "clean" for c in cols])
+    ax.set_xticks(range(len(cols)), [("clean" if c == "clean" else c.upper())
+                                     + ("\n(held out)" if tuned_on(c) is False else "") for c in cols])
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     handles = [Patch(color=colors[i % len(colors)], label=d) for i, d in enumerate(rows)]
