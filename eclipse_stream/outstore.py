@@ -10,7 +10,7 @@ this interface, so the guarantees of ``purify`` are the same for both:
   CompleteMultipartUpload, GCS and Azure uploads); on any other fsspec filesystem uploaded to a hidden
   temporary name and moved into place;
 * the stats file is written after the shard it describes, and removed before a shard is replaced;
-* a shard counts as done on a rerun only if :meth:`output_matches` its stats: a local file must exist; an
+* a shard counts as done on a rerun only if :meth:`output_problem` finds nothing against its stats: a local file must exist; an
   object must have the size and ETag recorded when it was uploaded.
 
 :class:`LocalStore` is the folder as before (``fsutil.DirLock``). :class:`RemoteStore` stages in a local
@@ -29,6 +29,7 @@ import socket
 import tempfile
 import time
 import uuid
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from .errors import EclipseError, InputError, OutputError
@@ -52,7 +53,7 @@ def writing(path, what: str = "write"):
         raise OutputError(f"{path}: cannot {what}: {e.strerror or e}") from e
 
 
-class OutputStore:
+class OutputStore(ABC):
     """The interface (see the module docstring); ``location`` is how OUT is shown."""
 
     location: str
@@ -62,45 +63,43 @@ class OutputStore:
         """Where a shard is written until it is complete (hidden, owned by this process)."""
         return self.staging / f".{name}.partial-{os.getpid()}"
 
+    @abstractmethod
     def shown(self, name: str) -> str:
-        raise NotImplementedError
+        """How file ``name`` of OUT is shown to the user (a path, or a URL without credentials)."""
 
+    @abstractmethod
     def lock(self):
-        raise NotImplementedError
+        """The lock that makes this run OUT's only writer (a context manager)."""
 
-    def create(self) -> None:
+    def create(self) -> None:  # noqa: B027 (a default that does nothing, not an abstract method)
         """Make OUT exist (a local folder; nothing for an object store)."""
 
+    @abstractmethod
     def remove_leftovers(self, temporary: re.Pattern) -> None:
         """Remove the temporary names (``temporary``) killed runs left; OUT is locked."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read_text(self, name: str) -> str | None:
         """The text of file ``name``, None if there is none."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write_json(self, name: str, obj) -> None:
         """Write JSON atomically (whole or not at all)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def remove(self, name: str) -> None:
         """Remove ``name`` if it exists."""
-        raise NotImplementedError
 
+    @abstractmethod
     def publish(self, tmp: Path, name: str) -> dict:
         """Move the complete local file ``tmp`` to ``name``; returns what to record about the output in its
-        stats file (beyond its sha256), for :meth:`output_matches`."""
-        raise NotImplementedError
+        stats file (beyond its sha256), for :meth:`output_problem`."""
 
-    def output_matches(self, name: str, stats: dict) -> bool:
-        """Whether output ``name`` is there and is the one ``stats`` describes."""
-        raise NotImplementedError
-
+    @abstractmethod
     def output_problem(self, name: str, stats: dict) -> str | None:
         """Why output ``name`` is not the one ``stats`` describes (gone, cut short, replaced), or None."""
-        return None if self.output_matches(name, stats) else "the output is gone or is not the one recorded"
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027
         """Remove the staging folder (if it is not OUT itself)."""
 
 
@@ -152,9 +151,6 @@ class LocalStore(OutputStore):
             os.replace(tmp, self.folder / name)
             st = os.stat(self.folder / name)  # a rerun checks these before it trusts the output (output_problem)
         return {"output_size": st.st_size, "output_mtime_ns": st.st_mtime_ns}
-
-    def output_matches(self, name: str, stats: dict) -> bool:
-        return self.output_problem(name, stats) is None
 
     def output_problem(self, name: str, stats: dict) -> str | None:
         """Its size must be the recorded one; when its modification time is the recorded one too, that is
@@ -278,13 +274,16 @@ class RemoteStore(OutputStore):
         os.unlink(tmp)
         return {"output_size": size, "output_etag": _etag(info)}
 
-    def output_matches(self, name: str, stats: dict) -> bool:
+    def output_problem(self, name: str, stats: dict) -> str | None:
+        """Its size and (where recorded) its ETag must be the ones recorded when it was uploaded."""
         with self._remote(name, "read"):
             info = self._info(name)
         if info is None:
-            return False
+            return "the output object is gone"
         recorded = stats.get("output_etag")
-        return info.get("size") == stats.get("output_size") and (recorded is None or _etag(info) == recorded)
+        if info.get("size") != stats.get("output_size") or (recorded is not None and _etag(info) != recorded):
+            return "the output object is not the one recorded when it was uploaded (replaced or changed)"
+        return None
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
