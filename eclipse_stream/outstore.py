@@ -10,8 +10,9 @@ this interface, so the guarantees of ``purify`` are the same for both:
   CompleteMultipartUpload, GCS and Azure uploads); on any other fsspec filesystem uploaded to a hidden
   temporary name and moved into place;
 * the stats file is written after the shard it describes, and removed before a shard is replaced;
-* a shard counts as done on a rerun only if :meth:`output_problem` finds nothing against its stats: a local file must exist; an
-  object must have the size and ETag recorded when it was uploaded.
+* a shard counts as done on a rerun only if :meth:`output_problem` finds nothing against its stats: a local
+  file must have its recorded size (and mtime, else sha256); an object the size and ETag recorded when it
+  was uploaded.
 
 :class:`LocalStore` is the folder as before (``fsutil.DirLock``). :class:`RemoteStore` stages in a local
 temporary folder (removed at the end; one file per shard in flight) and locks with :class:`ObjectLock`.
