@@ -69,6 +69,8 @@ GENERATED = ("urp", "lsp", "ar", "ops")  # seconds to make: made here in memory,
 #: Families whose scores shaped a probe or a bound of the shipped scan (docs/scan.md says how): the first three
 #: probes were chosen on URP, LSP, AR and OPS, the spectrum probe after CUDA's scores; the probes and the policy were
 #: frozen (bb4054d) before TAP, EM or SEP were scored.
+#: (The scan's own split: which families shaped the *scan*. Which ones shaped the *defense's* defaults is
+#: tools/families.py; the two differ, e.g. EM is tuned on for the defense and held out for the scan.)
 TUNED_ON = {"urp": True, "lsp": True, "ar": True, "ops": True, "cuda": True, "tap": False, "em": False, "sep": False}
 PROCESSING = ("jpeg75", "blur", "gray", "resize")
 CLASS_COUNTS = (2, 5, 10)  # class counts calibrated (a set of another count uses the nearest, see verdict.py)
