@@ -12,6 +12,12 @@ smooth term does not average away. ``lowfreq_sigma=0`` is the paper's corruption
 exactly the same random numbers. The default (``DEFAULT_LOWFREQ_SIGMA``) is the measured one
 (docs/results/cpu-grid.md).
 
+Also beyond the paper, ``jpeg_quality=(lo, hi)`` first JPEG-quantizes each image
+(:func:`eclipse_stream.jpegsim.jpeg_quantize`) at a quality drawn uniformly from [lo, hi]. Dense
+adversarial poisons (TAP, SEP) pass the one-step purification and the noise almost intact; coarse
+DCT quantization, fresh every epoch, rounds most of them away (docs/evaluation.md, "JPEG term").
+``jpeg_quality=None`` draws nothing and is the paper's corruption (with ``lowfreq_sigma=0``).
+
 The paper applies it once; the reference code
 applies it afresh every time an image is read (per epoch), which is what
 :class:`RandomCorruption` and :func:`corrupt_samples` do. ``purify --corruption baked``
@@ -29,11 +35,13 @@ from torch import nn
 from torchvision.transforms.functional import rgb_to_grayscale
 from webdataset.filters import pipelinefilter
 
-__all__ = ["DEFAULT_GRAY_P", "DEFAULT_LOWFREQ_SIGMA", "DEFAULT_SIGMA", "RandomCorruption", "corrupt",
+__all__ = ["DEFAULT_GRAY_P", "DEFAULT_JPEG_QUALITY", "DEFAULT_LOWFREQ_SIGMA", "DEFAULT_SIGMA", "RandomCorruption", "corrupt",
            "corrupt_samples", "lowfreq_noise"]
 
 from .config import check_corruption  # noqa: E402
-from .defaults import DEFAULT_GRAY_P, DEFAULT_LOWFREQ_SIGMA, DEFAULT_SIGMA, IMAGE_EXTENSIONS, LOWFREQ_GRID  # noqa: E402
+from .defaults import (DEFAULT_GRAY_P, DEFAULT_JPEG_QUALITY, DEFAULT_LOWFREQ_SIGMA, DEFAULT_SIGMA,  # noqa: E402
+                       IMAGE_EXTENSIONS, LOWFREQ_GRID)
+from .jpegsim import jpeg_quantize  # noqa: E402
 
 _check = check_corruption  # the one check of these settings, shared with PurifierConfig
 
@@ -48,17 +56,23 @@ def lowfreq_noise(shape, sigma: float, generator: torch.Generator | None = None,
 
 
 def corrupt(x: torch.Tensor, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
-            generator: torch.Generator | None = None, lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA) -> torch.Tensor:
+            generator: torch.Generator | None = None, lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA,
+            jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY) -> torch.Tensor:
     """Corrupt a float batch in [0, 1], shape (N, 3, H, W) or (3, H, W); one draw per image.
 
-    ``lowfreq_sigma=0`` is the paper's corruption (grayscale, white noise)."""
-    _check(p, sigma, lowfreq_sigma)
+    Order: JPEG quantization (quality uniform in ``jpeg_quality``), grayscale, white noise, smooth noise.
+    ``lowfreq_sigma=0, jpeg_quality=None`` is the paper's corruption (grayscale, white noise)."""
+    _check(p, sigma, lowfreq_sigma, jpeg_quality)
     single = x.ndim == 3
     if single:
         x = x.unsqueeze(0)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected an RGB batch (N, 3, H, W), got shape {tuple(x.shape)}")
     x = x.float()
+    if jpeg_quality is not None:
+        lo, hi = jpeg_quality
+        quality = torch.randint(lo, hi + 1, (x.shape[0],), device=x.device, generator=generator)
+        x = jpeg_quantize(x, quality)
     gray = torch.rand(x.shape[0], device=x.device, generator=generator) < p
     x = torch.where(gray[:, None, None, None], rgb_to_grayscale(x, num_output_channels=3), x)
     if sigma > 0:
@@ -90,48 +104,53 @@ class RandomCorruption(nn.Module):
     """
 
     def __init__(self, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
-                 generator: torch.Generator | None = None, lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA):
+                 generator: torch.Generator | None = None, lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA,
+                 jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY):
         super().__init__()
-        _check(p, sigma, lowfreq_sigma)
+        jpeg_quality = tuple(jpeg_quality) if isinstance(jpeg_quality, list) else jpeg_quality
+        _check(p, sigma, lowfreq_sigma, jpeg_quality)
         self.p, self.sigma, self.generator, self.lowfreq_sigma = p, sigma, generator, lowfreq_sigma
+        self.jpeg_quality = jpeg_quality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unit, was_uint8 = _to_unit(x)
-        out = corrupt(unit, self.p, self.sigma, self.generator, self.lowfreq_sigma)
+        out = corrupt(unit, self.p, self.sigma, self.generator, self.lowfreq_sigma, self.jpeg_quality)
         return _from_unit(out, was_uint8, x.dtype)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, sigma={self.sigma}, lowfreq_sigma={self.lowfreq_sigma}"
+        return f"p={self.p}, sigma={self.sigma}, lowfreq_sigma={self.lowfreq_sigma}, jpeg_quality={self.jpeg_quality}"
 
 
-def _corrupt_value(value, p, sigma, generator, lowfreq_sigma):
+def _corrupt_value(value, p, sigma, generator, lowfreq_sigma, jpeg_quality):
     """Corrupt one decoded image of whatever type a WebDataset decoder produced; keep that type."""
     if isinstance(value, Image.Image):
         arr = torch.from_numpy(np.array(value.convert("RGB"))).permute(2, 0, 1)
-        out = corrupt(arr.float() / 255.0, p, sigma, generator, lowfreq_sigma)
+        out = corrupt(arr.float() / 255.0, p, sigma, generator, lowfreq_sigma, jpeg_quality)
         return Image.fromarray((out * 255).round().byte().permute(1, 2, 0).numpy())
     if isinstance(value, np.ndarray):  # HWC, uint8 or float in [0, 1]
         t = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
         unit, was_uint8 = _to_unit(t)
-        out = _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma), was_uint8, t.dtype)
+        out = _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma, jpeg_quality), was_uint8, t.dtype)
         return out.permute(1, 2, 0).numpy()
     if torch.is_tensor(value):  # CHW
         unit, was_uint8 = _to_unit(value)
-        return _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma), was_uint8, value.dtype)
+        return _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma, jpeg_quality), was_uint8, value.dtype)
     raise TypeError(f"cannot corrupt a {type(value).__name__}; decode images first (e.g. .decode('pil'))")
 
 
 def _corrupt_samples(data, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
                      image_key: str = ";".join(IMAGE_EXTENSIONS), seed: int | None = None,
-                     lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA):
+                     lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA,
+                     jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY):
     """WebDataset stage: corrupt each decoded sample's image afresh; other fields untouched."""
-    _check(p, sigma, lowfreq_sigma)
+    jpeg_quality = tuple(jpeg_quality) if isinstance(jpeg_quality, list) else jpeg_quality
+    _check(p, sigma, lowfreq_sigma, jpeg_quality)
     keys = image_key.split(";")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for sample in data:
         key = next((k for k in keys if k in sample), None)
         if key is not None:
-            sample = {**sample, key: _corrupt_value(sample[key], p, sigma, generator, lowfreq_sigma)}
+            sample = {**sample, key: _corrupt_value(sample[key], p, sigma, generator, lowfreq_sigma, jpeg_quality)}
         yield sample
 
 

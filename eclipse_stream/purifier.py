@@ -239,5 +239,6 @@ class Purifier(nn.Module):
         out = (self.purify(unit * 2.0 - 1.0, generator) + 1.0) / 2.0
         if self.config.corruption == "baked":
             # the paper's corruption: a baked (fixed) smooth field would be one more pattern to learn
-            out = corrupt(out, self.config.gray_p, self.config.noise_sigma, generator, lowfreq_sigma=0.0)
+            out = corrupt(out, self.config.gray_p, self.config.noise_sigma, generator, lowfreq_sigma=0.0,
+                          jpeg_quality=None)
         return (out * 255.0).round().clamp(0, 255).to(torch.uint8) if was_uint8 else out.to(x.dtype)

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from eclipse_stream.checkpoint import load_denoiser
-from eclipse_stream.corruption import DEFAULT_LOWFREQ_SIGMA, RandomCorruption, corrupt, corrupt_samples
+from eclipse_stream.corruption import (DEFAULT_JPEG_QUALITY, DEFAULT_LOWFREQ_SIGMA, RandomCorruption, corrupt,
+                                      corrupt_samples)
+from eclipse_stream.jpegsim import jpeg_quantize
 from eclipse_stream.purifier import Purifier, PurifierConfig
 
 
@@ -70,18 +73,18 @@ def test_t_star_above_checkpoint_T_is_refused(den):
 
 
 def test_corruption_definition():
-    """The paper's corruption (lowfreq_sigma=0): grayscale with probability p, then white noise."""
+    """The paper's corruption (lowfreq_sigma=0, jpeg_quality=None): grayscale with probability p, then white noise."""
     torch.manual_seed(0)
     x = torch.rand(400, 3, 8, 8)
-    assert torch.equal(corrupt(x, p=0.0, sigma=0.0, lowfreq_sigma=0.0), x)
-    gray = corrupt(x, p=1.0, sigma=0.0, lowfreq_sigma=0.0)
+    assert torch.equal(corrupt(x, p=0.0, sigma=0.0, lowfreq_sigma=0.0, jpeg_quality=None), x)
+    gray = corrupt(x, p=1.0, sigma=0.0, lowfreq_sigma=0.0, jpeg_quality=None)
     assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
     luma = 0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     assert torch.allclose(gray[:, 0], luma, atol=1e-3)
     mid = torch.full((200, 3, 16, 16), 0.5)
-    noisy = corrupt(mid, p=0.0, sigma=0.05, lowfreq_sigma=0.0)
+    noisy = corrupt(mid, p=0.0, sigma=0.05, lowfreq_sigma=0.0, jpeg_quality=None)
     assert abs((noisy - mid).std().item() - 0.05) < 0.002
-    out = corrupt(x, p=0.4, sigma=0.0, lowfreq_sigma=0.0)
+    out = corrupt(x, p=0.4, sigma=0.0, lowfreq_sigma=0.0, jpeg_quality=None)
     frac_gray = (out[:, 0] == out[:, 1]).all(-1).all(-1).float().mean().item()
     assert 0.3 < frac_gray < 0.5
 
@@ -91,14 +94,14 @@ def test_lowfreq_noise_is_smooth_and_survives_patch_averaging():
     over a patch), and with lowfreq_sigma=0 the corruption draws exactly the paper's random numbers."""
     mid = torch.full((300, 3, 32, 32), 0.5)
     smooth = corrupt(mid, p=0.0, sigma=0.0, lowfreq_sigma=0.05) - mid
-    white = corrupt(mid, p=0.0, sigma=0.05, lowfreq_sigma=0.0) - mid
+    white = corrupt(mid, p=0.0, sigma=0.05, lowfreq_sigma=0.0, jpeg_quality=None) - mid
     patch = torch.nn.functional.avg_pool2d
     assert patch(smooth, 8).std() > 0.025 > 0.01 > patch(white, 8).std()
     step = (smooth[..., 1:] - smooth[..., :-1]).abs().mean()  # neighbours agree (white noise: ~1.1x its mean)
     assert step < 0.25 * smooth.abs().mean()
     assert smooth[:, 0].sub(smooth[:, 1]).abs().mean() > 0.01  # each channel has its own field (colour)
     x = torch.rand(8, 3, 32, 32)
-    paper = corrupt(x, 0.4, 0.05, torch.Generator().manual_seed(3), lowfreq_sigma=0.0)
+    paper = corrupt(x, 0.4, 0.05, torch.Generator().manual_seed(3), lowfreq_sigma=0.0, jpeg_quality=None)
     g = torch.Generator().manual_seed(3)
     gray = torch.rand(8, generator=g) < 0.4
     want = torch.where(gray[:, None, None, None], x.mul(torch.tensor([0.2989, 0.587, 0.114])[:, None, None])
@@ -108,6 +111,31 @@ def test_lowfreq_noise_is_smooth_and_survives_patch_averaging():
     assert default.lowfreq_sigma == DEFAULT_LOWFREQ_SIGMA > 0 and "lowfreq_sigma" in repr(default)
     with pytest.raises(ValueError, match="low-frequency"):
         RandomCorruption(lowfreq_sigma=-0.1)
+
+
+def test_jpeg_term_quantizes_first_at_a_seeded_quality_per_image():
+    """jpeg_quality=(lo, hi): each image is JPEG-quantized (jpegsim) at a quality drawn from [lo, hi] before the
+    grayscale and noise; the draw comes from the generator, so a seed repeats it; None draws nothing."""
+    x = torch.rand(6, 3, 16, 16)
+    only = corrupt(x, p=0.0, sigma=0.0, lowfreq_sigma=0.0, jpeg_quality=(10, 10))
+    assert torch.equal(only, jpeg_quantize(x, 10))
+    g = torch.Generator().manual_seed(4)
+    ranged = corrupt(x, 0.0, 0.0, torch.Generator().manual_seed(4), lowfreq_sigma=0.0, jpeg_quality=(5, 60))
+    assert torch.equal(ranged, jpeg_quantize(x, torch.randint(5, 61, (6,), generator=g)))
+    full = [corrupt(x, 0.4, 0.05, torch.Generator().manual_seed(1), 0.05, (10, 50)) for _ in range(2)]
+    assert torch.equal(*full)
+    default = RandomCorruption()
+    assert default.jpeg_quality == DEFAULT_JPEG_QUALITY and "jpeg_quality" in repr(default)
+    assert RandomCorruption(jpeg_quality=[20, 30]).jpeg_quality == (20, 30)
+    for bad in ((0, 10), (50, 10), (10, 101), (10.5, 20), 10):
+        with pytest.raises(ValueError, match="JPEG quality"):
+            RandomCorruption(jpeg_quality=bad)
+    samples = [{"__key__": "k", "png": Image.new("RGB", (16, 16), (200, 10, 10))}]
+    with pytest.raises(ValueError, match="JPEG quality"):
+        list(wds.DataPipeline(lambda: iter(samples), corrupt_samples(jpeg_quality=(0, 5))))
+    out = list(wds.DataPipeline(lambda: iter(samples), corrupt_samples(p=0.0, sigma=0.0, lowfreq_sigma=0.0,
+                                                                      jpeg_quality=[30, 30], seed=0)))
+    assert out[0]["png"].size == (16, 16)
 
 
 def test_random_corruption_module_draws_fresh_and_keeps_dtype():
@@ -123,7 +151,7 @@ def test_corrupt_samples_stage_in_webdataset_pipeline():
 
     samples = [{"__key__": f"k{i}", "png": Image.new("RGB", (8, 8), (200, 10, 10)), "cls": i} for i in range(5)]
     out = list(wds.DataPipeline(lambda: iter(samples), corrupt_samples(p=1.0, sigma=0.0, seed=0,
-                                                                                  lowfreq_sigma=0.0)))
+                                                                                  lowfreq_sigma=0.0, jpeg_quality=None)))
     assert [s["__key__"] for s in out] == [f"k{i}" for i in range(5)] and [s["cls"] for s in out] == list(range(5))
     arr = np.asarray(out[0]["png"])
     assert (arr[..., 0] == arr[..., 1]).all()

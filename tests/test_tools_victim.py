@@ -112,6 +112,13 @@ def test_defense_names_and_parts():
     assert alone.purify and not alone.train_corruption and alone.purify_tag == robust.purify_tag
     with pytest.raises(ToolError):
         get_defense("purify-steps0")
+    jq = get_defense("eclipse-steps1+impulse-lf0.05-jq10-50")  # the JPEG term of the training-time corruption
+    assert jq.jpeg_quality == (10, 50) and jq.purify_tag == robust.purify_tag and robust.jpeg_quality is None
+    assert jq.to_dict()["jpeg_quality"] == [10, 50] and "jpeg_quality" not in robust.to_dict()
+    assert get_defense("corruption-lf0.05-jq5-30").jpeg_quality == (5, 30)
+    for bad in ("eclipse-steps1-jq50-10", "corruption-lf0.05-jq0-10", "eclipse-jq10"):
+        with pytest.raises(ToolError):
+            get_defense(bad)
 
 
 def test_once_only_transforms():
@@ -127,7 +134,8 @@ def test_training_corruption_is_the_package_module():
     from eclipse_stream import corruption
     module = training_corruption(get_defense("eclipse"))
     assert isinstance(module, corruption.RandomCorruption) and module.p == 0.4 and module.sigma == 0.05
-    assert module.lowfreq_sigma == 0.0  # the paper's rows stay the paper's whatever the package default
+    assert module.lowfreq_sigma == 0.0 and module.jpeg_quality is None  # the paper's rows stay the paper's
+    assert training_corruption(get_defense("eclipse-steps1+impulse-lf0.05-jq10-50")).jpeg_quality == (10, 50)
     assert training_corruption(get_defense("eclipse-steps1+impulse-lf0.05")).lowfreq_sigma == 0.05
     assert training_corruption(get_defense("iss-jpeg10")) is None
     x = torch.rand(8, 3, 32, 32)

@@ -10,9 +10,10 @@ Names: ``none``, ``iss-gray``, ``iss-jpeg10``, ``corruption`` (training-time cor
 alone), ``eclipse`` (purified shards + corruption) and ``eclipse-steps<K>`` (purified with
 K reverse steps instead of the default). Suffixes: ``+impulse`` (purify's impulse prefilter),
 ``-grayP`` (the corruption's grayscale probability) and ``-lfS`` (the corruption's low-frequency
-noise std, 0 unless given: every row without it is the paper's corruption); ``corruption-lfS`` is
-that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data without any training-time corruption
-(for ablations). The recommended setting is ``eclipse-steps1+impulse-lf0.05``.
+noise std, 0 unless given: every row without it is the paper's corruption) and ``-jqLO-HI`` (the
+corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given);
+``corruption-lfS[-jqLO-HI]`` is that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data without any training-time corruption
+(for ablations). The recommended setting is ``eclipse-steps1+impulse-lf0.05-jq10-50``.
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ class Defense:
     prefilter: str = "none"            # purify --prefilter, always passed: "none" is the paper's recipe
     gray_p: float = 0.4                # training-time corruption: grayscale probability (the paper's 0.4)
     lowfreq_sigma: float = 0.0         # training-time corruption: low-frequency noise std (0: the paper's)
+    jpeg_quality: tuple[int, int] | None = None  # training-time corruption: JPEG quality range (None: the paper's)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "train_once": self.train_once, "test_once": self.test_once,
                 "train_corruption": self.train_corruption, "purify": self.purify,
                 "purify_steps": self.purify_steps, "prefilter": self.prefilter, "gray_p": self.gray_p,
-                **({"lowfreq_sigma": self.lowfreq_sigma} if self.lowfreq_sigma else {})}
+                **({"lowfreq_sigma": self.lowfreq_sigma} if self.lowfreq_sigma else {}),
+                **({"jpeg_quality": list(self.jpeg_quality)} if self.jpeg_quality else {})}
 
     @property
     def purify_tag(self) -> str:
@@ -70,6 +73,18 @@ class Defense:
     def purify_args(self) -> tuple[str, ...]:
         """Pinned to the paper's recipe, with this defense's prefilter: the CLI's default recipe never leaks in."""
         return ("--recipe", "paper", "--prefilter", self.prefilter) if self.purify else ()
+
+
+_JQ = r"(?:-jq(\d+)-(\d+))?"  # the corruption's JPEG quality range, e.g. -jq10-50
+
+
+def _jpeg_quality(match: re.Match, group: int) -> tuple[int, int] | None:
+    if match.group(group) is None:
+        return None
+    lo, hi = int(match.group(group)), int(match.group(group + 1))
+    if not 1 <= lo <= hi <= 100:
+        raise ToolError(f"defense {match.group(0)!r}: JPEG quality range must have 1 <= LO <= HI <= 100")
+    return lo, hi
 
 
 def get_defense(name: str) -> Defense:
@@ -86,22 +101,24 @@ def get_defense(name: str) -> Defense:
     if name in table:
         return table[name]
     match = re.fullmatch(r"eclipse(?:-steps(\d+))?(?:\+(none|impulse))?(?:-gray(0(?:\.\d+)?|1(?:\.0+)?))?"
-                         r"(?:-lf(0(?:\.\d+)?))?", name)
+                         r"(?:-lf(0(?:\.\d+)?))?" + _JQ, name)
     if match and (match.group(1) is None or int(match.group(1)) > 0):
         steps = int(match.group(1)) if match.group(1) else None
         gray = float(match.group(3)) if match.group(3) else CORRUPTION_P
         return Defense(name, train_corruption=True, purify=True, purify_steps=steps,
                        prefilter=match.group(2) or "none", gray_p=gray,
-                       lowfreq_sigma=float(match.group(4)) if match.group(4) else 0.0)
+                       lowfreq_sigma=float(match.group(4)) if match.group(4) else 0.0,
+                       jpeg_quality=_jpeg_quality(match, 5))
     match = re.fullmatch(r"purify(?:-steps(\d+))?(?:\+(none|impulse))?", name)
     if match and (match.group(1) is None or int(match.group(1)) > 0):  # the data stage alone, no corruption
         return Defense(name, purify=True, purify_steps=int(match.group(1)) if match.group(1) else None,
                        prefilter=match.group(2) or "none")
-    match = re.fullmatch(r"corruption-lf(0(?:\.\d+)?)", name)
+    match = re.fullmatch(r"corruption-lf(0(?:\.\d+)?)" + _JQ, name)
     if match:
-        return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(1)))
-    raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or eclipse-steps<K>[+impulse][-grayP][-lfS], "
-                    "purify-steps<K>[+impulse] (purified, no training-time corruption), corruption-lfS")
+        return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(1)),
+                       jpeg_quality=_jpeg_quality(match, 2))
+    raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or eclipse-steps<K>[+impulse][-grayP][-lfS][-jqLO-HI], "
+                    "purify-steps<K>[+impulse] (purified, no training-time corruption), corruption-lfS[-jqLO-HI]")
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:
@@ -142,7 +159,7 @@ def training_corruption(defense: Defense, generator: torch.Generator | None = No
         raise ToolError(f"defense {defense.name!r} needs eclipse_stream.corruption.RandomCorruption, "
                         f"which cannot be imported: {exc}") from exc
     return RandomCorruption(p=defense.gray_p, sigma=CORRUPTION_SIGMA, generator=generator,
-                            lowfreq_sigma=defense.lowfreq_sigma)
+                            lowfreq_sigma=defense.lowfreq_sigma, jpeg_quality=defense.jpeg_quality)
 
 
 def eclipse_stream_command() -> list[str]:
