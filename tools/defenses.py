@@ -13,7 +13,8 @@ K reverse steps instead of the default). Suffixes: ``+impulse`` (purify's impuls
 noise std, 0 unless given: every row without it is the paper's corruption) and ``-jqLO-HI`` (the
 corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given);
 ``corruption-lfS[-jqLO-HI]`` is that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data without any training-time corruption
-(for ablations). The recommended setting is ``eclipse-steps1+impulse-lf0.05-jq10-50``.
+(for ablations). The recommended setting is ``eclipse-steps1+impulse-lf0.05``; with the opt-in JPEG term
+``eclipse-steps1+impulse-lf0.05-jq10-50``.
 """
 
 from __future__ import annotations

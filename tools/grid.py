@@ -52,8 +52,8 @@ class Protocol:
     poison_defaults: dict = field(default_factory=dict)
 
 
-RECOMMENDED = "eclipse-steps1+impulse-lf0.05-jq10-50"  # = purify --recipe robust, then RandomCorruption()
-PREVIOUS_RECOMMENDED = "eclipse-steps1+impulse-lf0.05"  # the default before the JPEG term (its rows stay reported)
+RECOMMENDED = "eclipse-steps1+impulse-lf0.05"  # = purify --recipe robust, then RandomCorruption()
+WITH_JPEG = "eclipse-steps1+impulse-lf0.05-jq10-50"  # the same + RandomCorruption(jpeg_quality=(10, 50)), opt-in
 
 PROTOCOLS = {
     # The paper's setting (full CIFAR-10, ResNet18): needs a GPU.
