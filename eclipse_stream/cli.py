@@ -31,6 +31,7 @@ from .defaults import (
     RESOLUTIONS,
     TRAIN_PRECISIONS,
 )
+from .deblur import fit_kernels_from_shards
 from .errors import EclipseError, Interrupted
 from .preview import preview as make_preview
 from .scan.config import GROUP_MODES, ScanConfig
@@ -71,6 +72,7 @@ _purifier = functools.partial(_option, PurifierConfig)
 _preview = functools.partial(_option, make_preview)
 _scan = functools.partial(_option, ScanConfig)
 _convert = functools.partial(_option, ConvertConfig)
+_fit_kernels = functools.partial(_option, fit_kernels_from_shards)
 
 
 def _friendly_errors(fn):
@@ -261,6 +263,10 @@ def _resolve_denoiser(path):
 @_purify("compile", "--compile", "compile_",
          help="torch.compile the denoiser: 2-3x faster on CPU after a compilation of a minute or so per batch "
               "shape; may differ from an eager run in the last bit, so it is recorded.")
+@_purify("class_kernels", type=click.Path(dir_okay=False),
+         help="Deconvolve every image with its class's kernel before purifying (a file from `eclipse-stream "
+              "fit-kernels`; against class-wise convolution poisons such as CUDA). Needs a label per sample.")
+@_purify("label_key", help="With --class-kernels: the label field; default the first of cls, class, label, target.")
 @_purify("overwrite", help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_storage_option
@@ -326,6 +332,35 @@ def preview(shard, output, n, image_key, denoiser, recipe, t_star, steps, precis
     path = make_preview(shard, _resolve_denoiser(denoiser), output, n=n, config=cfg, seed=seed,
                        image_key=image_key, device=device)
     click.echo(str(path))
+
+
+@main.command("fit-kernels")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--clean", "clean", multiple=True, required=True,
+              help="The sparse clean set's shards (same classes); repeatable.")
+@click.option("--out", "-o", "out", required=True, type=click.Path(dir_okay=False),
+              help="Write the kernels (JSON) here; purify --class-kernels reads it.")
+@_fit_kernels("per_class", type=click.IntRange(20, 100_000),
+              help="Images sampled per class from INPUTS (and at most this many from --clean).")
+@_fit_kernels("label_key", help="Label field (tar extension or .beton field); default first of cls, class, label, "
+                                "target.")
+@_fit_kernels("image_key", help=f"Image field; default the first of {_IMAGE_EXTS}.")
+@_fit_kernels("seed", help="Which images are sampled.")
+@_storage_option
+@_friendly_errors
+def fit_kernels(inputs, clean, out, **kwargs):
+    """Fit a deblurring kernel per class of INPUTS against the clean set (class-wise convolution poisons).
+
+    Per class, the power spectrum of INPUTS' images over the clean images' estimates a blur; classes whose
+    fitted blur is small or mostly sampling noise are left alone. Prints one line per class and writes
+    --out for `purify --class-kernels`. docs/purify.md, "Class-wise deblurring".
+    """
+    from .outputs import check_output_files
+
+    out = check_output_files({"--out": out}, [*inputs, *clean], "fit-kernels")["--out"]
+    kernels = fit_kernels_from_shards(list(inputs), list(clean), log=click.echo, **kwargs)
+    kernels.save(out)
+    click.echo(f"{len(kernels.kernels)} of {len(kernels.classes)} classes deblurred; wrote {out}")
 
 
 @main.command()

@@ -147,6 +147,8 @@ class PurifyConfig:
     max_batch_pixels: int = 64 * 256 * 256
     on_error: str = "fail"
     compile: bool = False  # torch.compile the UNet: faster, may differ from eager in the last bit (so recorded)
+    class_kernels: str | None = None  # deblur.ClassKernels JSON (fit-kernels): deconvolve by class before purifying
+    label_key: str | None = None  # with class_kernels: the label field (None: first of formats.LABEL_KEYS)
     # execution only (do not change the output):
     workers: int = field(default_factory=default_workers)
     encode_threads: int = 2
@@ -171,6 +173,10 @@ class PurifyConfig:
             (is_int(self.workers, 0, MAX_THREADS), f"workers must be in 0..{MAX_THREADS}, got {self.workers!r}"),
             (is_int(self.encode_threads, 1, MAX_THREADS),
              f"encode threads must be in 1..{MAX_THREADS}, got {self.encode_threads!r}"),
+            (self.class_kernels is None or isinstance(self.class_kernels, (str, os.PathLike)),
+             f"class kernels must be a file path, got {self.class_kernels!r}"),
+            (self.label_key is None or (isinstance(self.label_key, str) and self.label_key != ""),
+             f"label key must be a field name, got {self.label_key!r}"),
             (is_int(self.read_ahead_mib, 0, MAX_READ_AHEAD_MIB),
              f"read-ahead must be in 0..{MAX_READ_AHEAD_MIB} MiB, got {self.read_ahead_mib!r}"),
         ])

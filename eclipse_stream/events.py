@@ -28,6 +28,7 @@ class Item:
     parts: int
     size: tuple[int, int]  # the image's own height and width (before padding)
     fields: dict | None = None
+    label: str | None = None  # the sample's class label as text, read only when purify deblurs by class
 
 
 @dataclass

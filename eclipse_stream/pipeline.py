@@ -87,6 +87,7 @@ class RunContext:
     read: ReadSettings
     rank: int = 0
     progress: bool = True
+    deblur: Callable | None = None  # deblur.ClasswiseDeblur: (batch on the device, labels) -> batch, before purifying
 
     def write_policy(self, task: Task) -> WritePolicy:
         return WritePolicy(self.cfg.jpeg_quality, stream_seed(self.cfg.seed, task.name, "beton") % 2**32)
@@ -223,7 +224,10 @@ class DeviceLoop:
             gen = [image_generator(seed, name, item.index, item.image.field, device) for item in ev.items]
         else:
             gen = batch_generator(seed, name, ev.batch_no, device)
-        out = self.purifier(x.to(device, non_blocking=True), gen)
+        xd = x.to(device, non_blocking=True)
+        if self.ctx.deblur is not None:
+            xd = self.ctx.deblur(xd, [item.label for item in ev.items])
+        out = self.purifier(xd, gen)
         out, ready = _to_host(out)
         self.bar.update(sum(item.fields is not None for item in ev.items))  # samples, not image fields
         self.encoder.submit(self.shards[ev.shard], ev.items, out, ready, x)
@@ -395,9 +399,15 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
     fingerprint = cfg.fingerprint(stage.checkpoint_sha256, device.type)
     if stage.custom is not None:
         fingerprint["device_stage"] = stage.custom  # the caller's purifier, not the ECLIPSE one
+    deblur = None
+    if cfg.class_kernels is not None:
+        from .deblur import ClassKernels, ClasswiseDeblur
+        kernels = ClassKernels.load(cfg.class_kernels)
+        deblur = ClasswiseDeblur(kernels)
+        fingerprint["class_kernels"] = kernels.fingerprint()  # what it does, not where the file is
     store = open_store(out_dir)
     read = ReadSettings.from_config(cfg, stage.model_size, stage.tile_size)
-    ctx = RunContext(cfg, store, fingerprint, device, read, group.rank, progress)
+    ctx = RunContext(cfg, store, fingerprint, device, read, group.rank, progress, deblur)
 
     # The lock on OUT belongs to the job: rank 0 takes it, tidies OUT and tells the other ranks whether to go on.
     lock = store.lock() if group.rank == 0 else None

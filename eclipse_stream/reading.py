@@ -17,13 +17,26 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .bucketing import Bucketer, resize_for_model
 from .defaults import READ_AHEAD_MIB
-from .errors import EclipseError, ShardError
+from .errors import EclipseError, SampleError, ShardError
 from .events import Batch, Item, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
-from .formats import Image, ReadPolicy
+from .formats import LABEL_KEYS, Image, ReadPolicy, class_label
 from .outdir import Task
 from .storage import ReadOrder, identity
 
-__all__ = ["ReadSettings", "ShardEvents", "read_shard", "reader_worker_init"]
+__all__ = ["ReadSettings", "ShardEvents", "read_shard", "reader_worker_init", "record_label"]
+
+
+def record_label(rec, label_key: str | None, shard: str) -> str:
+    """A sample's class label as text (``label_key``, else the first of LABEL_KEYS among its fields); SampleError
+    naming the fields when there is none."""
+    fields = rec.fields or {}
+    key = label_key if label_key is not None else next((k for k in LABEL_KEYS if k in fields), None)
+    if key is None or key not in fields:
+        looked = repr(label_key) if label_key is not None else ", ".join(LABEL_KEYS)
+        names = ", ".join(sorted(str(k) for k in fields if not str(k).startswith("__"))) or "(none)"
+        raise SampleError(shard, rec.key, f"no label field ({looked}; --label-key names another), needed to "
+                                          f"deblur by class; its fields are: {names}")
+    return str(class_label(fields[key], (shard, rec.key), key))
 
 
 @dataclass(frozen=True)
@@ -38,11 +51,14 @@ class ReadSettings:
     max_batch_pixels: int = 64 * 256 * 256
     tile_size: int | None = None  # the purifier tiles images with a longer padded side, one by one
     read_ahead_mib: int = READ_AHEAD_MIB  # remote shards: read ahead per stream, the next shard started early
+    labels: bool = False  # read every sample's class label (purify --class-kernels)
+    label_key: str | None = None  # None: the first of formats.LABEL_KEYS present
 
     @classmethod
     def from_config(cls, cfg, model_size: int | None, tile_size: int | None = None) -> ReadSettings:
         return cls(ReadPolicy(cfg.image_key, cfg.max_pixels), model_size, cfg.resolution, cfg.batch_size,
-                   cfg.bucket_multiple, cfg.max_batch_pixels, tile_size, cfg.read_ahead_mib)
+                   cfg.bucket_multiple, cfg.max_batch_pixels, tile_size, cfg.read_ahead_mib,
+                   cfg.class_kernels is not None, cfg.label_key)
 
     def bucketer(self) -> Bucketer:
         tiled = None
@@ -74,12 +90,19 @@ def read_shard(task: Task, settings: ReadSettings) -> Iterator:
             elif rec.error is not None:
                 yield Rejected(task.index, rec.index, rec.sample_no, rec.key, rec.error)
             else:
+                label = None
+                if settings.labels:
+                    try:
+                        label = record_label(rec, settings.label_key, task.name)
+                    except SampleError as e:
+                        yield Rejected(task.index, rec.index, rec.sample_no, rec.key, e.reason)
+                        continue
                 for part, image in enumerate(rec.images):
                     rgb = image.rgb
                     if settings.resolution == "model":
                         rgb = resize_for_model(rgb, settings.model_size)
                     item = Item(rec.index, rec.sample_no, rec.key, Image(image.field, None, image.source),
-                                len(rec.images), rgb.shape[:2], rec.fields if part == 0 else None)
+                                len(rec.images), rgb.shape[:2], rec.fields if part == 0 else None, label)
                     for items, pixels in bucketer.add(item, rgb):
                         yield Batch(task.index, batch_no, items, pixels.permute(0, 2, 3, 1).numpy())
                         batch_no += 1

@@ -11,6 +11,10 @@ seeded with ``(seed, the sample's position in the stream, the field)``: their ou
 :class:`~eclipse_stream.purifier.Purifier`, an ``nn.Module`` for GPU batches (e.g. in an
 FFCV pipeline after ``ToDevice``/``ToTorchImage``).
 
+``class_kernels`` (a file from ``eclipse-stream fit-kernels`` or a :class:`~eclipse_stream.deblur.ClassKernels`)
+deconvolves each image with its class's kernel first (the label from ``label_key``, default the first of
+cls/class/label/target); on device batches use :class:`~eclipse_stream.deblur.ClasswiseDeblur` before the purifier.
+
 Image values may be PIL images, HWC numpy arrays (uint8 or float in [0, 1]) or CHW
 torch tensors (uint8 or float in [0, 1]); each comes back as the same type. A PIL image
 in L/LA/RGBA mode comes back in that mode with its alpha channel unchanged (the denoiser
@@ -83,7 +87,7 @@ class EclipseTransform:
                  t_star: int | None = None, steps: int | None = None, precision: str | None = None,
                  corruption: str | None = None, prefilter: str | None = None, large_images: str | None = None,
                  batch_size: int = 64, device: str | torch.device | None = None, image_key: str = DEFAULT_IMAGE_KEYS,
-                 seed: int = 0):
+                 seed: int = 0, class_kernels=None, label_key: str | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         device = resolve_device(device)
@@ -98,9 +102,27 @@ class EclipseTransform:
         self.image_keys = image_key.split(";")
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._seen = 0  # samples of the stream so far: the position that seeds a tiled image's generator
+        self.deblur = None
+        if class_kernels is not None:
+            from .deblur import ClassKernels, ClasswiseDeblur
+            if not isinstance(class_kernels, ClassKernels):
+                class_kernels = ClassKernels.load(class_kernels)
+            self.deblur = ClasswiseDeblur(class_kernels)
+        self.label_key = label_key
 
-    def _purify_group(self, images: list[torch.Tensor], positions: list[tuple[int, str]]) -> list[torch.Tensor]:
+    def _label(self, sample: dict) -> str:
+        from .formats import LABEL_KEYS, class_label
+        key = self.label_key or next((k for k in LABEL_KEYS if k in sample), None)
+        if key is None or key not in sample:
+            raise ValueError(f"sample {sample.get('__key__')!r}: no label field ({key or ', '.join(LABEL_KEYS)}), "
+                             f"needed by class_kernels; its fields are: {', '.join(sorted(map(str, sample)))}")
+        return str(class_label(sample[key], (str(sample.get("__url__", "stream")), str(sample.get("__key__"))), key))
+
+    def _purify_group(self, images: list[torch.Tensor], positions: list[tuple[int, str]],
+                      labels: list | None = None) -> list[torch.Tensor]:
         batch = torch.stack(images).to(self.device)
+        if self.deblur is not None:
+            batch = self.deblur(batch, labels)
         gen = self.generator
         if self.purifier.tiles(*batch.shape[-2:]):  # one by one, each with its own noise
             gen = [torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, "transform", i, key))
@@ -114,17 +136,19 @@ class EclipseTransform:
             key = next((k for k in self.image_keys if k in sample), None)
             if key is not None:
                 tensor, tag = _to_tensor(sample[key])
-                slots.append((i, key, tensor, tag, sample[key]))
+                slots.append((i, key, tensor, tag, sample[key],
+                              self._label(sample) if self.deblur is not None else None))
         by_size: dict[tuple, list[int]] = {}  # uint8 and float images are purified in separate calls
         for n, slot in enumerate(slots):
             by_size.setdefault((tuple(slot[2].shape), slot[2].dtype), []).append(n)
         results: dict[int, torch.Tensor] = {}
         for members in by_size.values():
             positions = [(first + slots[n][0], slots[n][1]) for n in members]
-            for n, out in zip(members, self._purify_group([slots[n][2] for n in members], positions)):
+            labels = [slots[n][5] for n in members]
+            for n, out in zip(members, self._purify_group([slots[n][2] for n in members], positions, labels)):
                 results[n] = out
         out_samples = [dict(s) for s in buffer]
-        for n, (i, key, _, tag, original) in enumerate(slots):
+        for n, (i, key, _, tag, original, _label) in enumerate(slots):
             out_samples[i][key] = _from_tensor(results[n], tag, original)
         yield from out_samples
 

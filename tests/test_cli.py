@@ -46,12 +46,14 @@ def _sources(command: str) -> list:
     """Where each command's defaults are written: its config dataclasses (preview: its Python function)."""
     from eclipse_stream.config import PurifierConfig, PurifyConfig
     from eclipse_stream.convert import ConvertConfig
+    from eclipse_stream.deblur import fit_kernels_from_shards
     from eclipse_stream.preview import preview
     from eclipse_stream.scan import ScanConfig
     from eclipse_stream.train import TrainConfig
 
     return {"purify": [PurifyConfig, PurifierConfig], "preview": [preview, PurifierConfig],
-            "train": [TrainConfig], "scan": [ScanConfig], "convert": [ConvertConfig], "info": []}[command]
+            "train": [TrainConfig], "scan": [ScanConfig], "convert": [ConvertConfig], "info": [],
+            "fit-kernels": [fit_kernels_from_shards]}[command]
 
 
 #: Options that are no field of their command's config, each for a reason (None: click's "not given").
@@ -63,6 +65,7 @@ NOT_A_FIELD = {
     "steps": None, "prefilter": None,  # None: the recipe's (PurifierConfig.from_recipe), not the field's default
     "reference": (),  # scan: clean shards to compare with
     "report": None, "plot": None,  # scan's output files: none unless asked for
+    "clean": (), "out": None,  # fit-kernels: the clean set's shards and the output file (both required)
 }
 
 
@@ -131,9 +134,10 @@ def _names(source) -> set:
     return set(inspect.signature(source).parameters)
 
 
-@pytest.mark.parametrize("command", ["purify", "preview", "train", "scan", "convert", "info"])
+@pytest.mark.parametrize("command", ["purify", "preview", "train", "scan", "convert", "info", "fit-kernels"])
 def test_every_option_default_is_its_config_fields_default(command):
-    assert set(main.commands) == {"purify", "preview", "train", "scan", "convert", "info"}  # a new one: add it
+    # a new command: add it
+    assert set(main.commands) == {"purify", "preview", "train", "scan", "convert", "info", "fit-kernels"}
     assert _option_field_disagreements(main.commands[command], _sources(command)) == []
 
 

@@ -99,3 +99,20 @@ def test_rerun_removes_the_spool_of_a_killed_run(cifar64, tiny_ckpt, tmp_path):
     res = purify_shards(tmp_path / "in", tmp_path / "out", tiny_ckpt, CFG, progress=False)
     assert res.processed[0]["written"] == 2
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "x.beton", "x.beton.stats.json"]
+
+
+def test_beton_class_kernels_deblur_only_their_class(cifar64, tiny_ckpt, tmp_path):
+    """purify --class-kernels on a .beton: labels come from its 'label' IntField; only class 3 changes."""
+    from eclipse_stream.deblur import ClassKernels
+
+    (tmp_path / "in").mkdir()
+    make_beton(tmp_path / "in" / "x.beton", [rgb_array(s["png"]) for s in cifar_samples(cifar64[:12])])
+    kfile = ClassKernels(kernels={"3": [[0.5, 0.25, 0.0], [0.25, 0.0, 0.0], [0.0, 0.0, 0.0]]}).save(tmp_path / "k.json")
+    cfg = PurifyConfig(purifier=CFG.purifier, batch_size=4, workers=0)
+    purify_shards(tmp_path / "in", tmp_path / "plain", tiny_ckpt, cfg, progress=False)
+    purify_shards(tmp_path / "in", tmp_path / "deblur", tiny_ckpt,
+                  PurifyConfig(purifier=CFG.purifier, batch_size=4, workers=0, class_kernels=str(kfile)), progress=False)
+    a, b = list(BetonReader(tmp_path / "plain" / "x.beton")), list(BetonReader(tmp_path / "deblur" / "x.beton"))
+    assert [s["label"] for s in a] == [s["label"] for s in b] == [i % 10 for i in range(12)]
+    for x, y in zip(a, b):
+        assert np.array_equal(x["image"], y["image"]) == (int(x["label"]) != 3)

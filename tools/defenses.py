@@ -13,7 +13,9 @@ K reverse steps instead of the default). Suffixes: ``+impulse`` (purify's impuls
 noise std, 0 unless given: every row without it is the paper's corruption) and ``-jqLO-HI`` (the
 corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given);
 ``corruption-lfS[-jqLO-HI]`` is that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data without any training-time corruption
-(for ablations). The recommended setting is ``eclipse-steps1+impulse-lf0.05``; with the opt-in JPEG term
+(for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...`` defense deconvolves each class
+first (``eclipse-stream fit-kernels`` on the set against the sparse clean set, then ``purify --class-kernels``).
+The recommended setting is ``eclipse-steps1+impulse-lf0.05``; with the opt-in JPEG term
 ``eclipse-steps1+impulse-lf0.05-jq10-50``.
 """
 
@@ -26,7 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,19 +59,21 @@ class Defense:
     gray_p: float = 0.4                # training-time corruption: grayscale probability (the paper's 0.4)
     lowfreq_sigma: float = 0.0         # training-time corruption: low-frequency noise std (0: the paper's)
     jpeg_quality: tuple[int, int] | None = None  # training-time corruption: JPEG quality range (None: the paper's)
+    deblur: bool = False               # purify --class-kernels (fitted by `eclipse-stream fit-kernels` per set)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "train_once": self.train_once, "test_once": self.test_once,
                 "train_corruption": self.train_corruption, "purify": self.purify,
                 "purify_steps": self.purify_steps, "prefilter": self.prefilter, "gray_p": self.gray_p,
                 **({"lowfreq_sigma": self.lowfreq_sigma} if self.lowfreq_sigma else {}),
-                **({"jpeg_quality": list(self.jpeg_quality)} if self.jpeg_quality else {})}
+                **({"jpeg_quality": list(self.jpeg_quality)} if self.jpeg_quality else {}),
+                **({"deblur": True} if self.deblur else {})}
 
     @property
     def purify_tag(self) -> str:
         """Folder suffix of this defense's purified sets: one purification per distinct setting."""
         return (f"-steps{self.purify_steps}" if self.purify_steps else "") + (
-            f"-{self.prefilter}" if self.prefilter != "none" else "")
+            f"-{self.prefilter}" if self.prefilter != "none" else "") + ("-deblur" if self.deblur else "")
 
     def purify_args(self) -> tuple[str, ...]:
         """Pinned to the paper's recipe, with this defense's prefilter: the CLI's default recipe never leaks in."""
@@ -101,6 +105,11 @@ def get_defense(name: str) -> Defense:
     }
     if name in table:
         return table[name]
+    if name.startswith("deblur+"):  # class-wise deblurring before purification (purify --class-kernels)
+        inner = get_defense(name[len("deblur+"):])
+        if not inner.purify or inner.deblur:
+            raise ToolError(f"defense {name!r}: deblur+ goes before an eclipse-... or purify-... defense")
+        return replace(inner, name=name, deblur=True)
     match = re.fullmatch(r"eclipse(?:-steps(\d+))?(?:\+(none|impulse))?(?:-gray(0(?:\.\d+)?|1(?:\.0+)?))?"
                          r"(?:-lf(0(?:\.\d+)?))?" + _JQ, name)
     if match and (match.group(1) is None or int(match.group(1)) > 0):
@@ -209,6 +218,16 @@ def purify(in_dir: Path, out_dir: Path, denoiser: Path, steps: int | None = None
     if not is_complete(out_dir):  # the CLI writes manifest.json whenever it exits 0
         raise ToolError(f"`{' '.join(cmd)}` exited 0 but wrote no {out_dir}/manifest.json")
     return out_dir
+
+
+def fit_kernels(in_dir: Path, clean_dir: Path, out: Path) -> Path:
+    """``eclipse-stream fit-kernels IN --clean CLEAN -o OUT`` as a user would run it."""
+    cmd = [*eclipse_stream_command(), "fit-kernels", str(in_dir), "--clean", str(clean_dir), "-o", str(out)]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if proc.returncode != 0 or not Path(out).is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise ToolError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {' | '.join(tail)}")
+    return Path(out)
 
 
 class PurifyTimeout(ToolError):

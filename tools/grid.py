@@ -18,7 +18,7 @@ from pathlib import Path
 from eclipse_stream.fsutil import file_sha256
 
 from .common import DEFAULT_WORK, PROJECT_ROOT, ToolError, provenance, read_json, write_json
-from .defenses import PurifyTimeout, get_defense, purify
+from .defenses import PurifyTimeout, fit_kernels, get_defense, purify
 from .families import tuned_on
 from .paper import PAPER_POISONS, TABLE1_AVG, paper_value
 from .poisons import POISONS
@@ -223,10 +223,18 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
     tag = poison + defense.purify_tag
     left = clock.left()
     t0 = time.time()
+    deblur = ()
+    if defense.deblur:  # as a user would: fit-kernels on the set against the sparse clean set, then purify with it
+        kernels = work / "kernels" / f"{poison}.json"
+        if not kernels.is_file():
+            kernels.parent.mkdir(parents=True, exist_ok=True)
+            fit_kernels(source, work / "clean" / "sparse", kernels)
+        deblur = ("--class-kernels", str(kernels))
     out = purify(source, work / "purified" / tag, cfg.denoiser, steps=defense.purify_steps,
                  device=None if cfg.device == "auto" else cfg.device, batch_size=cfg.purify_batch_size,
                  timeout=None if left is None else max(1.0, left - SAFETY_SECONDS),
-                 extra_args=(*cfg.purify_args, *(("--compile",) if cfg.compile else ()), *defense.purify_args()))
+                 extra_args=(*cfg.purify_args, *(("--compile",) if cfg.compile else ()), *defense.purify_args(),
+                             *deblur))
     return out, norms, time.time() - t0
 
 

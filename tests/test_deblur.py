@@ -1,0 +1,207 @@
+"""Class-wise deblurring (eclipse_stream/deblur.py): the fit finds CUDA's kernels, leaves clean classes alone,
+deconvolution inverts a known blur, and fit-kernels / purify --class-kernels / EclipseTransform use it."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import cifar_samples, cli_env, read_cifar, write_tar
+from eclipse_stream.deblur import ClassKernels, ClasswiseDeblur, deconvolve, fit_class_kernels, gain_db
+from eclipse_stream.errors import InputError
+from tools.poisons.cuda import class_kernels, convolve
+
+CLASSES = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def cifar_three():
+    """100 real CIFAR-10 training images of each of classes 0-2: (uint8 NHWC, labels)."""
+    items = [it for it in read_cifar(1000) if it[1] in CLASSES]
+    images = np.stack([np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB")) for _, _, jpg in items])
+    return images, np.asarray([label for _, label, _ in items])
+
+
+def nchw(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
+
+
+def split(labels, n_poisoned=70):
+    """First n_poisoned of each class: the 'training set'; the rest: the clean sparse set."""
+    train, clean = [], []
+    for c in CLASSES:
+        idx = np.flatnonzero(labels == c)
+        train += list(idx[:n_poisoned])
+        clean += list(idx[n_poisoned:])
+    return np.asarray(train), np.asarray(clean)
+
+
+def test_fit_finds_cuda_kernels_and_their_orientation(cifar_three):
+    images, labels = cifar_three
+    train, clean = split(labels)
+    truth = class_kernels(10, seed=0, blur_parameter=0.3)
+    poisoned = convolve(images[train], truth, labels[train])
+    fitted = fit_class_kernels(nchw(poisoned), labels[train].tolist(), nchw(images[clean]), labels[clean].tolist())
+    assert sorted(fitted.kernels) == ["0", "1", "2"]
+    for c in CLASSES:
+        true = truth[c, 0, 0] / truth[c, 0, 0].sum()
+        got = np.asarray(fitted.kernels[str(c)])
+        assert np.unravel_index(got.argmax(), got.shape) == np.unravel_index(true.argmax(), true.shape)
+        assert np.abs(got - true).max() < 0.1, (c, got, true)
+        assert fitted.classes[str(c)]["decision"] == "deblurred"
+
+
+def test_clean_classes_are_left_alone(cifar_three):
+    images, labels = cifar_three
+    train, clean = split(labels)
+    fitted = fit_class_kernels(nchw(images[train]), labels[train].tolist(), nchw(images[clean]), labels[clean].tolist())
+    assert fitted.kernels == {}
+    assert all(info["decision"].startswith("identity") for info in fitted.classes.values())
+    assert all(info["gain_db"] < fitted.gate_db or info["explained"] < 0.5 for info in fitted.classes.values())
+
+
+def test_too_few_images_are_not_fitted(cifar_three):
+    images, labels = cifar_three
+    fitted = fit_class_kernels(nchw(images[:10]), labels[:10].tolist(), nchw(images[-30:]), labels[-30:].tolist())
+    assert fitted.kernels == {} and all("not fitted" in i["decision"] for i in fitted.classes.values())
+
+
+def test_deconvolve_inverts_a_known_blur(cifar_three):
+    images, _ = cifar_three
+    x = nchw(images[:16]).float() / 255
+    k = torch.tensor([[0.3, 0.05, 0.0], [0.1, 0.4, 0.05], [0.0, 0.05, 0.05]])
+    k = k / k.sum()
+    y = torch.nn.functional.conv2d(x, k.expand(3, 1, 3, 3), padding=1, groups=3)
+    assert gain_db(k) > 3
+    rec = deconvolve(y, k)
+    err_blurred = (y - x).abs().mean()
+    err = (rec - x).abs().mean()
+    assert err < 0.01 < err_blurred  # the blur costs far more than what is left
+
+
+def kernels_file(tmp_path, kernels):
+    ck = ClassKernels(kernels={str(c): k.tolist() for c, k in kernels.items()})
+    return ck.save(tmp_path / "kernels.json"), ck
+
+
+def test_classwise_deblur_touches_only_its_classes(tmp_path, cifar_three):
+    images, labels = cifar_three
+    k = np.array([[0.6, 0.2, 0.0], [0.2, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    path, ck = kernels_file(tmp_path, {1: k})
+    module = ClasswiseDeblur(ClassKernels.load(path))
+    x = nchw(images[:6])
+    labs = [0, 1, None, "1", 5, 1]
+    out = module(x, labs)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    for i, lab in enumerate(labs):
+        changed = not torch.equal(out[i], x[i])
+        assert changed == (str(lab) == "1"), i
+    assert torch.equal(module(x, labs), out)  # deterministic
+    xf = x.float() / 255
+    outf = module(xf, labs)
+    assert outf.dtype == torch.float32 and (outf - out.float() / 255).abs().max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(ValueError, match="labels"):
+        module(x, [1, 2])
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: d.update(format="other"), "not an eclipse-stream class kernels"),
+    (lambda d: d.update(version=99), "version"),
+    (lambda d: d["kernels"].update({"3": [[0.5, 0.5]]}), "malformed"),
+    (lambda d: d["kernels"].update({"3": [[-1, 1, 1], [0, 0, 0], [0, 0, 0]]}), "malformed"),
+    (lambda d: d.update(lam="x"), "malformed"),
+])
+def test_bad_kernels_files_name_the_file(tmp_path, mutate, match):
+    path, _ = kernels_file(tmp_path, {0: np.eye(3) / 3})
+    d = json.loads(path.read_text())
+    mutate(d)
+    path.write_text(json.dumps(d))
+    with pytest.raises(InputError, match=match) as e:
+        ClassKernels.load(path)
+    assert str(path) in str(e.value)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(InputError, match="junk.json"):
+        ClassKernels.load(tmp_path / "junk.json")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "eclipse_stream.cli", *args], capture_output=True, text=True,
+                          env=cli_env())
+
+
+def test_fit_kernels_then_purify_with_them(tmp_path, cifar_three, tiny_ckpt):
+    images, labels = cifar_three
+    train, clean = split(labels)
+    truth = class_kernels(10, seed=0, blur_parameter=0.3)
+    poisoned = convolve(images[train], truth, labels[train])
+
+    def shard(path, imgs, labs, prefix):
+        samples = []
+        for i, (img, lab) in enumerate(zip(imgs, labs)):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            samples.append({"__key__": f"{prefix}{i:04d}", "png": buf.getvalue(), "cls": str(lab).encode()})
+        return write_tar(path, samples)
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "sparse").mkdir()
+    shard(tmp_path / "in" / "train-000.tar", poisoned, labels[train], "p")
+    shard(tmp_path / "sparse" / "sparse-000.tar", images[clean], labels[clean], "c")
+    kfile = tmp_path / "k.json"
+    r = run_cli("fit-kernels", str(tmp_path / "in"), "--clean", str(tmp_path / "sparse"), "-o", str(kfile))
+    assert r.returncode == 0, r.stderr
+    assert "3 of 3 classes deblurred" in r.stdout
+    fitted = ClassKernels.load(kfile)
+    assert sorted(fitted.kernels) == ["0", "1", "2"]
+
+    common = ["--denoiser", str(tiny_ckpt), "--device", "cpu", "-q", "--workers", "0"]
+    r = run_cli("purify", str(tmp_path / "in"), str(tmp_path / "out"), "--class-kernels", str(kfile), *common)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("purify", str(tmp_path / "in"), str(tmp_path / "plain"), *common)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(next((tmp_path / "out").glob("*.stats.json")).read_text())
+    assert fitted.fingerprint() in json.dumps(stats)
+    from eclipse_stream.formats.tar import read_tar  # noqa: F401  (the format purify wrote)
+    import tarfile
+    with tarfile.open(tmp_path / "out" / "train-000.tar") as a, tarfile.open(tmp_path / "plain" / "train-000.tar") as b:
+        pa = {m.name: a.extractfile(m).read() for m in a if m.name.endswith(".png")}
+        pb = {m.name: b.extractfile(m).read() for m in b if m.name.endswith(".png")}
+    assert pa.keys() == pb.keys() and len(pa) == len(train)
+    assert sum(pa[n] != pb[n] for n in pa) == len(pa)  # every image was deblurred first
+
+    # a sample without a label cannot be deblurred: a clear error naming it, nothing under the final name
+    (tmp_path / "nolabel").mkdir()
+    write_tar(tmp_path / "nolabel" / "x-000.tar", [{"__key__": "orphan", "png": to_png_bytes(images[0])}])
+    r = run_cli("purify", str(tmp_path / "nolabel"), str(tmp_path / "out2"), "--class-kernels", str(kfile), *common)
+    assert r.returncode != 0 and "orphan" in r.stderr and "label" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out2" / "x-000.tar").exists()
+    r = run_cli("purify", str(tmp_path / "in"), str(tmp_path / "out3"), "--class-kernels", str(tmp_path / "none.json"),
+                *common)
+    assert r.returncode != 0 and "none.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def to_png_bytes(img):
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_eclipse_transform_deblurs_by_label(tmp_path, cifar64, tiny_ckpt):
+    from eclipse_stream import EclipseTransform
+    samples = [{"__key__": s["__key__"], "png": Image.open(io.BytesIO(s["png"])).convert("RGB"),
+                "cls": int(s["cls"])} for s in cifar_samples(cifar64[:8])]
+    k = np.array([[0.5, 0.25, 0.0], [0.25, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    label = samples[0]["cls"]
+    path, _ = kernels_file(tmp_path, {label: k})
+    plain = list(EclipseTransform(tiny_ckpt, batch_size=4, device="cpu")(samples))
+    deblurred = list(EclipseTransform(tiny_ckpt, batch_size=4, device="cpu", class_kernels=path)(samples))
+    for s, a, b in zip(samples, plain, deblurred):
+        same = np.array_equal(np.asarray(a["png"]), np.asarray(b["png"]))
+        assert same == (s["cls"] != label)
+    with pytest.raises(ValueError, match="no label field"):
+        list(EclipseTransform(tiny_ckpt, device="cpu", class_kernels=path)([{"__key__": "a", "png": samples[0]["png"]}]))
