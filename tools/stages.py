@@ -9,11 +9,14 @@ draw for both, so their difference is what is left of the perturbation), and wri
   without the prefilter), in [0, 1] pixel units; and how much of it the stage removed;
 * ``stages.png``: for one image per poison, clean | poisoned | perturbation | what is left
   after purification (paper recipe) | left after impulse prefilter + purification, the
-  differences amplified x8 around gray.
+  differences amplified x8 around gray; with ``--kernels-dir`` (a ``<poison>.json`` from
+  ``eclipse-stream fit-kernels`` per poison, as the grid writes to ``WORK_DIR/kernels``), also what is
+  left after the class-wise deblurring alone and after deblurring + prefilter + purification.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from eclipse_stream.checkpoint import load_denoiser
+from eclipse_stream.deblur import ClassKernels, ClasswiseDeblur
 from eclipse_stream.defaults import default_denoiser_path
 from eclipse_stream.prefilter import impulse_filter
 from eclipse_stream.purifier import Purifier, PurifierConfig
@@ -39,14 +43,21 @@ def _norms(d: torch.Tensor) -> dict:
     return {"l2_mean": float(flat.norm(dim=1).mean()), "linf_mean_255": float(flat.abs().amax(1).mean() * 255)}
 
 
-def residuals(clean: np.ndarray, poisoned: np.ndarray, denoiser, steps: int = 1, seed: int = 0) -> dict:
-    """The perturbation (poisoned - clean) after each stage, both images given the same noise."""
+def residuals(clean: np.ndarray, poisoned: np.ndarray, denoiser, steps: int = 1, seed: int = 0,
+              deblur=None) -> dict:
+    """The perturbation (poisoned - clean) after each stage, both images given the same noise. ``deblur``:
+    a callable on the poisoned batch (the class-wise deblurring with its labels), for the deblur stages."""
     x, xp = _nchw(clean), _nchw(poisoned)
     out = {"stored": xp - x, "impulse": impulse_filter(xp) - impulse_filter(x)}
-    for name, prefilter in (("purified", "none"), ("impulse+purified", "impulse")):
+    runs = [("purified", "none", xp), ("impulse+purified", "impulse", xp)]
+    if deblur is not None:
+        xd = deblur(xp)
+        out["deblur"] = xd - x
+        runs.append(("deblur+impulse+purified", "impulse", xd))
+    for name, prefilter, poisoned_batch in runs:
         p = Purifier(denoiser, PurifierConfig(steps=steps, precision="bf16", prefilter=prefilter))
         a = p(x, torch.Generator().manual_seed(seed)).float()
-        b = p(xp, torch.Generator().manual_seed(seed)).float()
+        b = p(poisoned_batch, torch.Generator().manual_seed(seed)).float()
         out[name] = b - a
     return out
 
@@ -61,7 +72,10 @@ def picture(rows: dict, path: Path, scale: int = 4) -> None:
     from PIL import Image, ImageDraw
 
     cols = ["clean", "poisoned", "perturbation x8", "left, purified x8", "left, imp.+pur. x8"]
+    if any(len(tiles) > len(cols) for tiles in rows.values()):
+        cols += ["left, deblur x8", "left, deblur+imp.+pur. x8"]
     size, pad, label_w, head = 32 * scale, 4, 48, 14
+    size = max(size, 8 * max(len(c) for c in cols) - pad)  # room for the longest heading
     canvas = Image.new("RGB", (label_w + len(cols) * (size + pad), head + len(rows) * (size + pad)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, c in enumerate(cols):
@@ -83,7 +97,9 @@ def picture(rows: dict, path: Path, scale: int = 4) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: WORK_DIR/stages]")
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Reverse steps of the purification (100: the paper's full chain at t* = 100).")
-def main(work_dir, poisons, images, denoiser, out, steps):
+@click.option("--kernels-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of <poison>.json class kernels (fit-kernels): adds the deblur stages for those poisons.")
+def main(work_dir, poisons, images, denoiser, out, steps, kernels_dir):
     """Measure and draw what is left of each poison after each purification stage."""
     torch.manual_seed(0)
     den = load_denoiser(denoiser or default_denoiser_path())
@@ -95,24 +111,29 @@ def main(work_dir, poisons, images, denoiser, out, steps):
     table, rows = {}, {}
     for poison in [p.strip() for p in poisons.split(",") if p.strip()]:
         _, poisoned_all, _ = read_split(work_dir / "poisoned" / poison)
-        res = residuals(clean_all[idx], poisoned_all[idx], den, steps=steps)
+        deblur = None
+        if kernels_dir is not None and (Path(kernels_dir) / f"{poison}.json").is_file():
+            module = ClasswiseDeblur(ClassKernels.load(Path(kernels_dir) / f"{poison}.json"))
+            deblur = functools.partial(module, labels=labels[idx].tolist())
+        res = residuals(clean_all[idx], poisoned_all[idx], den, steps=steps, deblur=deblur)
         stored = _norms(res["stored"])
         table[poison] = {stage: {**_norms(d), "l2_left_fraction": _norms(d)["l2_mean"] / stored["l2_mean"]}
                          for stage, d in res.items()}
         k = 3  # one image to show
         rows[poison] = [_tile(_nchw(clean_all[idx[k:k + 1]])[0], False),
                         _tile(_nchw(poisoned_all[idx[k:k + 1]])[0], False),
-                        *[_tile(res[s][k], True) for s in ("stored", "purified", "impulse+purified")]]
+                        *[_tile(res[s][k], True) for s in ("stored", "purified", "impulse+purified", "deblur",
+                                                           "deblur+impulse+purified") if s in res]]
         click.echo(f"{poison}: " + ", ".join(f"{s} L2 {v['l2_mean']:.3f} ({100 * v['l2_left_fraction']:.0f}%)"
                                             for s, v in table[poison].items()))
     record = {"images_per_poison": int(len(idx)), "steps": steps, "precision": "bf16", "table": table,
               **provenance("cpu")}
     write_json(out / "stages.json", record)
     lines = [f"| poison | stored L2 | impulse only | purified (paper, {steps} step{'s' if steps > 1 else ''}) | "
-             "impulse + purified |", "|---|---|---|---|---|"]
+             "impulse + purified | deblur only | deblur + impulse + purified |", "|---|---|---|---|---|---|---|"]
     for poison, t in table.items():
-        cells = [f"{t[s]['l2_mean']:.3f} ({100 * t[s]['l2_left_fraction']:.0f}%)"
-                 for s in ("stored", "impulse", "purified", "impulse+purified")]
+        cells = [f"{t[s]['l2_mean']:.3f} ({100 * t[s]['l2_left_fraction']:.0f}%)" if s in t else "—"
+                 for s in ("stored", "impulse", "purified", "impulse+purified", "deblur", "deblur+impulse+purified")]
         lines.append(f"| {poison.upper()} | " + " | ".join(cells) + " |")
     (out / "stages.md").write_text("\n".join(lines) + "\n")
     picture(rows, out / "stages.png")
