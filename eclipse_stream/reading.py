@@ -19,7 +19,7 @@ from .bucketing import Bucketer, resize_for_model
 from .defaults import READ_AHEAD_MIB
 from .errors import EclipseError, SampleError, ShardError
 from .events import Batch, Item, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
-from .formats import LABEL_KEYS, Image, ReadPolicy, class_label
+from .formats import Image, ReadPolicy, label_of
 from .outdir import Task
 from .storage import ReadOrder, identity
 
@@ -27,16 +27,8 @@ __all__ = ["ReadSettings", "ShardEvents", "read_shard", "reader_worker_init", "r
 
 
 def record_label(rec, label_key: str | None, shard: str) -> str:
-    """A sample's class label as text (``label_key``, else the first of LABEL_KEYS among its fields); SampleError
-    naming the fields when there is none."""
-    fields = rec.fields or {}
-    key = label_key if label_key is not None else next((k for k in LABEL_KEYS if k in fields), None)
-    if key is None or key not in fields:
-        looked = repr(label_key) if label_key is not None else ", ".join(LABEL_KEYS)
-        names = ", ".join(sorted(str(k) for k in fields if not str(k).startswith("__"))) or "(none)"
-        raise SampleError(shard, rec.key, f"no label field ({looked}; --label-key names another), needed to "
-                                          f"deblur by class; its fields are: {names}")
-    return str(class_label(fields[key], (shard, rec.key), key))
+    """A sample's class label as text (``formats.label_of``: ``label_key``, else the first of LABEL_KEYS)."""
+    return str(label_of(rec.fields or {}, label_key, (shard, rec.key)))
 
 
 @dataclass(frozen=True)

@@ -111,12 +111,8 @@ class EclipseTransform:
         self.label_key = label_key
 
     def _label(self, sample: dict) -> str:
-        from .formats import LABEL_KEYS, class_label
-        key = self.label_key or next((k for k in LABEL_KEYS if k in sample), None)
-        if key is None or key not in sample:
-            raise ValueError(f"sample {sample.get('__key__')!r}: no label field ({key or ', '.join(LABEL_KEYS)}), "
-                             f"needed by class_kernels; its fields are: {', '.join(sorted(map(str, sample)))}")
-        return str(class_label(sample[key], (str(sample.get("__url__", "stream")), str(sample.get("__key__"))), key))
+        from .formats import label_of
+        return str(label_of(sample, self.label_key, (str(sample.get("__url__", "stream")), str(sample.get("__key__")))))
 
     def _purify_group(self, images: list[torch.Tensor], positions: list[tuple[int, str]],
                       labels: list | None = None) -> list[torch.Tensor]:

@@ -203,5 +203,6 @@ def test_eclipse_transform_deblurs_by_label(tmp_path, cifar64, tiny_ckpt):
     for s, a, b in zip(samples, plain, deblurred):
         same = np.array_equal(np.asarray(a["png"]), np.asarray(b["png"]))
         assert same == (s["cls"] != label)
-    with pytest.raises(ValueError, match="no label field"):
+    from eclipse_stream.errors import SampleError
+    with pytest.raises(SampleError, match="no label field"):
         list(EclipseTransform(tiny_ckpt, device="cpu", class_kernels=path)([{"__key__": "a", "png": samples[0]["png"]}]))

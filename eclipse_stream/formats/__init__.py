@@ -200,11 +200,10 @@ def class_label(value, where: tuple[str, str], field_name: str) -> int | str:
                               f"{str(original)[:40]!r}, not a class label (an integer or a class name)")
 
 
-def sample_label(sample: dict, label_key: str | None, image_key: str | None,
-                 where: tuple[str, str]) -> tuple[int | str, str]:
-    """(class label, image field name) of a WebDataset-style sample dict (``__``-prefixed keys are metadata),
-    chosen as :meth:`ShardFormat.labelled` says; SampleError at ``where`` naming what is missing."""
-    fields = sorted(k for k in sample if not str(k).startswith("__"))
+def label_of(sample: dict, label_key: str | None, where: tuple[str, str]) -> int | str:
+    """The class label of a sample dict: field ``label_key``, else the first of :data:`LABEL_KEYS` present;
+    SampleError at ``where`` naming the sample's fields when there is none."""
+    fields = sorted(str(k) for k in sample if not str(k).startswith("__"))
     if label_key is not None and label_key not in sample:
         raise SampleError(*where, f"no label field {label_key!r} (--label-key); its fields are: "
                                   f"{', '.join(fields) or '(none)'}")
@@ -212,7 +211,15 @@ def sample_label(sample: dict, label_key: str | None, image_key: str | None,
     if key is None:
         raise SampleError(*where, f"no label field (looked for {', '.join(LABEL_KEYS)}; name one with "
                                   f"--label-key); its fields are: {', '.join(fields) or '(none)'}")
-    label = class_label(sample[key], where, key)
+    return class_label(sample[key], where, key)
+
+
+def sample_label(sample: dict, label_key: str | None, image_key: str | None,
+                 where: tuple[str, str]) -> tuple[int | str, str]:
+    """(class label, image field name) of a WebDataset-style sample dict (``__``-prefixed keys are metadata),
+    chosen as :meth:`ShardFormat.labelled` says; SampleError at ``where`` naming what is missing."""
+    label = label_of(sample, label_key, where)
+    fields = sorted(k for k in sample if not str(k).startswith("__"))
     try:
         image = find_image_key(sample, image_key)
     except ValueError as e:  # an explicit --image-key that the sample lacks
