@@ -6,7 +6,10 @@ victim accuracy on the families marked ``tuned_on=True``. The others were added 
 and have not changed it: their rows are a report, not a fit. The opt-in JPEG term of the corruption
 (``jpeg_quality=(10, 50)``, 2026-12-05) was chosen on TAP and clean data and run on every family; it did not
 become the default (clean cost 3.82 points, over the limit), so the default's split is unchanged. Adopting it
-would make TAP, CUDA and SEP tuned on (all three had been seen by then). A family moves to ``tuned_on=True`` as soon as a
+would make TAP, CUDA and SEP tuned on (all three had been seen by then). The opt-in class-wise deblurring
+(``fit-kernels`` + ``purify --class-kernels``, 2026-12-06) was designed on CUDA with blur 0.3 (its kernels and one
+victim run) and its gate on the spectra of clean CIFAR-10 and CUDA 0.1/0.3: for that option CUDA counts as tuned
+on; CUDA with blur 0.5 and 0.1 were first run through a victim after it was frozen. A family moves to ``tuned_on=True`` as soon as a
 default is changed after looking at its results (docs/evaluation.md, "Tuning and report split"). Results JSON
 files and tables carry this flag per row (``tools/grid.py``).
 """
