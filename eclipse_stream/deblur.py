@@ -303,6 +303,7 @@ class ClasswiseDeblur(nn.Module):
     def __init__(self, kernels: ClassKernels):
         super().__init__()
         self.kernels = kernels
+        self.deblurred = 0  # images deconvolved so far (purify warns when a run deblurred none)
 
     def forward(self, x: torch.Tensor, labels: Sequence) -> torch.Tensor:
         if len(labels) != x.shape[0]:
@@ -315,6 +316,7 @@ class ClasswiseDeblur(nn.Module):
             if out is None:
                 out = _float(x).clone()
             sel = torch.as_tensor(idx, device=x.device)
+            self.deblurred += len(idx)
             out[sel] = deconvolve(_float(x[sel]), k, self.kernels.lam, self.kernels.iters).clamp(0, 1)
         if out is None:
             return x

@@ -428,6 +428,9 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
         todo, done = planned or plan(shards, store, fingerprint, cfg.overwrite, quiet=True)
         mine = [t for t in todo if t.index % group.world == group.rank]
         processed, failed = run_tasks(ctx, mine, stage.fn)
+        if deblur is not None and deblur.kernels.kernels and mine and not deblur.deblurred:
+            log.warning("--class-kernels %s: no image had a label of a deblurred class (%s); was it fitted on "
+                        "this dataset?", cfg.class_kernels, ", ".join(sorted(deblur.kernels.kernels)))
         failed = group.all_failed(failed)
         manifest = None
         if group.rank == 0 and not failed:

@@ -180,6 +180,10 @@ def test_fit_kernels_then_purify_with_them(tmp_path, cifar_three, tiny_ckpt):
     r = run_cli("purify", str(tmp_path / "nolabel"), str(tmp_path / "out2"), "--class-kernels", str(kfile), *common)
     assert r.returncode != 0 and "orphan" in r.stderr and "label" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out2" / "x-000.tar").exists()
+    # kernels of other class names (fitted on another dataset): a warning, not silence
+    other = ClassKernels(kernels={"cat": fitted.kernels["0"]}).save(tmp_path / "other.json")
+    r = run_cli("purify", str(tmp_path / "in"), str(tmp_path / "out4"), "--class-kernels", str(other), *common)
+    assert r.returncode == 0 and "no image had a label of a deblurred class (cat)" in r.stderr, r.stderr
     r = run_cli("purify", str(tmp_path / "in"), str(tmp_path / "out3"), "--class-kernels", str(tmp_path / "none.json"),
                 *common)
     assert r.returncode != 0 and "none.json" in r.stderr and "Traceback" not in r.stderr
