@@ -10,7 +10,8 @@ would make TAP, CUDA and SEP tuned on (all three had been seen by then). The opt
 (``fit-kernels`` + ``purify --class-kernels``, 2026-12-06) was designed on CUDA with blur 0.3 (its kernels and one
 victim run) and its gate on the spectra of clean CIFAR-10 and CUDA 0.1/0.3: for that option CUDA counts as tuned
 on; CUDA with blur 0.5 and 0.1 were first run through a victim after it was frozen. A family moves to
-``tuned_on=True`` as soon as a default is changed after looking at its results (docs/evaluation.md, "Tuning and report split"). Results JSON
+``tuned_on=True`` as soon as a default is changed after looking at its results (docs/evaluation.md,
+"Tuning and report split"). Results JSON
 files and tables carry this flag per row (``tools/grid.py``).
 """
 
