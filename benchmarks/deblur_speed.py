@@ -10,29 +10,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
-import time
 
 import torch
 
+from benchmarks.common import git_state, median, time_calls
 from eclipse_stream.checkpoint import load_denoiser
 from eclipse_stream.deblur import ClassKernels, ClasswiseDeblur
 from eclipse_stream.defaults import default_denoiser_path
 from eclipse_stream.purifier import Purifier, PurifierConfig
 
 KERNEL = [[0.45, 0.1, 0.05], [0.1, 0.1, 0.05], [0.05, 0.05, 0.05]]  # a CUDA-like blur, sum 1
-
-
-def rate(fn, x, repeats: int, device: str) -> float:
-    fn(x)  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn(x)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return len(x) * repeats / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -42,24 +29,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    device = torch.device(a.device)
+    git = git_state()
     print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"device {a.device}, commit {commit}")
+          f"device {a.device}, commit {git['git_commit'][:7]}{'+dirty' if git['git_dirty'] else ''}")
     deblur = ClasswiseDeblur(ClassKernels(kernels={"0": KERNEL}))
-    purifier = Purifier(load_denoiser(default_denoiser_path(), device=a.device), PurifierConfig.from_recipe(None))
-    gen = torch.Generator(device=a.device).manual_seed(0)
+    purifier = Purifier(load_denoiser(default_denoiser_path(), device=device), PurifierConfig.from_recipe(None))
+    gen = torch.Generator(device=device).manual_seed(0)
     for size in (int(s) for s in a.sizes.split(",")):
         n = a.batch if size <= 64 else max(1, a.batch // 32)
-        x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=a.device)
+        x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device)
         labels = [0] * n
         with torch.inference_mode():
-            for name, fn in (("deblur alone", lambda b, ls=labels: deblur(b, ls)),
-                             ("purify (default recipe) alone", lambda b: purifier(b, generator=gen)),
-                             ("deblur + purify", lambda b, ls=labels: purifier(deblur(b, ls), generator=gen))):
-                print(f"{size}px batch {n}: {name}: {rate(fn, x, a.repeats, a.device):,.1f} img/s", flush=True)
+            for name, fn in (("deblur alone", lambda ls=labels, b=x: deblur(b, ls)),
+                             ("purify (default recipe) alone", lambda b=x: purifier(b, generator=gen)),
+                             ("deblur + purify", lambda ls=labels, b=x: purifier(deblur(b, ls), generator=gen))):
+                seconds = median(time_calls(fn, device, iters=a.repeats, max_seconds=120.0))
+                print(f"{size}px batch {n}: {name}: {n / seconds:,.1f} img/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ K reverse steps instead of the default). Suffixes: ``+impulse`` (purify's impuls
 ``-grayP`` (the corruption's grayscale probability) and ``-lfS`` (the corruption's low-frequency
 noise std, 0 unless given: every row without it is the paper's corruption) and ``-jqLO-HI`` (the
 corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given);
-``corruption-lfS[-jqLO-HI]`` is that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data without any training-time corruption
-(for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...`` defense deconvolves each class
-first (``eclipse-stream fit-kernels`` on the set against the sparse clean set, then ``purify --class-kernels``).
+``corruption-lfS[-jqLO-HI]`` is that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data
+without any training-time corruption (for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...``
+defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set, then ``purify --class-kernels``).
 The recommended setting is ``eclipse-steps1+impulse-lf0.05``; with the opt-in JPEG term
 ``eclipse-steps1+impulse-lf0.05-jq10-50``.
 """
@@ -127,8 +127,9 @@ def get_defense(name: str) -> Defense:
     if match:
         return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(1)),
                        jpeg_quality=_jpeg_quality(match, 2))
-    raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or eclipse-steps<K>[+impulse][-grayP][-lfS][-jqLO-HI], "
-                    "purify-steps<K>[+impulse] (purified, no training-time corruption), corruption-lfS[-jqLO-HI]")
+    raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or "
+                    "eclipse-steps<K>[+impulse][-grayP][-lfS][-jqLO-HI], purify-steps<K>[+impulse] (purified, no "
+                    "training-time corruption), corruption-lfS[-jqLO-HI]; eclipse/purify ones take a deblur+ prefix")
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:
