@@ -14,7 +14,8 @@ noise std, 0 unless given: every row without it is the paper's corruption) and `
 corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given);
 ``corruption-lfS[-jqLO-HI]`` is that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data
 without any training-time corruption (for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...``
-defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set, then ``purify --class-kernels``).
+defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set,
+then ``purify --class-kernels``).
 The recommended setting is ``eclipse-steps1+impulse-lf0.05``; with the opt-in JPEG term
 ``eclipse-steps1+impulse-lf0.05-jq10-50``.
 """
