@@ -308,3 +308,48 @@ def test_sep_ascends_the_checkpoint_ensembles_loss(clean, tmp_path):
             return sum(F.cross_entropy(m(t), y).item() for m in models) / len(models)
 
     assert ensemble_loss(poisoned) > ensemble_loss(images)  # error-maximising for the true labels
+
+
+def test_hyp_is_class_wise_within_l2_and_helps_the_crafting_model(clean, tmp_path):
+    """HYP (Tao et al. P4): one universal pattern per class, L2 <= 0.5, lowering the crafting model's loss on
+    the true labels; seeded (same images again) and resumable from its per-class state."""
+    import torch.nn.functional as F
+
+    from tools.poisons import hyp
+    from tools.poisons.base import measure
+    from tools.poisons.tap import load_surrogate
+
+    opts = {"settings": {"steps": 4, "batch_size": 50}, "surrogate_recipe": "cpu", "surrogate_epochs": 2,
+            "surrogate_seed": 1}
+    out = tmp_path / "hyp"
+    poison_split("hyp", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
+    norms, images, poisoned, labels = _check_poisoned(clean, out, "hyp")
+    assert 0.3 < norms["l2_max"] <= hyp.HYP_L2 + 1e-9
+    diff = poisoned.astype(int) - images.astype(int)
+    for c in range(10):  # class-wise: where no clipping happened, the images of a class share one pattern
+        a, b = np.flatnonzero(labels == c)[:2]
+        free = (images[a] >= 16) & (images[a] <= 239) & (images[b] >= 16) & (images[b] <= 239)
+        assert np.abs(diff[a][free] - diff[b][free]).max() <= 1  # equal up to rounding
+    a, b = np.flatnonzero(labels == 0)[0], np.flatnonzero(labels == 1)[0]
+    assert not np.array_equal(diff[a], diff[b])  # one pattern per class, not one for all
+    model = load_surrogate(tmp_path / "hyp.surrogate.pt", None, torch.device("cpu"))
+    y = torch.from_numpy(labels)
+
+    def loss(x):
+        with torch.no_grad():
+            return F.cross_entropy(model(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255), y).item()
+
+    assert loss(poisoned) < loss(images)  # hypocritical: the model grows more sure of the true class
+    # resume: a saved state of 3 classes is taken as is (class 0's pattern zeroed here to see that it is used),
+    # and the other 7 are drawn as a run from scratch draws them
+    state = torch.load(tmp_path / "hyp.hyp-state.pt", weights_only=True)
+    assert state["deltas"].shape[0] == 10
+    state["deltas"] = state["deltas"][:3].clone()
+    state["deltas"][0] = 0
+    torch.save(state, tmp_path / "again.hyp-state.pt")
+    again = tmp_path / "again"
+    poison_split("hyp", clean, again, seed=0, device="cpu",
+                 options={**opts, "surrogate": str(tmp_path / "hyp.surrogate.pt")}, log=lambda m: None)
+    resumed = read_split(again)[1]
+    assert np.array_equal(resumed[labels == 0], images[labels == 0])
+    assert np.array_equal(resumed[labels != 0], poisoned[labels != 0])

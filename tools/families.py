@@ -40,6 +40,8 @@ FAMILIES = {
                    "added after the default was frozen; its results have not changed a default"),
     "sep": Family("sep", False, "self-ensemble protection (checkpoint-ensemble adversarial), L-inf 8/255",
                   "held out: first evaluated once, with the frozen default of commit 07ec7c9"),
+    "hyp": Family("hyp", False, "class-wise universal hypocritical perturbation (Tao et al. P4), L2 0.5",
+                  "held out: added 2026-12-06, after every default and option it is reported with was frozen"),
 }
 
 

@@ -79,7 +79,11 @@ PROTOCOLS = {
                                      # SEP at CPU scale: 5 checkpoints (every 3 epochs) of the CPU victim trained
                                      # on the clean subset, 30 ascent steps of 1/255
                                      "sep": {"surrogate_recipe": "cpu", "snapshot_every": 3,
-                                             "settings": {"steps": 30, "step_size": 1 / 255, "batch_size": 250}}}),
+                                             "settings": {"steps": 30, "step_size": 1 / 255, "batch_size": 250}},
+                                     # HYP at CPU scale: its own crafting model (the CPU victim, seed 1, not
+                                     # TAP's), 100 normalised steps of eps/5 on batches of 128 per class
+                                     "hyp": {"surrogate_recipe": "cpu", "surrogate_seed": 1,
+                                             "settings": {"steps": 100, "batch_size": 128}}}),
 }
 
 
@@ -213,7 +217,7 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
         left = clock.left()
         if not is_poisoned(source):
             opts = dict(cfg.poison_options.get(poison, PROTOCOLS[cfg.protocol].poison_defaults.get(poison, {})))
-            if poison in ("em", "tap", "sep") and left is not None:
+            if poison in ("em", "tap", "sep", "hyp") and left is not None:
                 opts["max_seconds"] = max(1.0, left - SAFETY_SECONDS)
             poison_split(poison, clean, source, seed=cfg.seed, device=cfg.device, options=opts, log=log)
         norms = read_json(source / NORMS)

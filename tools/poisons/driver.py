@@ -56,8 +56,8 @@ def poison_split(kind: str, in_dir: Path, out_dir: Path, seed: int = 0, device: 
 
 
 def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_dir, log):
-    """Call the generator; EM/TAP/SEP get their settings, a resumable state file and (TAP, SEP) models trained
-    on the clean split."""
+    """Call the generator; EM/TAP/SEP/HYP get their settings, a resumable state file and (TAP, SEP, HYP) models
+    trained on the clean split."""
     options = dict(options)
     if kind == "em":
         settings = module.EMSettings(**options.pop("settings", {}))
@@ -66,11 +66,19 @@ def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_di
     if kind == "tap":
         settings = module.TAPSettings(**options.pop("settings", {}))
         t0 = time.time()
-        surrogate = _tap_surrogate(in_dir, out_dir, device, options, log)
+        surrogate = _clean_surrogate(in_dir, out_dir, device, options, log)
         if options.get("max_seconds") is not None:  # the surrogate used part of this call's budget
             options["max_seconds"] = max(1.0, options["max_seconds"] - (time.time() - t0))
         return module.generate(clean, labels, seed=seed, device=device, surrogate=surrogate, settings=settings,
                                state_path=out_dir.with_name(out_dir.name + ".tap-state.pt"), log=log, **options)
+    if kind == "hyp":
+        settings = module.HYPSettings(**options.pop("settings", {}))
+        t0 = time.time()
+        surrogate = _clean_surrogate(in_dir, out_dir, device, options, log)
+        if options.get("max_seconds") is not None:
+            options["max_seconds"] = max(1.0, options["max_seconds"] - (time.time() - t0))
+        return module.generate(clean, labels, seed=seed, device=device, surrogate=surrogate, settings=settings,
+                               state_path=out_dir.with_name(out_dir.name + ".hyp-state.pt"), log=log, **options)
     if kind == "sep":
         settings = module.SEPSettings(**options.pop("settings", {}))
         t0 = time.time()
@@ -101,8 +109,9 @@ def _sep_checkpoints(in_dir: Path, out_dir: Path, device, options: dict, log) ->
     return [snapshot_path(ckpt, e) for e in snapshots]
 
 
-def _tap_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
-    """Load the given surrogate checkpoint, or train one on the clean split with the victim trainer."""
+def _clean_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
+    """TAP's surrogate, HYP's crafting model: the given checkpoint, or one trained on the clean split with the
+    victim trainer."""
     from ..victim import VictimConfig, train_victim
     from .pgd import PoisonIncomplete
     from .tap import load_surrogate
@@ -118,5 +127,5 @@ def _tap_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
                                            device=device or "auto", checkpoint=str(ckpt), resume=True, seed=seed,
                                            max_seconds=options.get("max_seconds")), log=log)
         if not result["complete"]:
-            raise PoisonIncomplete("TAP surrogate training stopped (time budget); rerun to resume")
+            raise PoisonIncomplete("surrogate training stopped (time budget); rerun to resume")
     return load_surrogate(Path(ckpt), width, resolve_device(device))
