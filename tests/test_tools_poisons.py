@@ -316,7 +316,6 @@ def test_hyp_is_class_wise_within_l2_and_helps_the_crafting_model(clean, tmp_pat
     import torch.nn.functional as F
 
     from tools.poisons import hyp
-    from tools.poisons.base import measure
     from tools.poisons.tap import load_surrogate
 
     opts = {"settings": {"steps": 4, "batch_size": 50}, "surrogate_recipe": "cpu", "surrogate_epochs": 2,
