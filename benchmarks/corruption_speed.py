@@ -32,9 +32,10 @@ def main() -> None:
     for size in (int(s) for s in a.sizes.split(",")):
         n = a.batch if size <= 64 else max(1, a.batch // 16)
         x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=a.device)
-        for name, module in (("paper (no JPEG, no smooth noise)", RandomCorruption(lowfreq_sigma=0.0, jpeg_quality=None)),
-                             ("default (smooth noise)", RandomCorruption()),
-                             ("default + JPEG term (jpeg_quality=(10, 50))", RandomCorruption(jpeg_quality=(10, 50)))):
+        settings = (("paper (no JPEG, no smooth noise)", RandomCorruption(lowfreq_sigma=0.0, jpeg_quality=None)),
+                    ("previous default (smooth noise, no JPEG)", RandomCorruption(jpeg_quality=None)),
+                    ("default (smooth noise + JPEG term (10, 50))", RandomCorruption()))
+        for name, module in settings:
             module(x)  # warm-up
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()

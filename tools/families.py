@@ -1,18 +1,15 @@
 """Which poison families the defaults were tuned on, and which are only reported (the tuning/report split).
 
-Every default of the recommended recipe (purify ``--recipe robust``: impulse prefilter, t* = 100, one step; the
-training-time corruption with its low-frequency term; the shipped stage-3 denoiser) was chosen by looking at
-victim accuracy on the families marked ``tuned_on=True``. The others were added after that default was frozen
-and have not changed it: their rows are a report, not a fit. The opt-in JPEG term of the corruption
-(``jpeg_quality=(10, 50)``, 2026-12-05) was chosen on TAP and clean data and run on every family; it did not
-become the default (clean cost 3.82 points, over the limit), so the default's split is unchanged. Adopting it
-would make TAP, CUDA and SEP tuned on (all three had been seen by then). The opt-in class-wise deblurring
-(``fit-kernels`` + ``purify --class-kernels``, 2026-12-06) was designed on CUDA with blur 0.3 (its kernels and one
-victim run) and its gate on the spectra of clean CIFAR-10 and CUDA 0.1/0.3: for that option CUDA counts as tuned
-on; CUDA with blur 0.5 and 0.1 were first run through a victim after it was frozen. A family moves to
-``tuned_on=True`` as soon as a default is changed after looking at its results (docs/evaluation.md,
-"Tuning and report split"). Results JSON
-files and tables carry this flag per row (``tools/grid.py``).
+The recommended recipe's purification defaults (purify ``--recipe robust``: impulse prefilter, t* = 100, one
+step; the shipped stage-3 denoiser) and the low-frequency term of the training-time corruption were chosen by
+looking at URP, LSP, AR, OPS and EM. The JPEG term of the corruption (``jpeg_quality=(10, 50)``) was chosen on
+TAP and clean data (2026-12-05), run once on SEP and CUDA while it was opt-in, and became the default on
+2026-12-06 (docs/evaluation.md, "The JPEG term becomes the default"): TAP, SEP and CUDA had all been looked at
+by then, so from that day they count as tuned on. HYP was added after that change, as the held-out family. The
+opt-in class-wise deblurring (``fit-kernels`` + ``purify --class-kernels``) was designed on CUDA with blur 0.3;
+CUDA with blur 0.5 and 0.1 were first run through a victim after it was frozen. A family moves to
+``tuned_on=True`` as soon as a default is changed after looking at its results (docs/evaluation.md, "Tuning and
+report split"). Results JSON files and tables carry this flag per row (``tools/grid.py``).
 """
 
 from __future__ import annotations
@@ -34,12 +31,15 @@ FAMILIES = {
     "ar": Family("ar", True, "class-wise autoregressive noise, L2 1", "tuning family from the start"),
     "ops": Family("ops", True, "one class-wise pixel per image, L0 1", "tuning family from the start"),
     "em": Family("em", True, "error-minimizing noise (EM), L-inf 8/255", "tuning family from the start"),
-    "tap": Family("tap", False, "targeted adversarial poisoning, L-inf 8/255",
-                  "added after the default was frozen; its results have not changed a default"),
-    "cuda": Family("cuda", False, "class-wise 3x3 convolution (blur), unbounded",
-                   "added after the default was frozen; its results have not changed a default"),
-    "sep": Family("sep", False, "self-ensemble protection (checkpoint-ensemble adversarial), L-inf 8/255",
-                  "held out: first evaluated once, with the frozen default of commit 07ec7c9"),
+    "tap": Family("tap", True, "targeted adversarial poisoning, L-inf 8/255",
+                  "added after the purification defaults were frozen; the JPEG term (default since 2026-12-06) "
+                  "was chosen on it"),
+    "cuda": Family("cuda", True, "class-wise 3x3 convolution (blur), unbounded",
+                   "added after the purification defaults were frozen; seen before the JPEG term became the "
+                   "default (2026-12-06); the opt-in deblurring was designed on it"),
+    "sep": Family("sep", True, "self-ensemble protection (checkpoint-ensemble adversarial), L-inf 8/255",
+                  "held out until 2026-12-06: its rows (previous default, JPEG term) decided that the JPEG term "
+                  "became the default"),
     "hyp": Family("hyp", False, "class-wise universal hypocritical perturbation (Tao et al. P4), L2 0.5",
                   "held out: added 2026-12-06, after every default and option it is reported with was frozen"),
 }

@@ -52,8 +52,9 @@ class Protocol:
     poison_defaults: dict = field(default_factory=dict)
 
 
-RECOMMENDED = "eclipse-steps1+impulse-lf0.05"  # = purify --recipe robust, then RandomCorruption()
-WITH_JPEG = "eclipse-steps1+impulse-lf0.05-jq10-50"  # the same + RandomCorruption(jpeg_quality=(10, 50)), opt-in
+# = purify --recipe robust, then RandomCorruption() (its JPEG term (10, 50) is on by default since 2026-12-06)
+RECOMMENDED = "eclipse-steps1+impulse-lf0.05-jq10-50"
+PREVIOUS = "eclipse-steps1+impulse-lf0.05"  # the default until 2026-12-06: RandomCorruption(jpeg_quality=None)
 
 PROTOCOLS = {
     # The paper's setting (full CIFAR-10, ResNet18): needs a GPU.
@@ -65,7 +66,7 @@ PROTOCOLS = {
     "cpu": Protocol("cpu", PROJECT_ROOT / "runs" / "eval-cpu", 1000, None, "cpu", "cpu",
                     poisons=("clean", "urp", "lsp", "ar", "ops", "em"),
                     defenses=("none", "iss-gray", "iss-jpeg10", "corruption", "eclipse-steps1", "eclipse-steps10",
-                              RECOMMENDED),
+                              PREVIOUS, RECOMMENDED),
                     purify_args=("--precision", "bf16"), purify_batch_size=256,
                     extra_seeds=(1, 2), seed_cells=("clean/none", f"clean/{RECOMMENDED}", f"lsp/{RECOMMENDED}"),
                     paper_comparable=False,
