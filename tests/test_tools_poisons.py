@@ -241,6 +241,26 @@ def test_cuda_poison_is_each_class_kernel_applied(clean, tmp_path, blur):
         assert not np.array_equal(poisoned[members], other)
 
 
+def test_cuda_5x5_variant_applies_each_class_5x5_kernel(clean, tmp_path):
+    """kernel_size=5 (the authors' parameter): 5x5 kernels, padding 2, same construction; even sizes refused."""
+    import torch.nn.functional as F
+
+    from tools.poisons import cuda
+
+    out = tmp_path / "cuda5"
+    poison_split("cuda", clean, out, seed=0, options={"kernel_size": 5}, log=lambda m: None)
+    _, images, poisoned, labels = _check_poisoned(clean, out, "cuda")
+    kernels = cuda.class_kernels(10, 0, 0.3, kernel_size=5)
+    assert kernels.shape == (10, 3, 1, 5, 5) and ((kernels[:, 0] == 1.0).sum(axis=(1, 2, 3)) == 1).all()
+    members = np.flatnonzero(labels == 3)
+    x = torch.from_numpy(images[members]).permute(0, 3, 1, 2).double() / 255
+    y = F.conv2d(x, torch.from_numpy(kernels[3]), padding=2, groups=3)
+    y = np.floor((y / y.amax(dim=(1, 2, 3), keepdim=True)).clamp(0, 1).numpy() * 255)
+    assert np.array_equal(poisoned[members], y.transpose(0, 2, 3, 1).astype(np.uint8))
+    with pytest.raises(ValueError, match="odd"):
+        cuda.generate(images[:2], labels[:2], kernel_size=4)
+
+
 def test_cuda_stronger_blur_parameter_blurs_more(clean):
     """The blur parameter bounds the off-peak weights: a larger one removes more high-frequency energy."""
     import torch.nn.functional as F

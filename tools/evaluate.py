@@ -66,6 +66,7 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 @click.option("--surrogate-recipe", type=click.Choice(["fast", "cpu", "reference"]), default=None,
               help="TAP/SEP/HYP: victim recipe of the model(s) they train (default fast; cpu: the CPU victim).")
 @click.option("--blur-parameter", type=float, default=None, help="CUDA: kernel weights U(0, this) (0.3).")
+@click.option("--kernel-size", type=click.IntRange(min=1), default=None, help="CUDA: kernel side, odd (3).")
 @click.option("--pgd-steps", type=click.IntRange(min=1), default=None, help="EM: PGD steps per round (20).")
 @click.option("--train-steps", type=click.IntRange(min=1), default=None, help="EM: model steps per round (10).")
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="EM: at most this many rounds (100).")
@@ -77,8 +78,8 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
               help="TAP/SEP/HYP: epochs of the surrogate (the recipe's).")
 @click.option("--max-seconds", type=float, default=None,
               help="EM/TAP/SEP/HYP: stop (resumable, exit 75) before this many seconds.")
-def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surrogate_recipe, blur_parameter, pgd_steps,
-           train_steps, max_rounds, batch_size, surrogate, surrogate_epochs, max_seconds):
+def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surrogate_recipe, blur_parameter, kernel_size,
+           pgd_steps, train_steps, max_rounds, batch_size, surrogate, surrogate_epochs, max_seconds):
     """Poison a clean training split with KIND; writes shards with the same keys and norms.json."""
     from .poisons.driver import poison_split
 
@@ -99,8 +100,9 @@ def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surroga
                     if v is not None}
         options = {"settings": settings, "max_seconds": max_seconds, "surrogate_width": width,
                    "surrogate_epochs": surrogate_epochs, "surrogate_recipe": surrogate_recipe or "fast"}
-    elif kind == "cuda" and blur_parameter is not None:
-        options = {"blur_parameter": blur_parameter}
+    elif kind == "cuda":
+        options = {k: v for k, v in {"blur_parameter": blur_parameter, "kernel_size": kernel_size}.items()
+                   if v is not None}
     record = poison_split(kind, in_dir, out_dir, seed=seed, device=device, options=options, log=_echo)
     click.echo(json.dumps({k: record[k] for k in ("poison", "budget", "linf_max_255", "l2_mean", "l2_max")}))
 

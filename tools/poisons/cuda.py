@@ -56,9 +56,12 @@ def convolve(images: np.ndarray, kernels: np.ndarray, labels: np.ndarray) -> np.
 
 
 def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, num_classes: int = 10,
-             blur_parameter: float = 0.3) -> np.ndarray:
-    """Float NHWC delta (poisoned - clean, in [0, 1] units) that turns each image into its CUDA version."""
+             blur_parameter: float = 0.3, kernel_size: int = 3) -> np.ndarray:
+    """Float NHWC delta (poisoned - clean, in [0, 1] units) that turns each image into its CUDA version.
+    ``kernel_size`` (odd; the authors' parameter, 3 in their CIFAR-10 results) gives the 5x5 variant."""
     if blur_parameter <= 0:
         raise ValueError(f"blur_parameter must be positive, got {blur_parameter}")
-    poisoned = convolve(images, class_kernels(num_classes, seed, blur_parameter), labels)
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+    poisoned = convolve(images, class_kernels(num_classes, seed, blur_parameter, kernel_size=kernel_size), labels)
     return (poisoned.astype(np.float64) - images.astype(np.float64)) / 255.0
