@@ -346,6 +346,9 @@ def preview(shard, output, n, image_key, denoiser, recipe, t_star, steps, precis
                                 "target.")
 @_fit_kernels("image_key", help=f"Image field; default the first of {_IMAGE_EXTS}.")
 @_fit_kernels("seed", help="Which images are sampled.")
+@_fit_kernels("kernel_size", type=click.IntRange(1, 15),
+              help="Side of the fitted kernels (odd). 3 fits CUDA's 3x3 blurs; 5 also fits its 5x5 variant but "
+                   "is less safe: it deblurred one SEP class by mistake (docs/purify.md).")
 @_storage_option
 @_friendly_errors
 def fit_kernels(inputs, clean, out, **kwargs):

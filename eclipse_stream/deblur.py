@@ -275,10 +275,13 @@ def fit_class_kernels(images: torch.Tensor, labels: Sequence, clean_images: torc
 
 
 def fit_kernels_from_shards(inputs, clean, per_class: int = FIT_PER_CLASS, label_key: str | None = None,
-                            image_key: str | None = None, seed: int = 0, log=None) -> ClassKernels:
+                            image_key: str | None = None, seed: int = 0, kernel_size: int = KERNEL_SIZE,
+                            log=None) -> ClassKernels:
     """``eclipse-stream fit-kernels``: sample up to ``per_class`` images of every class from the shards
     ``inputs`` and from the clean set's shards ``clean`` (one pass each, as ``scan`` samples: labels as each
     format reads them, the central 32 x 32 window at native resolution), then :func:`fit_class_kernels`."""
+    if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
+        raise ValueError(f"kernel_size must be an odd positive integer, not {kernel_size!r}")
     from .scan.config import ScanConfig
     from .scan.sampling import sample_shards
 
@@ -289,7 +292,7 @@ def fit_kernels_from_shards(inputs, clean, per_class: int = FIT_PER_CLASS, label
         s = sample_shards(list(paths), cfg, groups=False).whole
         return torch.from_numpy(np.ascontiguousarray(s.images)).permute(0, 3, 1, 2), [s.classes[i] for i in s.labels]
 
-    return fit_class_kernels(*tensors(inputs), *tensors(clean), log=log)
+    return fit_class_kernels(*tensors(inputs), *tensors(clean), kernel_size=kernel_size, log=log)
 
 
 class ClasswiseDeblur(nn.Module):
