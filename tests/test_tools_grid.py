@@ -199,7 +199,7 @@ def test_reports_say_which_families_the_defaults_were_tuned_on():
     from tools.families import FAMILIES, held_out
     from tools.grid import checks
 
-    assert set(FAMILIES) == set(grid.POISONS) and held_out() == ["hyp"]
+    assert set(FAMILIES) == set(grid.POISONS) and held_out() == ["hyp", "uap"]
 
     def cell(poison, defense, acc):
         return {"poison": poison, "defense": defense, "seed": 0, "accuracy": acc, "cell_seconds": 1.0,

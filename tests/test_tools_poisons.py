@@ -372,3 +372,31 @@ def test_hyp_is_class_wise_within_l2_and_helps_the_crafting_model(clean, tmp_pat
     resumed = read_split(again)[1]
     assert np.array_equal(resumed[labels == 0], images[labels == 0])
     assert np.array_equal(resumed[labels != 0], poisoned[labels != 0])
+
+
+def test_uap_carries_per_class_patterns_toward_a_derangement(clean, tmp_path):
+    """UAP (Tao et al. P3): as HYP, but class c's universal pattern pulls toward derangement(seed)[c]."""
+    import torch.nn.functional as F
+
+    from tools.poisons import uap
+    from tools.poisons.tap import derangement, load_surrogate
+
+    opts = {"settings": {"steps": 4, "batch_size": 50}, "surrogate_recipe": "cpu", "surrogate_epochs": 2,
+            "surrogate_seed": 2}
+    out = tmp_path / "uap"
+    poison_split("uap", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
+    norms, images, poisoned, labels = _check_poisoned(clean, out, "uap")
+    assert 0.3 < norms["l2_max"] <= uap.BUDGET.eps + 1e-9
+    diff = poisoned.astype(int) - images.astype(int)
+    a, b = np.flatnonzero(labels == 4)[:2]
+    free = (images[a] >= 16) & (images[a] <= 239) & (images[b] >= 16) & (images[b] <= 239)
+    assert np.abs(diff[a][free] - diff[b][free]).max() <= 1  # one pattern per class
+    model = load_surrogate(tmp_path / "uap.surrogate.pt", None, torch.device("cpu"))
+    target = torch.from_numpy(derangement(10, 0))[torch.from_numpy(labels)]
+
+    def target_loss(x):
+        with torch.no_grad():
+            return F.cross_entropy(model(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255), target).item()
+
+    assert target_loss(poisoned) < target_loss(images)  # toward the other class
+    assert (tmp_path / "uap.uap-state.pt").is_file()

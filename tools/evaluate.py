@@ -50,7 +50,7 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["urp", "lsp", "ar", "ops", "em", "tap", "cuda", "sep", "hyp"]))
+@click.argument("kind", type=click.Choice(["urp", "lsp", "ar", "ops", "em", "tap", "cuda", "sep", "hyp", "uap"]))
 @click.option("--in", "in_dir", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "train",
               show_default=True, help="Clean training shard folder.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
@@ -89,7 +89,7 @@ def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surroga
         settings = {k: v for k, v in {"pgd_steps": pgd_steps, "train_steps": train_steps, "max_rounds": max_rounds,
                                       "batch_size": batch_size, "width": width}.items() if v is not None}
         options = {"settings": settings, "max_seconds": max_seconds}
-    elif kind in ("tap", "hyp"):
+    elif kind in ("tap", "hyp", "uap"):
         settings = {k: v for k, v in {"steps": steps, "step_size": step_size, "batch_size": batch_size}.items()
                     if v is not None}
         options = {"settings": settings, "max_seconds": max_seconds, "surrogate_width": width,

@@ -42,6 +42,8 @@ FAMILIES = {
                   "became the default"),
     "hyp": Family("hyp", False, "class-wise universal hypocritical perturbation (Tao et al. P4), L2 0.5",
                   "held out: added 2026-12-06, after every default and option it is reported with was frozen"),
+    "uap": Family("uap", False, "class-wise universal targeted adversarial perturbation (Tao et al. P3), L2 0.5",
+                  "held out: added 2026-12-06 with no defended cell run, for the next default change"),
 }
 
 

@@ -84,6 +84,9 @@ PROTOCOLS = {
                                      # HYP at CPU scale: its own crafting model (the CPU victim, seed 1, not
                                      # TAP's), 100 normalised steps of eps/5 on batches of 128 per class
                                      "hyp": {"surrogate_recipe": "cpu", "surrogate_seed": 1,
+                                             "settings": {"steps": 100, "batch_size": 128}},
+                                     # UAP at CPU scale: as HYP, toward a derangement, crafting model seed 2
+                                     "uap": {"surrogate_recipe": "cpu", "surrogate_seed": 2,
                                              "settings": {"steps": 100, "batch_size": 128}}}),
 }
 
@@ -218,7 +221,7 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
         left = clock.left()
         if not is_poisoned(source):
             opts = dict(cfg.poison_options.get(poison, PROTOCOLS[cfg.protocol].poison_defaults.get(poison, {})))
-            if poison in ("em", "tap", "sep", "hyp") and left is not None:
+            if poison in ("em", "tap", "sep", "hyp", "uap") and left is not None:
                 opts["max_seconds"] = max(1.0, left - SAFETY_SECONDS)
             poison_split(poison, clean, source, seed=cfg.seed, device=cfg.device, options=opts, log=log)
         norms = read_json(source / NORMS)

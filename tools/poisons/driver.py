@@ -71,14 +71,14 @@ def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_di
             options["max_seconds"] = max(1.0, options["max_seconds"] - (time.time() - t0))
         return module.generate(clean, labels, seed=seed, device=device, surrogate=surrogate, settings=settings,
                                state_path=out_dir.with_name(out_dir.name + ".tap-state.pt"), log=log, **options)
-    if kind == "hyp":
+    if kind in ("hyp", "uap"):
         settings = module.HYPSettings(**options.pop("settings", {}))
         t0 = time.time()
         surrogate = _clean_surrogate(in_dir, out_dir, device, options, log)
         if options.get("max_seconds") is not None:
             options["max_seconds"] = max(1.0, options["max_seconds"] - (time.time() - t0))
         return module.generate(clean, labels, seed=seed, device=device, surrogate=surrogate, settings=settings,
-                               state_path=out_dir.with_name(out_dir.name + ".hyp-state.pt"), log=log, **options)
+                               state_path=out_dir.with_name(out_dir.name + f".{kind}-state.pt"), log=log, **options)
     if kind == "sep":
         settings = module.SEPSettings(**options.pop("settings", {}))
         t0 = time.time()

@@ -69,31 +69,36 @@ def universal_delta(model, x: torch.Tensor, target: int, settings: HYPSettings, 
 
 def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str | None = None,
              surrogate=None, settings: HYPSettings = HYPSettings(), num_classes: int = 10,
-             state_path: Path | None = None, max_seconds: float | None = None, log=print) -> np.ndarray:
-    """Float NHWC delta: image i gets its class's universal hypocritical perturbation. Each finished class is
+             state_path: Path | None = None, max_seconds: float | None = None, log=print,
+             targets: np.ndarray | None = None, kind: str = "hyp") -> np.ndarray:
+    """Float NHWC delta: image i gets its class's universal perturbation, made toward ``targets[class]`` (the
+    class itself by default: hypocritical; ``tools.poisons.uap`` passes a derangement). Each finished class is
     saved to ``state_path``, so a run stopped by ``max_seconds`` resumes at the next class."""
+    name = kind.upper()
     if surrogate is None:
-        raise ValueError("HYP needs a crafting model trained on clean data")
+        raise ValueError(f"{name} needs a crafting model trained on clean data")
+    targets = np.arange(num_classes) if targets is None else np.asarray(targets)
     device = resolve_device(device)
     amp = device.type in ("cuda", "cpu")  # bf16 autocast, as TAP and EM
     model = surrogate.to(device).eval().requires_grad_(False)
     x, y = to_device(images, labels, device)
-    signature = {"kind": "hyp", "seed": seed, "n": len(y), "settings": asdict(settings)}
+    signature = {"kind": kind, "seed": seed, "n": len(y), "settings": asdict(settings),
+                 "targets": targets.tolist()}
     state = load_state(state_path, device, signature)
     deltas = [] if state is None else list(state["deltas"].float().unbind(0))
     if deltas:
-        log(f"HYP: resumed at class {len(deltas)}")
+        log(f"{name}: resumed at class {len(deltas)}")
     clock, class_cost = TimeBudget(max_seconds), 0.0
     for c in range(len(deltas), num_classes):
         if class_cost and clock.over(class_cost):  # at least one class per call
-            raise PoisonIncomplete(f"HYP stopped at class {c}/{num_classes} (time budget); rerun to resume")
+            raise PoisonIncomplete(f"{name} stopped at class {c}/{num_classes} (time budget); rerun to resume")
         t = time.time()
         # a generator per class, seeded from (seed, class): a resumed run draws the same batches
         gen = torch.Generator(device=device).manual_seed(seed * 1000 + c)
-        deltas.append(universal_delta(model, x, c, settings, gen, amp)[0])
+        deltas.append(universal_delta(model, x, int(targets[c]), settings, gen, amp)[0])
         class_cost = time.time() - t
         save_state(state_path, {"signature": signature, "deltas": torch.stack(deltas).cpu()})
-        log(f"HYP: class {c} done (L2 {deltas[-1].flatten().norm():.3f}, {class_cost:.0f} s)")
+        log(f"{name}: class {c} done (L2 {deltas[-1].flatten().norm():.3f}, {class_cost:.0f} s)")
     per_class = torch.stack(deltas).to(device)
     delta = (x + per_class[y]).clamp(0, 1) - x  # what each stored image actually carries
     return to_numpy_delta(delta)
