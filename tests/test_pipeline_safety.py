@@ -181,7 +181,11 @@ def test_a_second_purify_into_the_same_out_is_refused_and_the_first_finishes(cif
     first = subprocess.Popen([sys.executable, "-m", "eclipse_stream.cli", *map(str, args)], env=cli_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for(lambda: list(out.glob(".*.partial-*")))
-    second = cli(*args)
+    os.kill(first.pid, signal.SIGSTOP)  # hold the first run mid-way, so a loaded machine cannot let it finish first
+    try:
+        second = cli(*args)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode != 0 and "Traceback" not in second.stderr
     assert f"in use by PID {first.pid}" in second.stderr and str(out) in second.stderr, second.stderr
     _, err = first.communicate(timeout=300)
