@@ -11,4 +11,5 @@ scale on a GPU; the CPU protocol makes smaller versions, ``tools/grid.py``).
 
 from . import ar, cuda, em, hyp, lsp, ops, sep, tap, uap, urp
 
-POISONS = {"urp": urp, "lsp": lsp, "ar": ar, "ops": ops, "em": em, "tap": tap, "cuda": cuda, "sep": sep, "hyp": hyp, "uap": uap}
+POISONS = {"urp": urp, "lsp": lsp, "ar": ar, "ops": ops, "em": em, "tap": tap, "cuda": cuda, "sep": sep,
+           "hyp": hyp, "uap": uap}

@@ -56,26 +56,18 @@ def poison_split(kind: str, in_dir: Path, out_dir: Path, seed: int = 0, device: 
 
 
 def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_dir, log):
-    """Call the generator; EM/TAP/SEP/HYP get their settings, a resumable state file and (TAP, SEP, HYP) models
+    """Call the generator; EM/TAP/SEP/HYP/UAP get their settings, a resumable state file and (TAP, SEP, HYP, UAP) models
     trained on the clean split."""
     options = dict(options)
     if kind == "em":
         settings = module.EMSettings(**options.pop("settings", {}))
         return module.generate(clean, labels, seed=seed, device=device, settings=settings,
                                state_path=out_dir.with_name(out_dir.name + ".em-state.pt"), log=log, **options)
-    if kind == "tap":
-        settings = module.TAPSettings(**options.pop("settings", {}))
+    if kind in ("tap", "hyp", "uap"):  # one model trained on the clean split
+        settings = (module.TAPSettings if kind == "tap" else module.HYPSettings)(**options.pop("settings", {}))
         t0 = time.time()
         surrogate = _clean_surrogate(in_dir, out_dir, device, options, log)
         if options.get("max_seconds") is not None:  # the surrogate used part of this call's budget
-            options["max_seconds"] = max(1.0, options["max_seconds"] - (time.time() - t0))
-        return module.generate(clean, labels, seed=seed, device=device, surrogate=surrogate, settings=settings,
-                               state_path=out_dir.with_name(out_dir.name + ".tap-state.pt"), log=log, **options)
-    if kind in ("hyp", "uap"):
-        settings = module.HYPSettings(**options.pop("settings", {}))
-        t0 = time.time()
-        surrogate = _clean_surrogate(in_dir, out_dir, device, options, log)
-        if options.get("max_seconds") is not None:
             options["max_seconds"] = max(1.0, options["max_seconds"] - (time.time() - t0))
         return module.generate(clean, labels, seed=seed, device=device, surrogate=surrogate, settings=settings,
                                state_path=out_dir.with_name(out_dir.name + f".{kind}-state.pt"), log=log, **options)

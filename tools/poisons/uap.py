@@ -22,7 +22,7 @@ from .hyp import generate as _universal
 from .tap import derangement
 
 BUDGET = Budget("l2", HYP_L2)
-UAPSettings = HYPSettings
+__all__ = ["BUDGET", "HYPSettings", "generate"]  # settings: HYP's (the driver reads module.HYPSettings)
 
 
 def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, num_classes: int = 10, **kwargs) -> np.ndarray:
