@@ -16,8 +16,8 @@ corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off u
 without any training-time corruption (for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...``
 defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set,
 then ``purify --class-kernels``).
-The recommended setting is ``eclipse-steps1+impulse-lf0.05``; with the opt-in JPEG term
-``eclipse-steps1+impulse-lf0.05-jq10-50``.
+The package's default (``tools.grid.RECOMMENDED``) is ``eclipse-steps1+impulse-lf0.05-jq10-50``; the default
+until 2026-12-06, without the JPEG term, is ``eclipse-steps1+impulse-lf0.05`` (``tools.grid.PREVIOUS``).
 """
 
 from __future__ import annotations
