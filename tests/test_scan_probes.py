@@ -234,6 +234,20 @@ def test_a_poisoned_group_is_flagged_and_named_beside_clean_groups(mixed):
     assert whole_only.groups == {} and whole_only.whole["verdict"] == whole_only.verdict
 
 
+def test_a_poisoned_verdict_says_what_to_do_and_names_deblurring_only_for_a_classwise_filter(base):
+    images, labels = base
+    cfg = ScanConfig(per_class=PER_CLASS, null=False, by="none")
+    blurred = scan_arrays(_filter(images, _classwise_blur(labels, np.random.default_rng(3))), labels, cfg)
+    assert blurred.verdict == LIKELY_POISONED
+    assert any("fit-kernels" in s for s in blurred.next_steps()) and "--class-kernels" in blurred.summary()
+    urp = scan_arrays(_urp(images, labels), labels, cfg)
+    assert urp.verdict == LIKELY_POISONED and urp.next_steps()[0].startswith("next: `eclipse-stream purify")
+    urp.probes["spectrum"]["score"] = urp.bounds["spectrum"]["poisoned"] - 0.01  # only the other probes flag it
+    assert len(urp.next_steps()) == 1 and "fit-kernels" not in urp.summary()
+    clean = scan_arrays(images, labels, cfg)
+    assert clean.verdict != LIKELY_POISONED and clean.next_steps() == [] and "next:" not in clean.summary()
+
+
 def test_a_group_without_every_class_is_reported_not_scored(mixed):
     images, labels, groups = mixed
     groups = groups.copy()

@@ -108,7 +108,26 @@ class ScanResult:
         lines.append(f"  {n} images sampled from {len(self.classes)} classes "
                      f"({min(self.per_class_sampled.values())}-{max(self.per_class_sampled.values())} per class), "
                      f"{len(self.skipped)} skipped, {self.seconds['total']:.1f} s on {self.device}")
+        lines.extend(f"  {line}" for line in self.next_steps())
         return "\n".join(lines)
+
+    def next_steps(self) -> list[str]:
+        """What to do about a "likely poisoned" verdict (none otherwise): the default defense, and class-wise
+        deblurring where the spectrum probe also scores in its poisoned range (it does for class-wise noise too, but
+        a class-wise filter such as CUDA is only undone by deblurring, whose gate leaves other classes alone;
+        docs/purify.md, "Class-wise deblurring")."""
+        if self.verdict != LIKELY_POISONED:
+            return []
+        steps = ["next: `eclipse-stream purify IN OUT`, then train on OUT with the default training-time "
+                 "corruption (`eclipse_stream.RandomCorruption()`); README, \"Does it work?\""]
+        spec, bound = self.probes.get("spectrum", {}).get("score"), self.bounds.get("spectrum", {}).get("poisoned")
+        if spec is not None and bound is not None and spec >= bound:
+            steps.append(f"the spectrum probe scores {spec:.3f} (poisoned from {bound:.3f}): the classes' spectra "
+                         "differ, as under class-wise noise or a class-wise filter (e.g. CUDA's blurs); purification "
+                         "does not undo a filter: with labels and a clean sample per class, also run `eclipse-stream "
+                         "fit-kernels IN --clean CLEAN -o kernels.json` (it leaves classes that are not blurred "
+                         "alone) and `purify --class-kernels kernels.json`")
+        return steps
 
     def _groups_line(self) -> str:
         counts: dict[str, int] = {}
