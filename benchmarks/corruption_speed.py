@@ -33,8 +33,9 @@ def main() -> None:
         n = a.batch if size <= 64 else max(1, a.batch // 16)
         x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=a.device)
         settings = (("paper (no JPEG, no smooth noise)", RandomCorruption(lowfreq_sigma=0.0, jpeg_quality=None)),
-                    ("previous default (smooth noise, no JPEG)", RandomCorruption(jpeg_quality=None)),
-                    ("default (smooth noise + JPEG term (10, 50))", RandomCorruption()))
+                    ("smooth noise, no JPEG (the default until 2026-12-06)", RandomCorruption(jpeg_quality=None)),
+                    ("JPEG term (10, 50)", RandomCorruption(jpeg_quality=(10, 50))),
+                    ("default (smooth noise + JPEG term (20, 60))", RandomCorruption()))
         for name, module in settings:
             module(x)  # warm-up
             if a.device.startswith("cuda"):

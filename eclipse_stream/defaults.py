@@ -46,12 +46,15 @@ DEFAULT_SIGMA = 0.05  # training-time corruption: noise std in [0, 1] units
 DEFAULT_LOWFREQ_SIGMA = 0.05  # measured on the CPU grid (docs/results/cpu-grid.md)
 LOWFREQ_GRID = 4
 # Training-time corruption, beyond the paper: a JPEG-style quantization (jpegsim.py) at a quality drawn per
-# image uniformly from [lo, hi], applied before grayscale and noise. (10, 50) raises TAP and SEP by about 22 points
-# on the CPU protocol; it costs 3.46 points of clean accuracy over five seeds (the previous default, without it:
-# 2.85; limit 3). Default since 2026-12-06 (docs/evaluation.md, "The JPEG term becomes the default"); None is the
-# paper's corruption and the previous default.
-DEFAULT_JPEG_QUALITY: tuple[int, int] | None = (10, 50)
-SUGGESTED_JPEG_QUALITY = DEFAULT_JPEG_QUALITY  # the measured range (the name kept for code written before 2026-12-06)
+# image uniformly from [lo, hi], applied before grayscale and noise. The default, (20, 60), costs 2.84 points of
+# clean accuracy over five seeds on the CPU protocol (limit 3; without the JPEG term: 2.85) and raises TAP and SEP
+# by 16-22 points (seed 0). It replaced (10, 50) (clean cost 3.46, over the limit) by the selection rule at its
+# 3-point tolerance and a held-out check on UAP written down before it ran (docs/evaluation.md, "Held-out check of
+# the milder range on UAP"). None is the paper's corruption.
+DEFAULT_JPEG_QUALITY: tuple[int, int] | None = (20, 60)
+# The stronger range, for data suspected of dense adversarial poisons (TAP/SEP-like): about 3 points more on
+# TAP and SEP (seed 0) for 0.6 points more clean cost (3.46). The default for part of 2026-12-06.
+SUGGESTED_JPEG_QUALITY = (10, 50)
 
 # Named purification recipes: the settings a name stands for (each can still be set on its own).
 # paper:  ECLIPSE as published: the full t*-step reverse chain, no prefilter.

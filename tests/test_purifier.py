@@ -125,7 +125,7 @@ def test_jpeg_term_quantizes_first_at_a_seeded_quality_per_image():
     full = [corrupt(x, 0.4, 0.05, torch.Generator().manual_seed(1), 0.05, (10, 50)) for _ in range(2)]
     assert torch.equal(*full)
     default = RandomCorruption()
-    assert default.jpeg_quality == DEFAULT_JPEG_QUALITY == (10, 50) and "jpeg_quality" in repr(default)
+    assert default.jpeg_quality == DEFAULT_JPEG_QUALITY == (20, 60) and "jpeg_quality" in repr(default)
     assert RandomCorruption(jpeg_quality=[20, 30]).jpeg_quality == (20, 30)
     for bad in ((0, 10), (50, 10), (10, 101), (10.5, 20), 10):
         with pytest.raises(ValueError, match="JPEG quality"):

@@ -16,8 +16,9 @@ corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off u
 without any training-time corruption (for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...``
 defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set,
 then ``purify --class-kernels``).
-The package's default (``tools.grid.RECOMMENDED``) is ``eclipse-steps1+impulse-lf0.05-jq10-50``; the default
-until 2026-12-06, without the JPEG term, is ``eclipse-steps1+impulse-lf0.05`` (``tools.grid.PREVIOUS``).
+The package's default (``tools.grid.RECOMMENDED``) is ``eclipse-steps1+impulse-lf0.05-jq20-60``; the stronger JPEG
+range, the default for part of 2026-12-06, is ``...-jq10-50`` (``PREVIOUS``); the default until 2026-12-06, without
+the JPEG term, ``eclipse-steps1+impulse-lf0.05`` (``NO_JPEG``).
 """
 
 from __future__ import annotations

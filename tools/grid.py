@@ -52,9 +52,11 @@ class Protocol:
     poison_defaults: dict = field(default_factory=dict)
 
 
-# = purify --recipe robust, then RandomCorruption() (its JPEG term (10, 50) is on by default since 2026-12-06)
-RECOMMENDED = "eclipse-steps1+impulse-lf0.05-jq10-50"
-PREVIOUS = "eclipse-steps1+impulse-lf0.05"  # the default until 2026-12-06: RandomCorruption(jpeg_quality=None)
+# = purify --recipe robust, then RandomCorruption() (its JPEG term, (20, 60), by default since 2026-12-06)
+RECOMMENDED = "eclipse-steps1+impulse-lf0.05-jq20-60"
+# the default for part of 2026-12-06 and the stronger option: RandomCorruption(jpeg_quality=(10, 50))
+PREVIOUS = "eclipse-steps1+impulse-lf0.05-jq10-50"
+NO_JPEG = "eclipse-steps1+impulse-lf0.05"  # the default until 2026-12-06: RandomCorruption(jpeg_quality=None)
 
 PROTOCOLS = {
     # The paper's setting (full CIFAR-10, ResNet18): needs a GPU.
@@ -66,7 +68,7 @@ PROTOCOLS = {
     "cpu": Protocol("cpu", PROJECT_ROOT / "runs" / "eval-cpu", 1000, None, "cpu", "cpu",
                     poisons=("clean", "urp", "lsp", "ar", "ops", "em"),
                     defenses=("none", "iss-gray", "iss-jpeg10", "corruption", "eclipse-steps1", "eclipse-steps10",
-                              PREVIOUS, RECOMMENDED),
+                              NO_JPEG, PREVIOUS, RECOMMENDED),
                     purify_args=("--precision", "bf16"), purify_batch_size=256,
                     extra_seeds=(1, 2), seed_cells=("clean/none", f"clean/{RECOMMENDED}", f"lsp/{RECOMMENDED}"),
                     paper_comparable=False,
