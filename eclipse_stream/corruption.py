@@ -39,8 +39,8 @@ from torch import nn
 from torchvision.transforms.functional import rgb_to_grayscale
 from webdataset.filters import pipelinefilter
 
-__all__ = ["DEFAULT_GRAY_P", "DEFAULT_JPEG_QUALITY", "DEFAULT_LOWFREQ_SIGMA", "DEFAULT_SIGMA", "RandomCorruption", "corrupt",
-           "corrupt_samples", "lowfreq_noise"]
+__all__ = ["DEFAULT_GRAY_P", "DEFAULT_JPEG_QUALITY", "DEFAULT_LOWFREQ_SIGMA", "DEFAULT_SIGMA", "RandomCorruption",
+           "corrupt", "corrupt_samples", "lowfreq_noise"]
 
 from .config import check_corruption  # noqa: E402
 from .defaults import (DEFAULT_GRAY_P, DEFAULT_JPEG_QUALITY, DEFAULT_LOWFREQ_SIGMA, DEFAULT_SIGMA,  # noqa: E402

@@ -150,8 +150,8 @@ def test_corrupt_samples_stage_in_webdataset_pipeline():
     from PIL import Image
 
     samples = [{"__key__": f"k{i}", "png": Image.new("RGB", (8, 8), (200, 10, 10)), "cls": i} for i in range(5)]
-    out = list(wds.DataPipeline(lambda: iter(samples), corrupt_samples(p=1.0, sigma=0.0, seed=0,
-                                                                                  lowfreq_sigma=0.0, jpeg_quality=None)))
+    stage = corrupt_samples(p=1.0, sigma=0.0, seed=0, lowfreq_sigma=0.0, jpeg_quality=None)
+    out = list(wds.DataPipeline(lambda: iter(samples), stage))
     assert [s["__key__"] for s in out] == [f"k{i}" for i in range(5)] and [s["cls"] for s in out] == list(range(5))
     arr = np.asarray(out[0]["png"])
     assert (arr[..., 0] == arr[..., 1]).all()
