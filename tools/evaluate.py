@@ -199,7 +199,8 @@ def grid(protocol, poisons, defenses, extra_cells, extra_seeds, seed_cells, work
     cfg = GridConfig.from_protocol(
         protocol, poisons=listed(poisons), defenses=listed(defenses), extra_cells=listed(extra_cells),
         extra_seeds=listed(extra_seeds, int), seed_cells=listed(seed_cells), work_dir=work_dir, results=results,
-        data_dir=data_dir, limit_per_class=limit_per_class, test_limit_per_class=test_limit_per_class, recipe=recipe, epochs=epochs, width=width, seed=seed,
+        data_dir=data_dir, limit_per_class=limit_per_class, test_limit_per_class=test_limit_per_class, recipe=recipe,
+        epochs=epochs, width=width, seed=seed,
         device=device, denoiser=denoiser, purify_batch_size=purify_batch_size,
         purify_args=tuple(purify_args) or None, poison_options=options, max_seconds=max_seconds,
         compile=compile_ or None)
