@@ -183,8 +183,8 @@ def victim(train, test, recipe, defense, epochs, batch_size, width, device, seed
 @click.option("--max-seconds", type=float, default=None,
               help="Stop cleanly before this many seconds (exit 75 if cells remain); rerun to continue.")
 def grid(protocol, poisons, defenses, extra_cells, extra_seeds, seed_cells, work_dir, results, data_dir,
-         limit_per_class, test_limit_per_class, recipe, epochs, width, seed, device, denoiser, purify_batch_size, purify_args,
-         poison_options, compile_, max_seconds):
+         limit_per_class, test_limit_per_class, recipe, epochs, width, seed, device, denoiser, purify_batch_size,
+         purify_args, poison_options, compile_, max_seconds):
     """Fill the poisons x defenses grid (resumable) and write JSON + markdown + plot."""
     from .grid import GridConfig, run_grid
 
