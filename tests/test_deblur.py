@@ -240,4 +240,5 @@ def test_eclipse_transform_deblurs_by_label(tmp_path, cifar64, tiny_ckpt):
         assert same == (s["cls"] != label)
     from eclipse_stream.errors import SampleError
     with pytest.raises(SampleError, match="no label field"):
-        list(EclipseTransform(tiny_ckpt, device="cpu", class_kernels=path)([{"__key__": "a", "png": samples[0]["png"]}]))
+        transform = EclipseTransform(tiny_ckpt, device="cpu", class_kernels=path)
+        list(transform([{"__key__": "a", "png": samples[0]["png"]}]))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cifar_samples, cli_env, tar_members, write_tar
-from eclipse_stream.errors import EclipseError, InputError, ShardError
+from eclipse_stream.errors import InputError, ShardError
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
 from eclipse_stream.purifier import PurifierConfig
 
