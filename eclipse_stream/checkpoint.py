@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .deblur import ClassSpectra
 from .diffusion import DiffusionConfig, GaussianDiffusion
 from .errors import CheckpointError
 from .fsutil import atomic_path, file_sha256
@@ -35,12 +36,16 @@ __all__ = [
     "check_tensors",
     "load_denoiser",
     "load_train_state",
+    "record_class_spectra",
     "save_denoiser",
     "save_train_state",
 ]
 
 METADATA_KEY = "eclipse_stream"
 FORMAT_VERSION = 1
+#: The sparse clean set's per-class power spectra (``deblur.ClassSpectra``), stored beside the weights of a
+#: denoiser under this tensor name, described by the metadata entry of the same name (``purify --deblur auto``).
+CLASS_SPECTRA = "class_spectra"
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.PathLike) -> None:
@@ -159,6 +164,8 @@ class Denoiser:
     metadata: dict = field(default_factory=dict)
     path: str | None = None
     sha256: str | None = None
+    class_spectra: ClassSpectra | None = None  # the sparse clean set's, if ``train`` recorded them
+
 
     @property
     def image_size(self) -> int:
@@ -176,8 +183,10 @@ class Denoiser:
 
 
 def save_denoiser(path, model: UNet, diffusion_config: DiffusionConfig, *, train_args: dict | None = None,
-                  train_files_sha256: str | None = None, step: int | None = None, extra: dict | None = None):
-    """Write an exported denoiser (pass the EMA model) to ``path`` atomically."""
+                  train_files_sha256: str | None = None, step: int | None = None, extra: dict | None = None,
+                  class_spectra: ClassSpectra | None = None):
+    """Write an exported denoiser (pass the EMA model) to ``path`` atomically, with the sparse clean set's
+    ``class_spectra`` if given (none when its images had no labels)."""
     meta = {
         "kind": "denoiser",
         "format_version": FORMAT_VERSION,
@@ -191,7 +200,35 @@ def save_denoiser(path, model: UNet, diffusion_config: DiffusionConfig, *, train
         "parameters": model.num_parameters(),
         **(extra or {}),
     }
-    _atomic_save(model.state_dict(), meta, path)
+    tensors = dict(model.state_dict())
+    if class_spectra is not None and class_spectra.spectra:
+        tensors[CLASS_SPECTRA], meta[CLASS_SPECTRA] = class_spectra.to_tensor()
+    _atomic_save(tensors, meta, path)
+
+
+def _pop_class_spectra(path, tensors: dict[str, torch.Tensor], meta: dict) -> ClassSpectra | None:
+    """Take the recorded class spectra out of ``tensors`` (they are not weights); CheckpointError if malformed."""
+    tensor, info = tensors.pop(CLASS_SPECTRA, None), meta.get(CLASS_SPECTRA)
+    if tensor is None and info is None:
+        return None
+    if tensor is None or not isinstance(info, dict):
+        raise CheckpointError(f"{path}: checkpoint has class spectra {'metadata' if tensor is None else 'tensor'} "
+                              "without the other; the file was edited or cut")
+    try:
+        return ClassSpectra.from_tensor(tensor, info)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: malformed class spectra: {e}") from None
+
+
+def record_class_spectra(src, dst, class_spectra: ClassSpectra) -> None:
+    """Copy the denoiser ``src`` to ``dst`` (atomically; may be ``src``) with ``class_spectra`` recorded (replacing
+    any): for a denoiser trained before ``train`` recorded them. Weights and other metadata are unchanged."""
+    tensors, meta = _read(src, "denoiser")
+    tensors.pop(CLASS_SPECTRA, None)
+    meta.pop(CLASS_SPECTRA, None)
+    if class_spectra.spectra:
+        tensors[CLASS_SPECTRA], meta[CLASS_SPECTRA] = class_spectra.to_tensor()
+    _atomic_save(tensors, meta, dst)
 
 
 def _identity(path) -> tuple | None:
@@ -219,9 +256,10 @@ def load_denoiser(path, device: str | torch.device = "cpu") -> Denoiser:
                               "load it once its writer has finished")
     unet_cfg, diff_cfg = _configs(path, meta)
     _check_trained_timesteps(path, meta, diff_cfg.steps)
+    spectra = _pop_class_spectra(path, tensors, meta)
     model = _build(unet_cfg, tensors, path, "denoiser")
     model.eval().requires_grad_(False).to(device)
-    return Denoiser(model, GaussianDiffusion.from_config(diff_cfg), meta, str(path), sha256)
+    return Denoiser(model, GaussianDiffusion.from_config(diff_cfg), meta, str(path), sha256, spectra)
 
 
 def save_train_state(path, *, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer,

@@ -19,6 +19,7 @@ from .config import PurifierConfig, PurifyConfig
 from .convert import SCHEDULES, ConvertConfig
 from .defaults import (
     CORRUPTIONS,
+    DEBLUR,
     DEFAULT_RECIPE,
     IMAGE_EXTENSIONS,
     IMAGE_SIZES,
@@ -266,7 +267,13 @@ def _resolve_denoiser(path):
 @_purify("class_kernels", type=click.Path(dir_okay=False),
          help="Deconvolve every image with its class's kernel before purifying (a file from `eclipse-stream "
               "fit-kernels`; against class-wise convolution poisons such as CUDA). Needs a label per sample.")
-@_purify("label_key", help="With --class-kernels: the label field; default the first of cls, class, label, target.")
+@_purify("deblur", type=click.Choice(DEBLUR),
+         help="auto: fit each class's blur against the denoiser's record of its sparse clean set (class spectra, "
+              "written by `train` from labelled shards) and deconvolve the classes with a real blur (CUDA-style "
+              "poisons); with no record, no labels or no blur found, nothing changes. off: never. --class-kernels "
+              "takes precedence.")
+@_purify("label_key", help="With --class-kernels or --deblur auto: the label field; default the first of cls, class, "
+                           "label, target.")
 @_purify("overwrite", help="Redo shards that are already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_storage_option

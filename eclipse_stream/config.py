@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from . import __version__
 from .defaults import (
-    CORRUPTIONS, DEFAULT_GRAY_P, DEFAULT_IMPULSE_THRESHOLD, DEFAULT_MAX_PIXELS, DEFAULT_RECIPE, DEFAULT_SIGMA,
+    CORRUPTIONS, DEBLUR, DEFAULT_GRAY_P, DEFAULT_IMPULSE_THRESHOLD, DEFAULT_MAX_PIXELS, DEFAULT_RECIPE, DEFAULT_SIGMA,
     LARGE_IMAGES, ON_ERROR, PRECISIONS, PREFILTERS, READ_AHEAD_MIB, RECIPES, RESOLUTIONS)
 
 __all__ = ["PurifierConfig", "PurifyConfig", "check_corruption", "default_of", "default_workers", "is_int",
@@ -149,6 +149,8 @@ class PurifyConfig:
     compile: bool = False  # torch.compile the UNet: faster, may differ from eager in the last bit (so recorded)
     class_kernels: str | None = None  # deblur.ClassKernels JSON (fit-kernels): deconvolve by class before purifying
     label_key: str | None = None  # with class_kernels: the label field (None: first of formats.LABEL_KEYS)
+    # auto: fit class kernels against the denoiser's recorded class spectra, deblur the classes that pass the gate
+    deblur: str = "auto"
     # execution only (do not change the output):
     workers: int = field(default_factory=default_workers)
     encode_threads: int = 2
@@ -175,6 +177,7 @@ class PurifyConfig:
              f"encode threads must be in 1..{MAX_THREADS}, got {self.encode_threads!r}"),
             (self.class_kernels is None or isinstance(self.class_kernels, (str, os.PathLike)),
              f"class kernels must be a file path, got {self.class_kernels!r}"),
+            (self.deblur in DEBLUR, f"deblur must be one of {', '.join(DEBLUR)}, got {self.deblur!r}"),
             (self.label_key is None or (isinstance(self.label_key, str) and self.label_key != ""),
              f"label key must be a field name, got {self.label_key!r}"),
             (is_int(self.read_ahead_mib, 0, MAX_READ_AHEAD_MIB),
@@ -191,6 +194,7 @@ class PurifyConfig:
         d = asdict(self)
         for k in EXECUTION_ONLY:
             d.pop(k)
+        d.pop("deblur")  # what it decides is recorded as the fitted kernels' fingerprint, when any class is deblurred
         d.update(checkpoint_sha256=checkpoint_sha256, device_type=device_type, package_version=__version__)
         return d
 

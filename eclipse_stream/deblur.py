@@ -40,8 +40,8 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["ClassKernels", "ClasswiseDeblur", "deconvolve", "fit_class_kernels", "fit_kernels_from_shards",
-           "power_spectra"]
+__all__ = ["ClassKernels", "ClassSpectra", "ClasswiseDeblur", "deconvolve", "fit_class_kernels",
+           "fit_kernels_from_shards", "fit_to_reference", "power_spectra"]
 
 FORMAT = "eclipse-stream class kernels"
 VERSION = 1
@@ -239,22 +239,96 @@ def _by_label(labels: Sequence) -> dict[str, np.ndarray]:
     return {c: np.flatnonzero(text == c) for c in sorted(set(text.tolist()))}
 
 
+@dataclass
+class ClassSpectra:
+    """What each class of a clean set looks like to the fit: its mean power spectrum (:func:`power_spectra`) and
+    how many images it was taken over, by class label (as text). ``eclipse-stream train`` records this for its
+    sparse clean set in the denoiser it writes, so that ``purify`` can fit class kernels (``--deblur auto``)
+    with no clean set at hand; ``fit-kernels --clean`` computes it from the clean shards each time."""
+
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> size x size float64
+    images: dict[str, int] = field(default_factory=dict)
+    size: int = SPECTRUM_SIZE
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor, labels: Sequence, size: int = SPECTRUM_SIZE) -> ClassSpectra:
+        """Per class of ``labels``: the mean power spectrum of its images (N x 3 x H x W, uint8 or float)."""
+        if len(images) != len(labels):
+            raise ValueError("images and labels must have the same length")
+        out = cls(size=size)
+        for label, idx in _by_label(labels).items():
+            out.spectra[label] = power_spectra(images[idx], size)
+            out.images[label] = int(len(idx))
+        return out
+
+    @classmethod
+    def from_shards(cls, inputs, per_class: int = FIT_PER_CLASS, label_key: str | None = None,
+                    image_key: str | None = None, seed: int = 0) -> ClassSpectra:
+        """Up to ``per_class`` images of every class of the shards ``inputs`` (one pass, as ``scan`` samples)."""
+        return cls.from_images(*_sample_labelled(inputs, per_class, label_key, image_key, seed))
+
+    def to_tensor(self) -> tuple[torch.Tensor, dict]:
+        """(classes x size x size float64 tensor, JSON metadata) for a checkpoint."""
+        labels = sorted(self.spectra)
+        t = (torch.stack([self.spectra[c] for c in labels]) if labels
+             else torch.zeros(0, self.size, self.size, dtype=torch.float64))
+        return t, {"labels": labels, "images": [self.images[c] for c in labels], "size": self.size}
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor, meta: dict) -> ClassSpectra:
+        """Inverse of :meth:`to_tensor`; ValueError for anything inconsistent."""
+        labels, images, size = meta.get("labels"), meta.get("images"), meta.get("size")
+        if not (isinstance(labels, list) and all(isinstance(c, str) for c in labels) and len(set(labels)) == len(labels)
+                and isinstance(images, list) and len(images) == len(labels)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in images)
+                and isinstance(size, int) and size == SPECTRUM_SIZE):
+            raise ValueError("class spectra metadata must list distinct text labels, a positive image count for "
+                             f"each and size {SPECTRUM_SIZE}")
+        if tuple(tensor.shape) != (len(labels), size, size) or not bool((tensor > 0).all()):
+            raise ValueError(f"class spectra tensor must be {len(labels)} x {size} x {size} and positive, "
+                             f"got {tuple(tensor.shape)}")
+        t = tensor.to(torch.float64)
+        return cls({c: t[i] for i, c in enumerate(labels)}, dict(zip(labels, images)), size)
+
+
+def _sample_labelled(inputs, per_class: int, label_key: str | None, image_key: str | None, seed: int):
+    """Up to ``per_class`` images of every class of the shards ``inputs``: (N x 3 x 32 x 32 uint8, labels), the
+    central ``SPECTRUM_SIZE`` window at native resolution, labels as each format reads them."""
+    from .scan.config import ScanConfig
+    from .scan.sampling import sample_shards
+
+    cfg = ScanConfig(per_class=per_class, label_key=label_key, image_key=image_key, seed=seed, by="none",
+                     probe_size=SPECTRUM_SIZE, view="crop")
+    s = sample_shards(list(inputs) if not isinstance(inputs, (str, os.PathLike)) else [inputs], cfg,
+                      groups=False).whole
+    return torch.from_numpy(np.ascontiguousarray(s.images)).permute(0, 3, 1, 2), [s.classes[i] for i in s.labels]
+
+
 def fit_class_kernels(images: torch.Tensor, labels: Sequence, clean_images: torch.Tensor, clean_labels: Sequence,
                       kernel_size: int = KERNEL_SIZE, gate_db: float = GATE_DB, lam: float = LAM,
                       iters: int = CG_ITERS, log=None) -> ClassKernels:
     """Fit one kernel per class of ``images`` (N x 3 x H x W, uint8 or float; a sample of the training set)
     against the clean images of the same class (the sparse clean set). Deterministic."""
-    if len(images) != len(labels) or len(clean_images) != len(clean_labels):
+    if len(clean_images) != len(clean_labels):
+        raise ValueError("images and labels must have the same length")
+    return fit_to_reference(images, labels, ClassSpectra.from_images(clean_images, clean_labels), kernel_size,
+                            gate_db, lam, iters, log)
+
+
+def fit_to_reference(images: torch.Tensor, labels: Sequence, reference: ClassSpectra,
+                     kernel_size: int = KERNEL_SIZE, gate_db: float = GATE_DB, lam: float = LAM,
+                     iters: int = CG_ITERS, log=None) -> ClassKernels:
+    """:func:`fit_class_kernels` against a clean set's recorded :class:`ClassSpectra` (e.g. a denoiser's)."""
+    if len(images) != len(labels):
         raise ValueError("images and labels must have the same length")
     out = ClassKernels(kernel_size=kernel_size, lam=lam, iters=iters, gate_db=gate_db)
-    clean = _by_label(clean_labels)
     for label, idx in _by_label(labels).items():
-        info: dict = {"images": int(len(idx)), "clean_images": int(len(clean.get(label, [])))}
+        info: dict = {"images": int(len(idx)), "clean_images": int(reference.images.get(label, 0))}
         out.classes[label] = info
         if len(idx) < MIN_IMAGES or info["clean_images"] < MIN_IMAGES:
             info["decision"] = f"not fitted: fewer than {MIN_IMAGES} images in the set or the clean set"
             continue
-        ratio = torch.log(power_spectra(images[idx])) - torch.log(power_spectra(clean_images[clean[label]]))
+        ratio = torch.log(power_spectra(images[idx])) - torch.log(reference.spectra[label])
         k, err = _fit(ratio, kernel_size)
         d = ratio.flatten()[1:]  # DC excluded, as in the fit
         explained = 1 - err / max(float(((d - d.mean()) ** 2).mean()), 1e-12)
@@ -274,25 +348,21 @@ def fit_class_kernels(images: torch.Tensor, labels: Sequence, clean_images: torc
     return out
 
 
-def fit_kernels_from_shards(inputs, clean, per_class: int = FIT_PER_CLASS, label_key: str | None = None,
+def fit_kernels_from_shards(inputs, clean=None, per_class: int = FIT_PER_CLASS, label_key: str | None = None,
                             image_key: str | None = None, seed: int = 0, kernel_size: int = KERNEL_SIZE,
-                            log=None) -> ClassKernels:
+                            log=None, reference: ClassSpectra | None = None) -> ClassKernels:
     """``eclipse-stream fit-kernels``: sample up to ``per_class`` images of every class from the shards
-    ``inputs`` and from the clean set's shards ``clean`` (one pass each, as ``scan`` samples: labels as each
-    format reads them, the central 32 x 32 window at native resolution), then :func:`fit_class_kernels`."""
+    ``inputs`` (one pass, as ``scan`` samples: labels as each format reads them, the central 32 x 32 window at
+    native resolution) and fit them against the clean set's shards ``clean`` (sampled the same way) or a
+    recorded ``reference`` (``purify --deblur auto``: the denoiser's)."""
     if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
         raise ValueError(f"kernel_size must be an odd positive integer, not {kernel_size!r}")
-    from .scan.config import ScanConfig
-    from .scan.sampling import sample_shards
-
-    cfg = ScanConfig(per_class=per_class, label_key=label_key, image_key=image_key, seed=seed, by="none",
-                     probe_size=SPECTRUM_SIZE, view="crop")
-
-    def tensors(paths):
-        s = sample_shards(list(paths), cfg, groups=False).whole
-        return torch.from_numpy(np.ascontiguousarray(s.images)).permute(0, 3, 1, 2), [s.classes[i] for i in s.labels]
-
-    return fit_class_kernels(*tensors(inputs), *tensors(clean), kernel_size=kernel_size, log=log)
+    if (clean is None) == (reference is None):
+        raise ValueError("give exactly one of clean (shards) and reference (ClassSpectra)")
+    images, labels = _sample_labelled(inputs, per_class, label_key, image_key, seed)
+    if reference is None:
+        reference = ClassSpectra.from_shards(clean, per_class, label_key, image_key, seed)
+    return fit_to_reference(images, labels, reference, kernel_size=kernel_size, log=log)
 
 
 class ClasswiseDeblur(nn.Module):

@@ -30,6 +30,9 @@ LARGE_IMAGES: tuple[str, ...] = ("tiled", "native")
 PRESETS: tuple[str, ...] = ("paper", "small", "tiny")  # UNet presets (unet.PRESETS holds their configs)
 IMAGE_SIZES: tuple[int, ...] = (32, 64, 128, 256)  # UNet training resolutions (unet.CHANNEL_MULT)
 ON_ERROR: tuple[str, ...] = ("fail", "skip")
+#: purify --deblur: "auto" fits class kernels against the denoiser's recorded class spectra (when it has them and
+#: the samples have labels) and deblurs the classes that pass the gate (deblur.py); "off" never deblurs on its own.
+DEBLUR: tuple[str, ...] = ("auto", "off")
 #: purify --read-ahead-mib: MiB each reader holds ahead of its decoder per remote stream (object stores,
 #: http(s)://, pipe:), at most two streams at once (the shard being read, and the next one started early);
 #: 0 reads on demand. See storage.read_in_order.

@@ -59,6 +59,7 @@ from .purifier import Purifier
 from .reading import ReadSettings, ShardEvents, as_is, reader_worker_init
 from .seeding import batch_generator, image_generator, stream_seed  # noqa: F401  (part of this module's API)
 from .sources import expand_shards
+from .storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,7 @@ class _DeviceStage:
     checkpoint_sha256: str
     denoiser_path: str | None
     custom: str | None  # a caller's purifier: what it is recorded as
+    class_spectra: object = None  # deblur.ClassSpectra the denoiser recorded of its sparse clean set, if any
 
 
 def _device_stage(denoiser, purifier, cfg: PurifyConfig, device: torch.device) -> _DeviceStage:
@@ -348,7 +350,7 @@ def _device_stage(denoiser, purifier, cfg: PurifyConfig, device: torch.device) -
     tiles = getattr(purifier, "tiles", None)
     tile_size = getattr(purifier, "tile_size", None) if tiles is not None else None
     return _DeviceStage(_Call(purifier, tiles), model_size, tile_size, sha, str(den.path) if den is not None else None,
-                        custom)
+                        custom, den.class_spectra if den is not None else None)
 
 
 @dataclass
@@ -360,6 +362,53 @@ class _Call:
 
     def __call__(self, x: torch.Tensor, generator) -> torch.Tensor:
         return self.purifier(x, generator=generator)
+
+
+LABEL_PROBE = 64  # --deblur auto: samples of the first shard looked at for labels before a fitting pass
+
+
+def _class_deblur(cfg: PurifyConfig, stage: _DeviceStage, shards: list, fingerprint: dict):
+    """The class-wise deblurring stage of this run, or None; what it does is added to ``fingerprint``.
+
+    ``--class-kernels FILE``: that file's kernels. ``--deblur auto`` (the default) with a denoiser that recorded
+    its sparse clean set's class spectra: one sampling pass over the inputs (as ``fit-kernels``), a kernel fitted
+    per class against the record, and only classes with a real blur deconvolved. No record, no labels (the first
+    shard's first samples have none) or no blur found: None, and the run is byte for byte the ``--deblur off`` one.
+    """
+    from .deblur import ClassKernels, ClasswiseDeblur, fit_kernels_from_shards
+
+    if cfg.class_kernels is not None:
+        kernels = ClassKernels.load(cfg.class_kernels)
+        fingerprint["class_kernels"] = kernels.fingerprint()  # what it does, not where the file is
+        return ClasswiseDeblur(kernels)
+    if cfg.deblur != "auto" or stage.class_spectra is None or not shards:
+        return None
+    try:
+        first = format_for(shards[0]).labelled(str(shards[0]), cfg.label_key, cfg.image_key, cfg.max_pixels)
+        try:
+            labelled = any(item.error is None for _, item in zip(range(LABEL_PROBE), first))
+        finally:
+            close = getattr(first, "close", None)
+            if close:
+                close()
+        if not labelled:
+            log.info("--deblur auto: the first samples of %s carry no class label; no class-wise deblurring",
+                     redact(shards[0]))
+            return None
+        kernels = fit_kernels_from_shards(shards, reference=stage.class_spectra, label_key=cfg.label_key,
+                                          image_key=cfg.image_key, log=log.debug)
+    except (EclipseError, OSError) as e:  # the shard's own pass reports it again, with its name, and goes on
+        log.warning("--deblur auto: no class-wise deblurring in this run: the inputs could not be sampled (%s)", e)
+        return None
+    if not kernels.kernels:
+        log.info("--deblur auto: no class of the inputs is blurred against the denoiser's clean class spectra")
+        return None
+    log.warning("--deblur auto: classes %s look blurred class-wise (a convolution poison such as CUDA) against the "
+                "denoiser's record of its clean set; deconvolving them before purifying (recorded in the manifest; "
+                "--deblur off to disable)", ", ".join(sorted(kernels.kernels)))
+    fingerprint["class_kernels"] = kernels.fingerprint()
+    fingerprint["class_kernels_fitted"] = {"kernels": kernels.kernels, "classes": kernels.classes}
+    return ClasswiseDeblur(kernels)
 
 
 def _weights_sha256(model: torch.nn.Module) -> str:
@@ -399,14 +448,9 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
     fingerprint = cfg.fingerprint(stage.checkpoint_sha256, device.type)
     if stage.custom is not None:
         fingerprint["device_stage"] = stage.custom  # the caller's purifier, not the ECLIPSE one
-    deblur = None
-    if cfg.class_kernels is not None:
-        from .deblur import ClassKernels, ClasswiseDeblur
-        kernels = ClassKernels.load(cfg.class_kernels)
-        deblur = ClasswiseDeblur(kernels)
-        fingerprint["class_kernels"] = kernels.fingerprint()  # what it does, not where the file is
+    deblur = _class_deblur(cfg, stage, shards, fingerprint)
     store = open_store(out_dir)
-    read = ReadSettings.from_config(cfg, stage.model_size, stage.tile_size)
+    read = ReadSettings.from_config(cfg, stage.model_size, stage.tile_size, labels=deblur is not None)
     ctx = RunContext(cfg, store, fingerprint, device, read, group.rank, progress, deblur)
 
     # The lock on OUT belongs to the job: rank 0 takes it, tidies OUT and tells the other ranks whether to go on.
@@ -428,7 +472,7 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
         todo, done = planned or plan(shards, store, fingerprint, cfg.overwrite, quiet=True)
         mine = [t for t in todo if t.index % group.world == group.rank]
         processed, failed = run_tasks(ctx, mine, stage.fn)
-        if deblur is not None and deblur.kernels.kernels and mine and not deblur.deblurred:
+        if cfg.class_kernels is not None and deblur.kernels.kernels and mine and not deblur.deblurred:
             log.warning("--class-kernels %s: no image had a label of a deblurred class (%s); was it fitted on "
                         "this dataset?", cfg.class_kernels, ", ".join(sorted(deblur.kernels.kernels)))
         failed = group.all_failed(failed)

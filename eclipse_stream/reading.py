@@ -45,12 +45,18 @@ class ReadSettings:
     read_ahead_mib: int = READ_AHEAD_MIB  # remote shards: read ahead per stream, the next shard started early
     labels: bool = False  # read every sample's class label (purify --class-kernels)
     label_key: str | None = None  # None: the first of formats.LABEL_KEYS present
+    labels_optional: bool = False  # a sample without a label passes unchanged (--deblur auto), not rejected
 
     @classmethod
-    def from_config(cls, cfg, model_size: int | None, tile_size: int | None = None) -> ReadSettings:
+    def from_config(cls, cfg, model_size: int | None, tile_size: int | None = None,
+                    labels: bool | None = None) -> ReadSettings:
+        """``labels``: read labels (the run deblurs by class); None: when ``cfg.class_kernels`` is given. A
+        sample without one is rejected under ``--class-kernels`` (the user asked for it), passed unchanged under
+        ``--deblur auto``."""
         return cls(ReadPolicy(cfg.image_key, cfg.max_pixels), model_size, cfg.resolution, cfg.batch_size,
                    cfg.bucket_multiple, cfg.max_batch_pixels, tile_size, cfg.read_ahead_mib,
-                   cfg.class_kernels is not None, cfg.label_key)
+                   cfg.class_kernels is not None if labels is None else labels, cfg.label_key,
+                   cfg.class_kernels is None)
 
     def bucketer(self) -> Bucketer:
         tiled = None
@@ -87,8 +93,9 @@ def read_shard(task: Task, settings: ReadSettings) -> Iterator:
                     try:
                         label = record_label(rec, settings.label_key, task.name)
                     except SampleError as e:
-                        yield Rejected(task.index, rec.index, rec.sample_no, rec.key, e.reason)
-                        continue
+                        if not settings.labels_optional:
+                            yield Rejected(task.index, rec.index, rec.sample_no, rec.key, e.reason)
+                            continue
                 for part, image in enumerate(rec.images):
                     rgb = image.rgb
                     if settings.resolution == "model":

@@ -116,10 +116,18 @@ def _folder_images(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
-def _iter_training_items(source: str) -> Iterator[tuple[str, bytes | np.ndarray]]:
-    """(name, encoded bytes or decoded RGB array) for every image of a training source."""
+def image_folder(source: str) -> Path | None:
+    """The local folder ``source`` if it holds images rather than shards (a training source of that kind)."""
     p = Path(local_path(source) or "")
     if kind_of(source) == "local" and p.is_dir() and not any(q.suffix in suffixes() for q in p.iterdir()):
+        return p
+    return None
+
+
+def _iter_training_items(source: str) -> Iterator[tuple[str, bytes | np.ndarray]]:
+    """(name, encoded bytes or decoded RGB array) for every image of a training source."""
+    p = image_folder(source)
+    if p is not None:
         images, others = _folder_images(p)
         if not images:
             listed = ", ".join(q.name for q in others[:5])

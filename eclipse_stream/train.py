@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import check_tensors, load_denoiser, load_train_state, save_denoiser, save_train_state
 from .config import is_int, is_real
+from .deblur import ClassSpectra
 from .devices import AUTO, resolve_device
 from .diffusion import MAX_STEPS, DiffusionConfig, GaussianDiffusion
-from .errors import CheckpointError, InputError, NumericalError
+from .errors import CheckpointError, EclipseError, InputError, NumericalError
 from .outputs import check_output_files
-from .sources import load_training_images
+from .sources import image_folder, load_training_images
 from .unet import UNet, preset_config
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,25 @@ def _init_weights(path: str, model, ema, diff_cfg: DiffusionConfig) -> str:
     return den.sha256
 
 
+def clean_class_spectra(source: str) -> ClassSpectra | None:
+    """The sparse clean set's per-class power spectra, recorded in the denoiser for ``purify --deblur auto``:
+    None (and a note in the log) for a folder of images or shards whose samples carry no class label."""
+    if image_folder(source) is not None:
+        log.info("class spectra not recorded: %s is a folder of images without labels (purify --deblur auto "
+                 "will not deblur with this denoiser)", source)
+        return None
+    try:
+        spectra = ClassSpectra.from_shards(source)
+    except (EclipseError, ValueError) as e:
+        log.info("class spectra not recorded (%s): purify --deblur auto will not deblur with this denoiser", e)
+        return None
+    if not spectra.spectra:
+        log.info("class spectra not recorded: no sample of %s has a class label", source)
+        return None
+    log.info("recorded the power spectra of %d classes (purify --deblur auto)", len(spectra.spectra))
+    return spectra
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume) and export the EMA denoiser to ``cfg.out``; return a summary.
 
@@ -209,6 +229,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     if len(data) < 1:
         raise InputError(f"{cfg.source}: no training images")
     log.info("training on %d images from %s (x%d replication)", len(data), cfg.source, cfg.replicate)
+    spectra = clean_class_spectra(cfg.source)
 
     unet_cfg = preset_config(cfg.preset, cfg.image_size)
     diff_cfg = DiffusionConfig(steps=cfg.diffusion_steps)
@@ -249,7 +270,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         save_denoiser(cfg.out, ema, diff_cfg, train_args=args, train_files_sha256=files_hash, step=step,
                       extra={"train_images": len(data), "final_loss": loss,
                              "trained_timesteps": [0, cfg.max_timestep or cfg.diffusion_steps],
-                             "final_loss_definition": f"mean hybrid loss over the last <= {LOSS_WINDOW} steps"})
+                             "final_loss_definition": f"mean hybrid loss over the last <= {LOSS_WINDOW} steps"},
+                      class_spectra=spectra)
 
     model.train()
     window_sum, window_steps, last_loss = torch.zeros((), device=device), 0, None

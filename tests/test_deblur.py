@@ -242,3 +242,96 @@ def test_eclipse_transform_deblurs_by_label(tmp_path, cifar64, tiny_ckpt):
     with pytest.raises(SampleError, match="no label field"):
         transform = EclipseTransform(tiny_ckpt, device="cpu", class_kernels=path)
         list(transform([{"__key__": "a", "png": samples[0]["png"]}]))
+
+
+def _png_shard(path, imgs, labs, prefix):
+    samples = []
+    for i, (img, lab) in enumerate(zip(imgs, labs)):
+        sample = {"__key__": f"{prefix}{i:04d}", "png": to_png_bytes(img)}
+        if lab is not None:
+            sample["cls"] = str(lab).encode()
+        samples.append(sample)
+    return write_tar(path, samples)
+
+
+def _pngs(tar_path):
+    import tarfile
+    with tarfile.open(tar_path) as t:
+        return {m.name: t.extractfile(m).read() for m in t if m.name.endswith(".png")}
+
+
+def test_class_spectra_round_trip_through_a_checkpoint(tmp_path, cifar_three, tiny_ckpt):
+    from eclipse_stream.checkpoint import CLASS_SPECTRA, load_denoiser, record_class_spectra
+    from eclipse_stream.deblur import ClassSpectra
+    from eclipse_stream.errors import CheckpointError
+    from safetensors.torch import load_file, save_file
+
+    images, labels = cifar_three
+    spectra = ClassSpectra.from_images(nchw(images), labels.tolist())
+    assert load_denoiser(tiny_ckpt).class_spectra is None
+    record_class_spectra(tiny_ckpt, tmp_path / "ref.safetensors", spectra)
+    den = load_denoiser(tmp_path / "ref.safetensors")
+    assert den.class_spectra.images == {"0": 100, "1": 100, "2": 100}
+    assert all(torch.equal(den.class_spectra.spectra[c], spectra.spectra[c]) for c in "012")
+    base = load_file(str(tiny_ckpt))
+    assert all(torch.equal(p, base[n]) for n, p in den.model.state_dict().items())  # weights untouched
+
+    # a spectra tensor without its metadata entry (or of the wrong shape): refused, naming the file
+    tensors = load_file(str(tmp_path / "ref.safetensors"))
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ref.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["eclipse_stream"])
+    bare = {k: v for k, v in meta.items() if k != CLASS_SPECTRA}
+    save_file(tensors, str(tmp_path / "cut.safetensors"), metadata={"eclipse_stream": json.dumps(bare)})
+    with pytest.raises(CheckpointError, match="cut.safetensors.*without the other"):
+        load_denoiser(tmp_path / "cut.safetensors")
+    tensors[CLASS_SPECTRA] = tensors[CLASS_SPECTRA][:2]
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"eclipse_stream": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="bad.safetensors: malformed class spectra"):
+        load_denoiser(tmp_path / "bad.safetensors")
+
+
+def test_purify_deblurs_by_default_against_the_denoisers_record(tmp_path, cifar_three, tiny_ckpt):
+    """--deblur auto (the default) with a denoiser that recorded its clean set's class spectra: the same bytes as
+    fit-kernels against that clean set + --class-kernels on a CUDA-blurred set; on unblurred or unlabelled data
+    the same bytes (and settings) as --deblur off."""
+    from eclipse_stream.checkpoint import record_class_spectra
+    from eclipse_stream.deblur import ClassSpectra
+
+    images, labels = cifar_three
+    train, clean = split(labels)
+    poisoned = convolve(images[train], class_kernels(10, seed=0, blur_parameter=0.3), labels[train])
+    for name, imgs, labs in (("cuda", poisoned, labels[train]), ("clean", images[train], labels[train]),
+                             ("sparse", images[clean], labels[clean]),
+                             ("unlabelled", poisoned, [None] * len(train))):
+        (tmp_path / name).mkdir()
+        _png_shard(tmp_path / name / "train-000.tar", imgs, labs, "s")
+    ckpt = tmp_path / "with-record.safetensors"
+    record_class_spectra(tiny_ckpt, ckpt, ClassSpectra.from_shards(str(tmp_path / "sparse")))
+    kfile = tmp_path / "k.json"
+    assert run_cli("fit-kernels", str(tmp_path / "cuda"), "--clean", str(tmp_path / "sparse"), "-o",
+                   str(kfile)).returncode == 0
+    common = ["--denoiser", str(ckpt), "--device", "cpu", "-q", "--workers", "0"]
+
+    def purify(src, out, *extra):
+        r = run_cli("purify", str(tmp_path / src), str(tmp_path / out), *common, *extra)
+        assert r.returncode == 0, r.stderr
+        return _pngs(tmp_path / out / "train-000.tar"), r.stderr
+
+    auto, err = purify("cuda", "cuda-auto")
+    assert "classes 0, 1, 2 look blurred" in err
+    explicit, _ = purify("cuda", "cuda-explicit", "--class-kernels", str(kfile))
+    off, _ = purify("cuda", "cuda-off", "--deblur", "off")
+    assert auto == explicit and len(auto) == len(train)
+    assert sum(auto[n] != off[n] for n in auto) == len(auto)
+    fitted = json.loads(next((tmp_path / "cuda-auto").glob("*.stats.json")).read_text())["config"]
+    assert sorted(fitted["class_kernels_fitted"]["kernels"]) == ["0", "1", "2"]  # what was done, recorded
+
+    for src in ("clean", "unlabelled"):
+        a, err = purify(src, f"{src}-auto")
+        b, _ = purify(src, f"{src}-off", "--deblur", "off")
+        assert a == b and "look blurred" not in err
+        sa, sb = (json.loads(next((tmp_path / o).glob("*.stats.json")).read_text()) for o in (f"{src}-auto",
+                                                                                              f"{src}-off"))
+        assert sa["config"] == sb["config"] and sa["config"]["class_kernels"] is None
+        assert "class_kernels_fitted" not in sa["config"] and "deblur" not in sa["config"]

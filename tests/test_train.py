@@ -42,6 +42,7 @@ def test_cli_train_end_to_end_on_real_images(image_folder, tmp_path):
     assert meta["step"] == 3 and meta["train_args"]["preset"] == "tiny" and meta["diffusion"]["steps"] == 4000
     assert len(meta["train_files_sha256"]) == 64 and meta["package_version"]
     assert (tmp_path / "den.safetensors.state.safetensors").is_file()
+    assert den.class_spectra is None and "class_spectra" not in meta  # a folder of images has no labels
 
 
 def test_resume_continues_exactly_where_uninterrupted_run_is(image_folder, tmp_path):
@@ -73,9 +74,24 @@ def test_train_from_tar_shards(cifar64, tmp_path):
     write_tar(tmp_path / "shards" / "s-1.tar", cifar_samples(cifar64[6:10], "jpg"))
     summary = train(tiny_cfg(tmp_path / "shards", tmp_path / "d.safetensors", iterations=1), progress=False)
     assert summary["images"] == 10
+    assert load_denoiser(tmp_path / "d.safetensors").class_spectra is None  # 7 + 3 images: too few to record
     summary = train(tiny_cfg(str(tmp_path / "shards" / "s-{0..1}.tar"), tmp_path / "e.safetensors", iterations=1),
                     progress=False)
     assert summary["images"] == 10
+
+
+def test_train_records_its_clean_sets_class_spectra(tmp_path):
+    """Labelled shards: the denoiser records each class's power spectrum (purify --deblur auto compares to it)."""
+    from eclipse_stream.deblur import ClassSpectra
+    items = [it for it in read_cifar(200) if it[1] in (0, 1)]
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "s-0.tar", cifar_samples(items))
+    train(tiny_cfg(tmp_path / "shards", tmp_path / "d.safetensors", iterations=1), progress=False)
+    recorded, expected = (load_denoiser(tmp_path / "d.safetensors").class_spectra,
+                          ClassSpectra.from_shards(str(tmp_path / "shards")))
+    assert recorded.images == expected.images and sum(recorded.images.values()) == len(items)
+    assert sorted(recorded.images) == ["0", "1"]
+    assert all(torch.allclose(recorded.spectra[c], expected.spectra[c]) for c in expected.spectra)
 
 
 def run_cli(*args):

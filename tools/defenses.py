@@ -78,8 +78,11 @@ class Defense:
             f"-{self.prefilter}" if self.prefilter != "none" else "") + ("-deblur" if self.deblur else "")
 
     def purify_args(self) -> tuple[str, ...]:
-        """Pinned to the paper's recipe, with this defense's prefilter: the CLI's default recipe never leaks in."""
-        return ("--recipe", "paper", "--prefilter", self.prefilter) if self.purify else ()
+        """Pinned to the paper's recipe, with this defense's prefilter, and deblurring only where the name says
+        (``--deblur off``; a ``deblur+`` defense passes ``--class-kernels``): the CLI's defaults never leak in."""
+        if not self.purify:
+            return ()
+        return ("--recipe", "paper", "--prefilter", self.prefilter) + (() if self.deblur else ("--deblur", "off"))
 
 
 _JQ = r"(?:-jq(\d+)-(\d+))?"  # the corruption's JPEG quality range, e.g. -jq10-50
