@@ -38,7 +38,8 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="write the decisions here too")
     args = ap.parse_args(argv)
     res = decide(args.sets, args.denoiser)
-    print(f"| set | classes deblurred | largest gain (dB) | largest share explained | fit seconds |\n|---|---|---|---|---|")
+    print("| set | classes deblurred | largest gain (dB) | largest share explained | fit seconds |")
+    print("|---|---|---|---|---|")
     for path, r in res["sets"].items():
         cls = r["classes"].values()
         gain = max((c.get("gain_db", 0) for c in cls), default=0)
