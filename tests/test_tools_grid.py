@@ -143,13 +143,18 @@ def test_cpu_protocol_grid_end_to_end_at_toy_size(tmp_path):
 def test_cpu_protocol_recommended_row_is_the_package_default():
     """The grid's recommended row must be what a user gets by default: purify's default recipe, then the
     default training-time corruption (so changing a package default without re-measuring fails here)."""
+    from eclipse_stream.config import PurifyConfig
     from eclipse_stream.corruption import RandomCorruption
     from eclipse_stream.defaults import DEFAULT_RECIPE, RECIPES
     from tools.defenses import get_defense
-    from tools.grid import PROTOCOLS, RECOMMENDED
+    from tools.grid import NO_DEBLUR, PROTOCOLS, RECOMMENDED
 
     d, default = get_defense(RECOMMENDED), RandomCorruption()
     assert RECOMMENDED in PROTOCOLS["cpu"].defenses
+    # purify deblurs by class by default (against the denoiser's record of the sparse set: the grid's fit-kernels)
+    assert d.deblur and PurifyConfig().deblur == "auto" and PurifyConfig().class_kernels is None
+    assert get_defense(NO_DEBLUR) == get_defense(RECOMMENDED[len("deblur+"):])
+    assert "--deblur" in get_defense(NO_DEBLUR).purify_args()  # the rows without deblur+ pin it off
     assert (d.purify_steps, d.prefilter) == (RECIPES[DEFAULT_RECIPE]["steps"], RECIPES[DEFAULT_RECIPE]["prefilter"])
     assert (d.gray_p, d.lowfreq_sigma, d.jpeg_quality) == (default.p, default.lowfreq_sigma, default.jpeg_quality)
     assert default.sigma == 0.05  # tools.defenses.CORRUPTION_SIGMA, the paper's

@@ -52,8 +52,13 @@ class Protocol:
     poison_defaults: dict = field(default_factory=dict)
 
 
-# = purify --recipe robust, then RandomCorruption() (its JPEG term, (20, 60), by default since 2026-12-06)
-RECOMMENDED = "eclipse-steps1+impulse-lf0.05-jq20-60"
+# = purify's defaults (recipe robust, --deblur auto: class kernels fitted against the denoiser's record of its
+# clean set, which is the protocol's sparse set, i.e. fit-kernels --clean sparse), then RandomCorruption() (its
+# JPEG term, (20, 60), by default since 2026-12-06); the class-wise deblurring by default since the same day
+RECOMMENDED = "deblur+eclipse-steps1+impulse-lf0.05-jq20-60"
+# the same without class-wise deblurring (purify --deblur off): the default before; equal bytes wherever no class
+# is deblurred (every family but CUDA, docs/evaluation.md)
+NO_DEBLUR = "eclipse-steps1+impulse-lf0.05-jq20-60"
 # the default for part of 2026-12-06 and the stronger option: RandomCorruption(jpeg_quality=(10, 50))
 PREVIOUS = "eclipse-steps1+impulse-lf0.05-jq10-50"
 NO_JPEG = "eclipse-steps1+impulse-lf0.05"  # the default until 2026-12-06: RandomCorruption(jpeg_quality=None)
@@ -68,7 +73,7 @@ PROTOCOLS = {
     "cpu": Protocol("cpu", PROJECT_ROOT / "runs" / "eval-cpu", 1000, None, "cpu", "cpu",
                     poisons=("clean", "urp", "lsp", "ar", "ops", "em"),
                     defenses=("none", "iss-gray", "iss-jpeg10", "corruption", "eclipse-steps1", "eclipse-steps10",
-                              NO_JPEG, PREVIOUS, RECOMMENDED),
+                              NO_JPEG, PREVIOUS, NO_DEBLUR, RECOMMENDED),
                     purify_args=("--precision", "bf16"), purify_batch_size=256,
                     extra_seeds=(1, 2), seed_cells=("clean/none", f"clean/{RECOMMENDED}", f"lsp/{RECOMMENDED}"),
                     paper_comparable=False,
