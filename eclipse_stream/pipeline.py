@@ -400,6 +400,12 @@ def _class_deblur(cfg: PurifyConfig, stage: _DeviceStage, shards: list, fingerpr
     except (EclipseError, OSError) as e:  # the shard's own pass reports it again, with its name, and goes on
         log.warning("--deblur auto: no class-wise deblurring in this run: the inputs could not be sampled (%s)", e)
         return None
+    unknown = sorted(c for c, info in kernels.classes.items() if not info.get("clean_images"))
+    if unknown:  # the record is of another dataset (e.g. the shipped CIFAR-10 one): its classes are not these
+        log.warning("--deblur auto: the denoiser's class spectra do not cover class(es) %s of the inputs (recorded "
+                    "for another dataset?); no class-wise deblurring (train a denoiser on this dataset's sparse "
+                    "set, or use fit-kernels --clean)", ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
+        return None
     if not kernels.kernels:
         log.info("--deblur auto: no class of the inputs is blurred against the denoiser's clean class spectra")
         return None

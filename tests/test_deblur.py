@@ -327,6 +327,13 @@ def test_purify_deblurs_by_default_against_the_denoisers_record(tmp_path, cifar_
     fitted = json.loads(next((tmp_path / "cuda-auto").glob("*.stats.json")).read_text())["config"]
     assert sorted(fitted["class_kernels_fitted"]["kernels"]) == ["0", "1", "2"]  # what was done, recorded
 
+    # a class the record does not know (the record is of another dataset): nothing is deblurred, with a warning
+    (tmp_path / "other").mkdir()
+    _png_shard(tmp_path / "other" / "train-000.tar", poisoned, [*labels[train][:-5], *[9] * 5], "s")
+    a, err = purify("other", "other-auto")
+    assert a == purify("other", "other-off", "--deblur", "off")[0]
+    assert "do not cover class(es) 9" in err and "look blurred" not in err
+
     for src in ("clean", "unlabelled"):
         a, err = purify(src, f"{src}-auto")
         b, _ = purify(src, f"{src}-off", "--deblur", "off")
