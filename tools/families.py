@@ -39,7 +39,8 @@ FAMILIES = {
                   "was chosen on it"),
     "cuda": Family("cuda", True, "class-wise 3x3 convolution (blur), unbounded",
                    "added after the purification defaults were frozen; seen before the JPEG term became the "
-                   "default (2026-12-06); the opt-in deblurring was designed on it"),
+                   "default (2026-12-06); the class-wise deblurring was designed on it (opt-in, then purify's "
+                   "default, --deblur auto, the same day)"),
     "sep": Family("sep", True, "self-ensemble protection (checkpoint-ensemble adversarial), L-inf 8/255",
                   "held out until 2026-12-06: its rows (previous default, JPEG term) decided that the JPEG term "
                   "became the default"),

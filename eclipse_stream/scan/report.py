@@ -124,9 +124,11 @@ class ScanResult:
         if spec is not None and bound is not None and spec >= bound:
             steps.append(f"the spectrum probe scores {spec:.3f} (poisoned from {bound:.3f}): the classes' spectra "
                          "differ, as under class-wise noise or a class-wise filter (e.g. CUDA's blurs); purification "
-                         "does not undo a filter: with labels and a clean sample per class, also run `eclipse-stream "
-                         "fit-kernels IN --clean CLEAN -o kernels.json` (it leaves classes that are not blurred "
-                         "alone) and `purify --class-kernels kernels.json`")
+                         "does not undo a filter: `purify` deblurs such classes by default when its denoiser records "
+                         "this dataset's clean class spectra (`train` on the labelled sparse set does; it warns which "
+                         "classes it deblurred), otherwise run `eclipse-stream fit-kernels IN --clean CLEAN -o "
+                         "kernels.json` (it leaves classes that are not blurred alone) and `purify --class-kernels "
+                         "kernels.json`")
         return steps
 
     def _groups_line(self) -> str:
