@@ -116,3 +116,33 @@ def test_beton_class_kernels_deblur_only_their_class(cifar64, tiny_ckpt, tmp_pat
     assert [s["label"] for s in a] == [s["label"] for s in b] == [i % 10 for i in range(12)]
     for x, y in zip(a, b):
         assert np.array_equal(x["image"], y["image"]) == (int(x["label"]) != 3)
+
+
+def test_beton_deblur_auto_reads_labels_from_the_label_field(tiny_ckpt, tmp_path):
+    """--deblur auto on a .beton: the fit samples its 'label' IntField, CUDA-blurred classes are deconvolved (every
+    image differs from --deblur off) and the kernels are recorded."""
+    import json
+
+    from helpers import read_cifar
+    from eclipse_stream.checkpoint import record_class_spectra
+    from eclipse_stream.deblur import ClassSpectra
+    from tools.poisons.cuda import class_kernels, convolve
+
+    images = np.stack([rgb_array(jpg) for _, _, jpg in read_cifar(500)])
+    labels = np.arange(len(images)) % 10  # make_beton's labels
+    clean, train = images[:250], images[250:]
+    ckpt = tmp_path / "rec.safetensors"
+    record_class_spectra(tiny_ckpt, ckpt, ClassSpectra.from_images(
+        torch.from_numpy(clean).permute(0, 3, 1, 2), labels[:250].tolist()))
+    (tmp_path / "in").mkdir()
+    make_beton(tmp_path / "in" / "x.beton", list(convolve(train, class_kernels(10, seed=0), labels[:250])))
+    outs = {}
+    for mode in ("auto", "off"):
+        cfg = PurifyConfig(purifier=CFG.purifier, batch_size=50, workers=0, deblur=mode)
+        purify_shards(tmp_path / "in", tmp_path / mode, ckpt, cfg, progress=False)
+        outs[mode] = list(BetonReader(tmp_path / mode / "x.beton"))
+    assert len(outs["auto"]) == len(outs["off"]) == 250
+    assert all(not np.array_equal(a["image"], b["image"]) for a, b in zip(outs["auto"], outs["off"]))
+    stats = json.loads(next((tmp_path / "auto").glob("*.stats.json")).read_text())
+    assert len(stats["config"]["class_kernels_fitted"]["kernels"]) == 10
+    assert "class_kernels_fitted" not in json.loads(next((tmp_path / "off").glob("*.stats.json")).read_text())["config"]
