@@ -111,7 +111,8 @@ def test_beton_class_kernels_deblur_only_their_class(cifar64, tiny_ckpt, tmp_pat
     cfg = PurifyConfig(purifier=CFG.purifier, batch_size=4, workers=0)
     purify_shards(tmp_path / "in", tmp_path / "plain", tiny_ckpt, cfg, progress=False)
     purify_shards(tmp_path / "in", tmp_path / "deblur", tiny_ckpt,
-                  PurifyConfig(purifier=CFG.purifier, batch_size=4, workers=0, class_kernels=str(kfile)), progress=False)
+                  PurifyConfig(purifier=CFG.purifier, batch_size=4, workers=0, class_kernels=str(kfile)),
+                  progress=False)
     a, b = list(BetonReader(tmp_path / "plain" / "x.beton")), list(BetonReader(tmp_path / "deblur" / "x.beton"))
     assert [s["label"] for s in a] == [s["label"] for s in b] == [i % 10 for i in range(12)]
     for x, y in zip(a, b):
