@@ -292,16 +292,18 @@ class ClassSpectra:
         return cls({c: t[i] for i, c in enumerate(labels)}, dict(zip(labels, images)), size)
 
 
-def _sample_labelled(inputs, per_class: int, label_key: str | None, image_key: str | None, seed: int):
+def _sample_labelled(inputs, per_class: int, label_key: str | None, image_key: str | None, seed: int,
+                     on_shard_error=None):
     """Up to ``per_class`` images of every class of the shards ``inputs``: (N x 3 x 32 x 32 uint8, labels), the
-    central ``SPECTRUM_SIZE`` window at native resolution, labels as each format reads them."""
+    central ``SPECTRUM_SIZE`` window at native resolution, labels as each format reads them. ``on_shard_error``:
+    as :func:`~eclipse_stream.scan.sampling.sample_shards` (None: an unreadable shard raises)."""
     from .scan.config import ScanConfig
     from .scan.sampling import sample_shards
 
     cfg = ScanConfig(per_class=per_class, label_key=label_key, image_key=image_key, seed=seed, by="none",
                      probe_size=SPECTRUM_SIZE, view="crop")
     s = sample_shards(list(inputs) if not isinstance(inputs, (str, os.PathLike)) else [inputs], cfg,
-                      groups=False).whole
+                      groups=False, on_shard_error=on_shard_error).whole
     return torch.from_numpy(np.ascontiguousarray(s.images)).permute(0, 3, 1, 2), [s.classes[i] for i in s.labels]
 
 
@@ -351,16 +353,17 @@ def fit_to_reference(images: torch.Tensor, labels: Sequence, reference: ClassSpe
 
 def fit_kernels_from_shards(inputs, clean=None, per_class: int = FIT_PER_CLASS, label_key: str | None = None,
                             image_key: str | None = None, seed: int = 0, kernel_size: int = KERNEL_SIZE,
-                            log=None, reference: ClassSpectra | None = None) -> ClassKernels:
+                            log=None, reference: ClassSpectra | None = None, on_shard_error=None) -> ClassKernels:
     """``eclipse-stream fit-kernels``: sample up to ``per_class`` images of every class from the shards
     ``inputs`` (one pass, as ``scan`` samples: labels as each format reads them, the central 32 x 32 window at
     native resolution) and fit them against the clean set's shards ``clean`` (sampled the same way) or a
-    recorded ``reference`` (``purify --deblur auto``: the denoiser's)."""
+    recorded ``reference`` (``purify --deblur auto``: the denoiser's). ``on_shard_error(shard, error)``: told of
+    an input shard that cannot be read to its end, whose readable samples still count (None: it raises)."""
     if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
         raise ValueError(f"kernel_size must be an odd positive integer, not {kernel_size!r}")
     if (clean is None) == (reference is None):
         raise ValueError("give exactly one of clean (shards) and reference (ClassSpectra)")
-    images, labels = _sample_labelled(inputs, per_class, label_key, image_key, seed)
+    images, labels = _sample_labelled(inputs, per_class, label_key, image_key, seed, on_shard_error)
     if reference is None:
         reference = ClassSpectra.from_shards(clean, per_class, label_key, image_key, seed)
     return fit_to_reference(images, labels, reference, kernel_size=kernel_size, log=log)

@@ -3,6 +3,7 @@ what is already done, and the manifest.
 
 * :func:`check_no_overlap`: OUT never is, contains or lies inside a folder (or prefix) holding input shards.
 * :func:`prepare_out` (rank 0, OUT locked): remove what killed runs left, check the plan, drop the manifest.
+* :func:`earlier_settings`: the settings OUT's finished shards were made with (what a resumed run keeps).
 * :func:`plan`: which shards still need work (a shard is done when its stats file records the current
   settings and the input's current identity (``storage.identity``), and its output is still the one written
   (``OutputStore.output_problem``: size, and mtime or sha256, locally; size and ETag on an object store); other
@@ -107,6 +108,27 @@ def plan(shards: list, out, fingerprint: dict, overwrite: bool,
                              f"use --overwrite or another output folder")
         done.append(name)
     return todo, done
+
+
+def earlier_settings(shards: list, out) -> dict | None:
+    """The settings (stats ``config``) of the first shard already purified into ``out`` (an OutputStore or a
+    local folder) from its input as it is now, or None: what a resumed run keeps (``purify --deblur auto``
+    reuses the kernels fitted when OUT was begun). Unreadable stats files are passed over (:func:`plan` reports
+    them)."""
+    store = open_store(out)
+    for s in shards:
+        name = shard_name(s, suffixes())
+        try:
+            text = store.read_text(name + STATS_SUFFIX)
+            if text is None:
+                continue
+            stats = read_stats(text, store.shown(name + STATS_SUFFIX))
+            now = identity(str(s), fresh=False)
+        except (InputError, OSError):
+            continue
+        if {k: stats.get(k) for k in input_record(now)} == input_record(now):
+            return stats["config"]
+    return None
 
 
 def read_stats(text: str, shown: str) -> dict:

@@ -52,8 +52,8 @@ from .errors import EclipseError, NumericalError, SampleError, ShardError
 from .events import Batch, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
 from .finisher import Finisher
 from .formats import WritePolicy, format_for
-from .outdir import (MANIFEST, Task, check_no_overlap, partial_path, plan, prepare_out, stats_path,  # noqa: F401
-                     write_manifest)
+from .outdir import (MANIFEST, Task, check_no_overlap, earlier_settings, partial_path, plan, prepare_out,  # noqa: F401
+                     stats_path, write_manifest)
 from .outstore import OutputStore, open_store
 from .purifier import Purifier
 from .reading import ReadSettings, ShardEvents, as_is, reader_worker_init
@@ -367,13 +367,18 @@ class _Call:
 LABEL_PROBE = 64  # --deblur auto: samples of the first shard looked at for labels before a fitting pass
 
 
-def _class_deblur(cfg: PurifyConfig, stage: _DeviceStage, shards: list, fingerprint: dict):
+_FIT_KEYS = ("class_kernels", "class_kernels_fitted")
+
+
+def _class_deblur(cfg: PurifyConfig, stage: _DeviceStage, shards: list, fingerprint: dict, store):
     """The class-wise deblurring stage of this run, or None; what it does is added to ``fingerprint``.
 
     ``--class-kernels FILE``: that file's kernels. ``--deblur auto`` (the default) with a denoiser that recorded
     its sparse clean set's class spectra: one sampling pass over the inputs (as ``fit-kernels``), a kernel fitted
     per class against the record, and only classes with a real blur deconvolved. No record, no labels (the first
     shard's first samples have none) or no blur found: None, and the run is byte for byte the ``--deblur off`` one.
+    A resumed run (OUT, ``store``, holds shards finished with these settings) keeps the decision OUT was begun
+    with, without a new fitting pass, so every shard of OUT is purified alike (``--overwrite`` decides afresh).
     """
     from .deblur import ClassKernels, ClasswiseDeblur, fit_kernels_from_shards
 
@@ -383,6 +388,24 @@ def _class_deblur(cfg: PurifyConfig, stage: _DeviceStage, shards: list, fingerpr
         return ClasswiseDeblur(kernels)
     if cfg.deblur != "auto" or stage.class_spectra is None or not shards:
         return None
+    earlier = None if cfg.overwrite else earlier_settings(shards, store)
+    if earlier is not None and _without_fit(earlier) == _without_fit(fingerprint):
+        kept = _kept_deblur(earlier)
+        if kept is not False:
+            log.info("--deblur auto: resuming %s: %s, as in its finished shards (no fitting pass; --overwrite to "
+                     "decide afresh)", store.location, "no class-wise deblurring" if kept is None else
+                     f"deblurring classes {', '.join(sorted(kept.kernels))}")
+            if kept is None:
+                return None
+            fingerprint.update({k: earlier[k] for k in _FIT_KEYS})
+            return ClasswiseDeblur(kept)
+    unread: list[str] = []
+
+    def unreadable(shard: str, error: Exception) -> None:
+        unread.append(redact(shard))
+        log.warning("--deblur auto: %s could not be read to its end for the fit (%s); fitting on the other shards "
+                    "(its own pass reports it again)", redact(shard), error)
+
     try:
         first = format_for(shards[0]).labelled(str(shards[0]), cfg.label_key, cfg.image_key, cfg.max_pixels)
         try:
@@ -396,8 +419,8 @@ def _class_deblur(cfg: PurifyConfig, stage: _DeviceStage, shards: list, fingerpr
                      redact(shards[0]))
             return None
         kernels = fit_kernels_from_shards(shards, reference=stage.class_spectra, label_key=cfg.label_key,
-                                          image_key=cfg.image_key, log=log.debug)
-    except (EclipseError, OSError) as e:  # the shard's own pass reports it again, with its name, and goes on
+                                          image_key=cfg.image_key, log=log.debug, on_shard_error=unreadable)
+    except (EclipseError, OSError) as e:  # e.g. too few readable images; the shards' own passes report theirs
         log.warning("--deblur auto: no class-wise deblurring in this run: the inputs could not be sampled (%s)", e)
         return None
     unknown = sorted(c for c, info in kernels.classes.items() if not info.get("clean_images"))
@@ -414,7 +437,31 @@ def _class_deblur(cfg: PurifyConfig, stage: _DeviceStage, shards: list, fingerpr
                 "--deblur off to disable)", ", ".join(sorted(kernels.kernels)))
     fingerprint["class_kernels"] = kernels.fingerprint()
     fingerprint["class_kernels_fitted"] = {"kernels": kernels.kernels, "classes": kernels.classes}
+    if unread:  # which inputs the fit did not see to the end (a resumed run keeps these kernels)
+        fingerprint["class_kernels_fitted"]["unreadable_shards"] = unread
     return ClasswiseDeblur(kernels)
+
+
+def _without_fit(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in _FIT_KEYS}
+
+
+def _kept_deblur(earlier: dict):
+    """What ``--deblur auto`` decided in a run whose settings were ``earlier``: None (nothing deblurred), its
+    ClassKernels, or False (not an auto decision, e.g. ``--class-kernels``: fit as usual, and :func:`plan`
+    refuses if the result differs)."""
+    from .deblur import ClassKernels
+
+    fitted = earlier.get("class_kernels_fitted")
+    if earlier.get("class_kernels") is None and fitted is None:
+        return None
+    if not isinstance(fitted, dict):
+        return False
+    try:
+        kernels = ClassKernels(kernels=dict(fitted["kernels"]), classes=dict(fitted["classes"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return kernels if kernels.fingerprint() == earlier.get("class_kernels") else False
 
 
 def _weights_sha256(model: torch.nn.Module) -> str:
@@ -454,8 +501,8 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
     fingerprint = cfg.fingerprint(stage.checkpoint_sha256, device.type)
     if stage.custom is not None:
         fingerprint["device_stage"] = stage.custom  # the caller's purifier, not the ECLIPSE one
-    deblur = _class_deblur(cfg, stage, shards, fingerprint)
     store = open_store(out_dir)
+    deblur = _class_deblur(cfg, stage, shards, fingerprint, store)
     read = ReadSettings.from_config(cfg, stage.model_size, stage.tile_size, labels=deblur is not None)
     ctx = RunContext(cfg, store, fingerprint, device, read, group.rank, progress, deblur)
 

@@ -342,3 +342,68 @@ def test_purify_deblurs_by_default_against_the_denoisers_record(tmp_path, cifar_
                                                                                               f"{src}-off"))
         assert sa["config"] == sb["config"] and sa["config"]["class_kernels"] is None
         assert "class_kernels_fitted" not in sa["config"] and "deblur" not in sa["config"]
+
+
+def test_auto_deblur_fits_past_a_cut_shard_and_a_resume_keeps_its_kernels(tmp_path, cifar_three, tiny_ckpt,
+                                                                           monkeypatch, caplog):
+    """A shard that cannot be read to its end does not switch the deblurring off for the other shards (the fit
+    uses what it can read and records which shard it could not); a resumed run keeps the kernels OUT was begun
+    with, without a fitting pass, so every shard of OUT is purified alike; --overwrite fits afresh."""
+    import logging
+
+    import eclipse_stream.deblur as deblur_mod
+    from eclipse_stream.checkpoint import record_class_spectra
+    from eclipse_stream.config import PurifyConfig
+    from eclipse_stream.deblur import ClassSpectra
+    from eclipse_stream.pipeline import purify_shards
+
+    images, labels = cifar_three
+    train, clean = split(labels)
+    order = np.random.default_rng(0).permutation(train)  # both shards hold every class
+    poisoned = convolve(images[order], class_kernels(10, seed=0, blur_parameter=0.3), labels[order])
+    src, sparse = tmp_path / "in", tmp_path / "sparse"
+    src.mkdir()
+    sparse.mkdir()
+    half = len(order) // 2
+    _png_shard(src / "train-000.tar", poisoned[:half], labels[order][:half], "a")
+    cut = _png_shard(src / "train-001.tar", poisoned[half:], labels[order][half:], "b")
+    whole = cut.read_bytes()
+    cut.write_bytes(whole[:len(whole) // 2 + 333])
+    _png_shard(sparse / "sparse-000.tar", images[clean], labels[clean], "c")
+    ckpt = tmp_path / "with-record.safetensors"
+    record_class_spectra(tiny_ckpt, ckpt, ClassSpectra.from_shards(str(sparse)))
+    fits = []
+    real_fit = deblur_mod.fit_kernels_from_shards
+    monkeypatch.setattr(deblur_mod, "fit_kernels_from_shards", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    caplog.set_level(logging.INFO, logger="eclipse_stream")
+
+    def run(out, **kw):
+        cfg = PurifyConfig(device="cpu", workers=0, **{"on_error": "skip", **kw})
+        return purify_shards(src, tmp_path / out, ckpt, cfg, progress=False)
+
+    def config(out, name):
+        return json.loads((tmp_path / out / f"{name}.tar.stats.json").read_text())["config"]
+
+    res = run("out")
+    assert [f["shard"] for f in res.failed] == ["train-001.tar"] and len(fits) == 1
+    first = config("out", "train-000")
+    assert sorted(first["class_kernels_fitted"]["kernels"]) == ["0", "1", "2"]  # deblurred despite the cut shard
+    assert [s.rsplit("/", 1)[-1] for s in first["class_kernels_fitted"]["unreadable_shards"]] == ["train-001.tar"]
+    assert "train-001.tar could not be read to its end for the fit" in caplog.text
+
+    cut.write_bytes(whole)  # repaired: the rerun purifies it with the kernels the first run fitted, no new fit
+    caplog.clear()
+    res = run("out")
+    assert not res.failed and [p["shard"] for p in res.processed] == ["train-001.tar"] and len(fits) == 1
+    assert config("out", "train-001") == first and "resuming" in caplog.text
+    assert not run("out").processed and len(fits) == 1  # all done: no fitting pass either
+    run("out", overwrite=True)
+    assert len(fits) == 2 and sorted(config("out", "train-001")["class_kernels_fitted"]["kernels"]) == ["0", "1", "2"]
+
+    # begun with --deblur off: a resume under the default stays undeblurred (no fit), like the shards done
+    run("off", deblur="off")
+    for name in ("train-001.tar", "train-001.tar.stats.json"):
+        (tmp_path / "off" / name).unlink()
+    assert [p["shard"] for p in run("off").processed] == ["train-001.tar"] and len(fits) == 2
+    assert config("off", "train-001") == config("off", "train-000") and config("off", "train-000")["class_kernels"] \
+        is None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import InputError, SampleError
+from ..errors import EclipseError, InputError, SampleError
 from ..formats import class_label, format_for, sample_label
 from ..imageio import ImageDecodeError, decode_image
 from ..sources import expand_shards, resize_center_crop
@@ -201,21 +201,29 @@ def _shard_groups(shards: list, inputs: list, cfg: ScanConfig) -> tuple[list[str
 
 
 def sample_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike], cfg: ScanConfig,
-                  groups: bool = True) -> Sample:
+                  groups: bool = True, on_shard_error=None) -> Sample:
     """Choose up to ``cfg.per_class`` images per class from shards of any registered format (one pass each),
     and ``cfg.group_per_class`` per class of each group: labels as each shard's format reads them, images
-    decoded only for the chosen samples."""
+    decoded only for the chosen samples.
+
+    A shard that cannot be read to its end (cut, corrupt, gone) raises, unless ``on_shard_error(shard, error)``
+    is given: it is told, the samples read before the fault stay candidates, and the pass goes on."""
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     shards = expand_shards(inputs)
     per_shard, names = _shard_groups(shards, inputs, cfg) if groups else ([""] * len(shards), [""])
     collector = _Collector(cfg, grouped=len(names) > 1)
     with read_in_order(shards):  # a remote shard's next one is fetched while it is read (storage)
         for shard, group in zip(shards, per_shard):
-            for item in format_for(shard).labelled(str(shard), cfg.label_key, cfg.image_key, cfg.max_pixels):
-                if item.error is not None:
-                    collector.skip(SampleError(str(shard), item.key, item.error))
-                else:
-                    collector.add(item.label, item.load, group)
+            try:
+                for item in format_for(shard).labelled(str(shard), cfg.label_key, cfg.image_key, cfg.max_pixels):
+                    if item.error is not None:
+                        collector.skip(SampleError(str(shard), item.key, item.error))
+                    else:
+                        collector.add(item.label, item.load, group)
+            except (EclipseError, OSError) as e:
+                if on_shard_error is None:
+                    raise
+                on_shard_error(str(shard), e)
     return collector.finish(lambda load: load(), [str(s) for s in shards])
 
 
