@@ -353,9 +353,16 @@ def preview(shard, output, n, image_key, denoiser, recipe, t_star, steps, precis
                                 "target.")
 @_fit_kernels("image_key", help=f"Image field; default the first of {_IMAGE_EXTS}.")
 @_fit_kernels("seed", help="Which images are sampled.")
+@_fit_kernels("max_shards", type=click.IntRange(1, 10_000_000),
+              help="Sample at most this many of INPUTS' shards, evenly spread (purify --deblur auto does the same); "
+                   "a number at least their count reads all.")
 @_fit_kernels("kernel_size", type=click.IntRange(1, 15),
-              help="Side of the fitted kernels (odd). 3 fits CUDA's 3x3 blurs; 5 also fits its 5x5 variant but "
-                   "is less safe: it deblurred one SEP class by mistake (docs/purify.md).")
+              help="Side of the fitted kernels (odd). 3 fits CUDA's 3x3 blurs; 5 fits its 5x5 variant for every "
+                   "class but is less safe: it deblurred one SEP class by mistake (docs/purify.md).")
+@_fit_kernels("wide_kernel_size", type=click.IntRange(0, 15),
+              help="A class the --kernel-size fit explains poorly is fitted again this wide (odd; 0: never), and "
+                   "takes that kernel only if it explains at least 90% of the class's spectral difference and 15 "
+                   "points more (CUDA's 5x5 variant; purify --deblur auto does the same).")
 @_storage_option
 @_friendly_errors
 def fit_kernels(inputs, clean, out, **kwargs):

@@ -409,15 +409,17 @@ def _class_deblur(cfg: PurifyConfig, stage: _DeviceStage, shards: list, fingerpr
     try:
         first = format_for(shards[0]).labelled(str(shards[0]), cfg.label_key, cfg.image_key, cfg.max_pixels)
         try:
-            labelled = any(item.error is None for _, item in zip(range(LABEL_PROBE), first))
+            probed = {str(item.label) for _, item in zip(range(LABEL_PROBE), first) if item.error is None}
         finally:
             close = getattr(first, "close", None)
             if close:
                 close()
-        if not labelled:
+        if not probed:
             log.info("--deblur auto: the first samples of %s carry no class label; no class-wise deblurring",
                      redact(shards[0]))
             return None
+        if probed - set(stage.class_spectra.images):  # another dataset's record: known before any sampling pass
+            return _foreign_record(sorted(probed - set(stage.class_spectra.images)))
         kernels = fit_kernels_from_shards(shards, reference=stage.class_spectra, label_key=cfg.label_key,
                                           image_key=cfg.image_key, log=log.debug, on_shard_error=unreadable)
     except (EclipseError, OSError) as e:  # e.g. too few readable images; the shards' own passes report theirs
@@ -425,10 +427,7 @@ def _class_deblur(cfg: PurifyConfig, stage: _DeviceStage, shards: list, fingerpr
         return None
     unknown = sorted(c for c, info in kernels.classes.items() if not info.get("clean_images"))
     if unknown:  # the record is of another dataset (e.g. the shipped CIFAR-10 one): its classes are not these
-        log.warning("--deblur auto: the denoiser's class spectra do not cover class(es) %s of the inputs (recorded "
-                    "for another dataset?); no class-wise deblurring (train a denoiser on this dataset's sparse "
-                    "set, or use fit-kernels --clean)", ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
-        return None
+        return _foreign_record(unknown)
     if not kernels.kernels:
         log.info("--deblur auto: no class of the inputs is blurred against the denoiser's clean class spectra")
         return None
@@ -440,6 +439,12 @@ def _class_deblur(cfg: PurifyConfig, stage: _DeviceStage, shards: list, fingerpr
     if unread:  # which inputs the fit did not see to the end (a resumed run keeps these kernels)
         fingerprint["class_kernels_fitted"]["unreadable_shards"] = unread
     return ClasswiseDeblur(kernels)
+
+
+def _foreign_record(unknown: list[str]) -> None:
+    log.warning("--deblur auto: the denoiser's class spectra do not cover class(es) %s of the inputs (recorded for "
+                "another dataset?); no class-wise deblurring (train a denoiser on this dataset's sparse set, or use "
+                "fit-kernels --clean)", ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
 
 
 def _without_fit(settings: dict) -> dict:

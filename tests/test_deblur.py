@@ -74,6 +74,36 @@ def test_fit_kernel_size_5_finds_cuda_5x5_kernels(cifar_three):
         assert fitted.classes[str(c)]["explained"] > 0.9
 
 
+@pytest.mark.parametrize("size", [3, 5])
+def test_the_default_fit_refits_wide_only_where_3x3_cannot_explain_the_blur(cifar_three, size):
+    """Default fit (3x3, wide refit 5x5): on CUDA's 5x5 variant every class takes a 5x5 kernel close to the
+    truth; on 3x3 CUDA every class keeps its 3x3 kernel (a 3x3 blur is a 5x5 one too: no margin to take)."""
+    from eclipse_stream.deblur import WIDE_MIN_EXPLAINED
+
+    images, labels = cifar_three
+    train, clean = split(labels)
+    truth = class_kernels(10, seed=0, blur_parameter=0.3, kernel_size=size)
+    poisoned = convolve(images[train], truth, labels[train])
+    fitted = fit_class_kernels(nchw(poisoned), labels[train].tolist(), nchw(images[clean]), labels[clean].tolist())
+    assert sorted(fitted.kernels) == ["0", "1", "2"] and fitted.kernel_size == size
+    for c in CLASSES:
+        got, info = np.asarray(fitted.kernels[str(c)]), fitted.classes[str(c)]
+        true = truth[c, 0, 0] / truth[c, 0, 0].sum()
+        assert got.shape == (size, size) and np.abs(got - true).max() < 0.1, (c, got, true)
+        if size == 5:
+            assert info["decision"] == "deblurred (5x5)" and info["wide"]["explained"] >= WIDE_MIN_EXPLAINED
+            assert info["explained"] < 0.75  # what the 3x3 fit managed
+        else:
+            assert info["decision"] == "deblurred"  # refitted wide at most (small samples), never taken
+    # mixed sizes load and apply; a kernel wider than kernel_size does not
+    mixed = ClassKernels(kernels={"0": np.full((5, 5), 1 / 25).tolist(), "1": np.full((3, 3), 1 / 9).tolist()},
+                         kernel_size=5)
+    out = ClasswiseDeblur(mixed)(nchw(images[:4]), [0, 1, 2, 1])
+    assert out.shape == (4, 3, 32, 32) and torch.equal(out[2], nchw(images[2:3])[0])
+    with pytest.raises(ValueError, match="odd side at most 3"):
+        ClassKernels(kernels={"0": np.full((5, 5), 1 / 25).tolist()})
+
+
 def test_fit_kernels_cli_refuses_an_even_kernel_size(tmp_path):
     from click.testing import CliRunner
 
@@ -407,3 +437,69 @@ def test_auto_deblur_fits_past_a_cut_shard_and_a_resume_keeps_its_kernels(tmp_pa
     assert [p["shard"] for p in run("off").processed] == ["train-001.tar"] and len(fits) == 2
     assert config("off", "train-001") == config("off", "train-000") and config("off", "train-000")["class_kernels"] \
         is None
+
+
+def test_the_fit_batches_classes_without_changing_any_kernel(cifar_three):
+    """All classes fitted in one batch give each class the kernel it gets alone (to float noise, below the
+    12 decimals the kernels are recorded with, and up to the rotation the orientation step chooses)."""
+    from eclipse_stream.deblur import ClassSpectra, _fit
+
+    images, labels = cifar_three
+    train, clean = split(labels)
+    poisoned = convolve(images[train], class_kernels(10, seed=0, blur_parameter=0.3), labels[train])
+    ref = ClassSpectra.from_images(nchw(images[clean]), labels[clean].tolist())
+    got = ClassSpectra.from_images(nchw(poisoned), labels[train].tolist())
+    ratios = torch.stack([torch.log(got.spectra[c]) - torch.log(ref.spectra[c]) for c in "012"])
+    together, errors = _fit(ratios, 3, iters=100)
+    for i in range(3):
+        alone, err = _fit(ratios[i:i + 1], 3, iters=100)
+        # up to the 180-degree rotation the spectrum cannot see (two starts may tie; the orientation step decides)
+        assert min(float((together[i] - k).abs().max()) for k in (alone[0], torch.flip(alone[0], dims=(0, 1)))) \
+            < 1e-13 and abs(errors[i] - err[0]) < 1e-13
+
+
+def test_the_fit_samples_at_most_max_shards_spread_evenly(tmp_path, cifar_three, monkeypatch):
+    import eclipse_stream.deblur as deblur_mod
+
+    assert deblur_mod.spread(range(10), 4) == [0, 2, 5, 7] and deblur_mod.spread(range(3), 4) == [0, 1, 2]
+    images, labels = cifar_three
+    for i in range(6):
+        _png_shard(tmp_path / f"train-{i:03d}.tar", images[i::6], labels[i::6], f"s{i}")
+    seen = []
+    real = deblur_mod._sample_labelled
+    monkeypatch.setattr(deblur_mod, "_sample_labelled", lambda shards, *a: seen.append(shards) or real(shards, *a))
+    ref = deblur_mod.ClassSpectra.from_images(nchw(images), labels.tolist())
+    deblur_mod.fit_kernels_from_shards(tmp_path, reference=ref, max_shards=3)
+    assert [p.name for p in seen[-1]] == ["train-000.tar", "train-002.tar", "train-004.tar"]
+    deblur_mod.fit_kernels_from_shards(tmp_path, reference=ref, max_shards=None)
+    assert len(seen[-1]) == 6
+    with pytest.raises(ValueError, match="max_shards"):
+        deblur_mod.fit_kernels_from_shards(tmp_path, reference=ref, max_shards=0)
+
+
+def test_auto_deblur_knows_a_foreign_record_from_the_first_samples(tmp_path, cifar_three, tiny_ckpt, monkeypatch,
+                                                                    caplog):
+    """Labels the denoiser's record lacks among the first samples: no sampling pass at all (on ImageNet with the
+    shipped CIFAR-10 record it would read every shard once more for nothing), a warning, the --deblur off bytes."""
+    import logging
+
+    import eclipse_stream.deblur as deblur_mod
+    from eclipse_stream.checkpoint import record_class_spectra
+    from eclipse_stream.config import PurifyConfig
+    from eclipse_stream.deblur import ClassSpectra
+    from eclipse_stream.pipeline import purify_shards
+
+    images, labels = cifar_three
+    (tmp_path / "in").mkdir()
+    _png_shard(tmp_path / "in" / "train-000.tar", images[:40], ["n01440764"] * 40, "s")
+    ckpt = tmp_path / "with-record.safetensors"
+    record_class_spectra(tiny_ckpt, ckpt, ClassSpectra.from_images(nchw(images), labels.tolist()))
+    fits = []
+    monkeypatch.setattr(deblur_mod, "fit_kernels_from_shards", lambda *a, **k: fits.append(1))
+    caplog.set_level(logging.INFO, logger="eclipse_stream")
+    outs = {}
+    for mode in ("auto", "off"):
+        purify_shards(tmp_path / "in", tmp_path / mode, ckpt, PurifyConfig(device="cpu", workers=0, deblur=mode),
+                      progress=False)
+        outs[mode] = _pngs(tmp_path / mode / "train-000.tar")
+    assert not fits and "do not cover class(es) n01440764" in caplog.text and outs["auto"] == outs["off"]
