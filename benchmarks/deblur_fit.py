@@ -68,7 +68,8 @@ def main() -> None:
         t = time.perf_counter()
         together = _fit(ratios, 3)[0]
         search = time.perf_counter() - t
-        line = f"{classes} classes: spectra {spectra:.1f} s, kernel search (one batch) {search:.1f} s"
+        line = (f"{classes} classes: spectra {spectra:.1f} s, kernel search (batched, deblur.FIT_CHUNK classes at "
+                f"a time) {search:.1f} s")
         if classes <= a.full_max:
             t = time.perf_counter()
             fitted = fit_to_reference(x, y, ref)
@@ -80,7 +81,8 @@ def main() -> None:
             t = time.perf_counter()
             alone = [_fit(r[None], 3)[0][0] for r in ratios[:n]]
             one = (time.perf_counter() - t) / n
-            print(f"  one class at a time: {one:.2f} s a class ({one * classes:.0f} s for all {classes}); largest "
+            print(f"  one class at a time: {one:.2f} s a class ({one * classes:.0f} s for all {classes} by "
+                  f"extrapolation); largest "
                   f"difference from the batch, up to rotation, over {n} classes: "
                   f"{max(_flip_distance(together[i], k) for i, k in enumerate(alone)):.1e}", flush=True)
 
