@@ -28,6 +28,7 @@ from .defaults import (
     PRECISIONS,
     PREFILTERS,
     PRESETS,
+    RECIPE_DEBLUR,
     RECIPES,
     RESOLUTIONS,
     TRAIN_PRECISIONS,
@@ -267,11 +268,12 @@ def _resolve_denoiser(path):
 @_purify("class_kernels", type=click.Path(dir_okay=False),
          help="Deconvolve every image with its class's kernel before purifying (a file from `eclipse-stream "
               "fit-kernels`; against class-wise convolution poisons such as CUDA). Needs a label per sample.")
-@_purify("deblur", type=click.Choice(DEBLUR),
-         help="auto: fit each class's blur against the denoiser's record of its sparse clean set (class spectra, "
-              "written by `train` from labelled shards) and deconvolve the classes with a real blur (CUDA-style "
-              "poisons); with no record, no labels or no blur found, nothing changes. off: never. --class-kernels "
-              "takes precedence.")
+@click.option("--deblur", type=click.Choice(DEBLUR), default=None,
+              help="auto: fit each class's blur against the denoiser's record of its sparse clean set (class "
+                   "spectra, written by `train` from labelled shards) and deconvolve the classes with a real blur "
+                   "(CUDA-style poisons); with no record, no labels or no blur found, nothing changes. off: never. "
+                   "--class-kernels takes precedence. [default: the recipe's: " +
+                   ", ".join(f"{v} for {k}" for k, v in RECIPE_DEBLUR.items()) + "]")
 @_purify("label_key", help="With --class-kernels or --deblur auto: the label field; default the first of cls, class, "
                            "label, target.")
 @_purify("overwrite", help="Redo shards that are already done.")
@@ -293,6 +295,7 @@ def purify(inputs, out, denoiser, recipe, t_star, steps, precision, seed, gray_p
                                       corruption=corruption, gray_p=gray_p, noise_sigma=noise_sigma,
                                       prefilter=prefilter, large_images=large_images,
                                       tile_batch_pixels=tile_batch_pixels)
+    kwargs["deblur"] = kwargs["deblur"] or RECIPE_DEBLUR[recipe]
     cfg = PurifyConfig(purifier=pcfg, seed=seed, max_pixels=max_pixels, compile=compile_, **kwargs)
     with _stop_on_sigterm():
         status = run_purify(list(inputs), out, cfg, denoiser=_resolve_denoiser(denoiser), progress=not quiet)

@@ -68,6 +68,9 @@ RECIPES = {
     "robust": {"steps": 1, "prefilter": "impulse"},
 }
 DEFAULT_RECIPE = "robust"  # measured best on every poison of the CPU grid (docs/results/cpu-grid.md)
+# purify --deblur when not given, by recipe: the paper's recipe stays the paper's (no stage it does not have);
+# PurifyConfig.deblur (Python) is "auto" whatever the purifier: pass deblur="off" for the paper's behaviour there.
+RECIPE_DEBLUR = {"paper": "off", "robust": "auto"}
 
 
 def default_denoiser_path() -> Path:

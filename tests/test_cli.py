@@ -63,6 +63,7 @@ NOT_A_FIELD = {
     "denoiser": None,  # None: the shipped denoiser
     "recipe": DEFAULT_RECIPE,  # the name of a set of PurifierConfig values
     "steps": None, "prefilter": None,  # None: the recipe's (PurifierConfig.from_recipe), not the field's default
+    "deblur": None,  # None: the recipe's (defaults.RECIPE_DEBLUR: off for paper); PurifyConfig.deblur is "auto"
     "reference": (),  # scan: clean shards to compare with
     "report": None, "plot": None,  # scan's output files: none unless asked for
     "clean": (), "out": None,  # fit-kernels: the clean set's shards and the output file (both required)

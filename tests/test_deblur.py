@@ -357,6 +357,13 @@ def test_purify_deblurs_by_default_against_the_denoisers_record(tmp_path, cifar_
     fitted = json.loads(next((tmp_path / "cuda-auto").glob("*.stats.json")).read_text())["config"]
     assert sorted(fitted["class_kernels_fitted"]["kernels"]) == ["0", "1", "2"]  # what was done, recorded
 
+    # --recipe paper stays the paper's: no deblurring unless asked for
+    paper, err = purify("cuda", "cuda-paper", "--recipe", "paper", "--steps", "1")
+    assert "look blurred" not in err and paper == purify("cuda", "cuda-paper-off", "--recipe", "paper", "--steps",
+                                                         "1", "--deblur", "off")[0]
+    asked, err = purify("cuda", "cuda-paper-auto", "--recipe", "paper", "--steps", "1", "--deblur", "auto")
+    assert "look blurred" in err and sum(asked[n] != paper[n] for n in paper) == len(paper)
+
     # a class the record does not know (the record is of another dataset): nothing is deblurred, with a warning
     (tmp_path / "other").mkdir()
     _png_shard(tmp_path / "other" / "train-000.tar", poisoned, [*labels[train][:-5], *[9] * 5], "s")
