@@ -4,8 +4,8 @@
 
 Per set and class: decision, largest gain (dB) and share of the spectral difference explained (the gate: over
 ``deblur.GATE_DB`` and at least ``deblur.MIN_EXPLAINED``; a class the 3x3 fit explains poorly is refitted 5x5 and
-takes it only above ``deblur.WIDE_MIN_EXPLAINED`` and ``WIDE_MARGIN`` more), fitted against the denoiser's recorded class spectra
-(default: the shipped denoiser).
+takes it only above ``deblur.WIDE_MIN_EXPLAINED`` and ``WIDE_MARGIN`` more), fitted against the denoiser's
+recorded class spectra (default: the shipped denoiser).
 """
 
 from __future__ import annotations
