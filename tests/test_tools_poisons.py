@@ -400,3 +400,78 @@ def test_uap_carries_per_class_patterns_toward_a_derangement(clean, tmp_path):
 
     assert target_loss(poisoned) < target_loss(images)  # toward the other class
     assert (tmp_path / "uap.uap-state.pt").is_file()
+
+
+def test_kmeans_finds_separated_blobs_and_is_seeded():
+    from tools.poisons.uc import kmeans
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    truth = torch.arange(3).repeat_interleave(40)
+    points = centres[truth] + 0.5 * torch.randn(120, 2, generator=g)
+    found, assign = kmeans(points, 3, 20, torch.Generator().manual_seed(1))
+    # each found cluster is exactly one blob (up to renaming), and its centre sits on that blob's
+    for c in range(3):
+        members = truth[assign == c]
+        assert len(members) == 40 and (members == members[0]).all()
+        assert (found[c] - centres[members[0]]).norm() < 0.5
+    again = kmeans(points, 3, 20, torch.Generator().manual_seed(1))
+    assert torch.equal(again[1], assign) and torch.equal(again[0], found)
+    with pytest.raises(ValueError, match="cannot make"):
+        kmeans(points[:2], 3, 5, torch.Generator().manual_seed(0))
+
+
+def test_uc_is_cluster_wise_label_agnostic_and_pulls_features_to_another_centre(clean, tmp_path):
+    """UC (Zhang et al. 2023): k-means on the surrogate's features, one universal L-inf 8/255 pattern per cluster
+    toward the next cluster's centre; the labels are never read (shuffling them changes nothing); seeded and
+    resumable from its per-cluster state."""
+    from tools.poisons import uc
+    from tools.poisons.tap import load_surrogate
+
+    opts = {"settings": {"steps": 5, "step_size": 2 / 255, "batch_size": 50}, "surrogate_recipe": "cpu",
+            "surrogate_epochs": 2, "surrogate_seed": 3}
+    out = tmp_path / "uc"
+    poison_split("uc", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
+    norms, images, poisoned, labels = _check_poisoned(clean, out, "uc")
+    assert 0 < norms["linf_max_255"] <= 8
+    state = torch.load(tmp_path / "uc.uc-state.pt", weights_only=True)
+    assign, centres = state["assign"].numpy(), state["centres"]
+    assert state["deltas"].shape[0] == 10 and len(assign) == len(labels)
+    diff = poisoned.astype(int) - images.astype(int)
+    for c in np.unique(assign)[:4]:  # cluster-wise: unclipped pixels of two members carry the same pattern
+        members = np.flatnonzero(assign == c)
+        if len(members) < 2:
+            continue
+        a, b = members[:2]
+        free = (images[a] >= 8) & (images[a] <= 247) & (images[b] >= 8) & (images[b] <= 247)
+        assert np.abs(diff[a][free] - diff[b][free]).max() <= 1
+    big = np.argsort(np.bincount(assign, minlength=10))[-2:]  # two different clusters: two different patterns
+    a, b = np.flatnonzero(assign == big[0])[0], np.flatnonzero(assign == big[1])[0]
+    assert not np.array_equal(diff[a], diff[b])
+
+    model = load_surrogate(tmp_path / "uc.surrogate.pt", None, torch.device("cpu"))
+    target = centres[(torch.from_numpy(assign) + 1) % 10].softmax(-1)
+
+    def kl_to_target(x):
+        with torch.no_grad():
+            f = uc.features(model, torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)
+        return torch.nn.functional.kl_div(f.log_softmax(-1), target, reduction="batchmean").item()
+
+    assert kl_to_target(poisoned) < kl_to_target(images)  # features pulled toward the next cluster's centre
+
+    # label-agnostic and seeded: the same surrogate with shuffled labels gives the same perturbation
+    settings = uc.UCSettings(**opts["settings"])
+    shuffled = np.random.default_rng(0).permutation(labels)
+    d1 = uc.generate(images, labels, seed=0, device="cpu", surrogate=model, settings=settings, log=lambda m: None)
+    d2 = uc.generate(images, shuffled, seed=0, device="cpu", surrogate=model, settings=settings, log=lambda m: None)
+    assert np.array_equal(d1, d2)
+    # resume: a saved state of 3 clusters is taken as is (cluster 0's pattern zeroed to see that it is used)
+    state["deltas"] = state["deltas"][:3].clone()
+    state["deltas"][0] = 0
+    torch.save(state, tmp_path / "again.uc-state.pt")
+    again = tmp_path / "again"
+    poison_split("uc", clean, again, seed=0, device="cpu",
+                 options={**opts, "surrogate": str(tmp_path / "uc.surrogate.pt")}, log=lambda m: None)
+    resumed = read_split(again)[1]
+    assert np.array_equal(resumed[assign == 0], images[assign == 0])
+    assert np.array_equal(resumed[assign != 0], poisoned[assign != 0])

@@ -50,7 +50,7 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["urp", "lsp", "ar", "ops", "em", "tap", "cuda", "sep", "hyp", "uap"]))
+@click.argument("kind", type=click.Choice(["urp", "lsp", "ar", "ops", "em", "tap", "cuda", "sep", "hyp", "uap", "uc"]))
 @click.option("--in", "in_dir", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "train",
               show_default=True, help="Clean training shard folder.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
@@ -60,24 +60,24 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 @click.option("--width", type=float, default=None,
               help="EM model / TAP surrogate width multiplier (default: 1, or the surrogate recipe's own).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="TAP/SEP/HYP: PGD steps (250 / 30 / 500 per class).")
+              help="TAP/SEP/HYP/UC: PGD steps (250 / 30 / 500 per class / 100 per cluster).")
 @click.option("--step-size", type=float, default=None,
-              help="TAP/SEP/HYP: step size in [0, 1] units (0.5/255, 1/255, 0.1).")
+              help="TAP/SEP/HYP/UC: step size in [0, 1] units (0.5/255, 1/255, 0.1, 1/255).")
 @click.option("--surrogate-recipe", type=click.Choice(["fast", "cpu", "reference"]), default=None,
-              help="TAP/SEP/HYP: victim recipe of the model(s) they train (default fast; cpu: the CPU victim).")
+              help="TAP/SEP/HYP/UC: victim recipe of the model(s) they train (default fast; cpu: the CPU victim).")
 @click.option("--blur-parameter", type=float, default=None, help="CUDA: kernel weights U(0, this) (0.3).")
 @click.option("--kernel-size", type=click.IntRange(min=1), default=None, help="CUDA: kernel side, odd (3).")
 @click.option("--pgd-steps", type=click.IntRange(min=1), default=None, help="EM: PGD steps per round (20).")
 @click.option("--train-steps", type=click.IntRange(min=1), default=None, help="EM: model steps per round (10).")
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="EM: at most this many rounds (100).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="EM/TAP/SEP/HYP batch size (512, 512, 250, 256).")
+              help="EM/TAP/SEP/HYP/UC batch size (512, 512, 250, 256, 128).")
 @click.option("--surrogate", type=click.Path(path_type=Path, exists=True), default=None,
-              help="TAP/HYP: victim checkpoint of a model trained on clean data (default: train one).")
+              help="TAP/HYP/UC: victim checkpoint of a model trained on clean data (default: train one).")
 @click.option("--surrogate-epochs", type=click.IntRange(min=1), default=None,
-              help="TAP/SEP/HYP: epochs of the surrogate (the recipe's).")
+              help="TAP/SEP/HYP/UC: epochs of the surrogate (the recipe's).")
 @click.option("--max-seconds", type=float, default=None,
-              help="EM/TAP/SEP/HYP: stop (resumable, exit 75) before this many seconds.")
+              help="EM/TAP/SEP/HYP/UC: stop (resumable, exit 75) before this many seconds.")
 def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surrogate_recipe, blur_parameter, kernel_size,
            pgd_steps, train_steps, max_rounds, batch_size, surrogate, surrogate_epochs, max_seconds):
     """Poison a clean training split with KIND; writes shards with the same keys and norms.json."""
@@ -89,7 +89,7 @@ def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surroga
         settings = {k: v for k, v in {"pgd_steps": pgd_steps, "train_steps": train_steps, "max_rounds": max_rounds,
                                       "batch_size": batch_size, "width": width}.items() if v is not None}
         options = {"settings": settings, "max_seconds": max_seconds}
-    elif kind in ("tap", "hyp", "uap"):
+    elif kind in ("tap", "hyp", "uap", "uc"):
         settings = {k: v for k, v in {"steps": steps, "step_size": step_size, "batch_size": batch_size}.items()
                     if v is not None}
         options = {"settings": settings, "max_seconds": max_seconds, "surrogate_width": width,

@@ -94,7 +94,11 @@ PROTOCOLS = {
                                              "settings": {"steps": 100, "batch_size": 128}},
                                      # UAP at CPU scale: as HYP, toward a derangement, crafting model seed 2
                                      "uap": {"surrogate_recipe": "cpu", "surrogate_seed": 2,
-                                             "settings": {"steps": 100, "batch_size": 128}}}),
+                                             "settings": {"steps": 100, "batch_size": 128}},
+                                     # UC at CPU scale: k-means on the features of its own surrogate (the CPU
+                                     # victim, seed 3), 100 sign steps of 1/255 per cluster on batches of 128
+                                     "uc": {"surrogate_recipe": "cpu", "surrogate_seed": 3,
+                                            "settings": {"steps": 100, "batch_size": 128}}}),
 }
 
 
@@ -228,7 +232,7 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
         left = clock.left()
         if not is_poisoned(source):
             opts = dict(cfg.poison_options.get(poison, PROTOCOLS[cfg.protocol].poison_defaults.get(poison, {})))
-            if poison in ("em", "tap", "sep", "hyp", "uap") and left is not None:
+            if poison in ("em", "tap", "sep", "hyp", "uap", "uc") and left is not None:
                 opts["max_seconds"] = max(1.0, left - SAFETY_SECONDS)
             poison_split(poison, clean, source, seed=cfg.seed, device=cfg.device, options=opts, log=log)
         norms = read_json(source / NORMS)

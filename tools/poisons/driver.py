@@ -17,6 +17,8 @@ from . import POISONS
 from .base import measure, quantize, within
 
 NORMS = "norms.json"
+# the poisons made with one model trained on the clean split, and their settings dataclass
+SURROGATE_SETTINGS = {"tap": "TAPSettings", "hyp": "HYPSettings", "uap": "HYPSettings", "uc": "UCSettings"}
 
 
 def is_poisoned(out_dir: Path) -> bool:
@@ -56,15 +58,15 @@ def poison_split(kind: str, in_dir: Path, out_dir: Path, seed: int = 0, device: 
 
 
 def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_dir, log):
-    """Call the generator; EM/TAP/SEP/HYP/UAP get their settings, a resumable state file and (TAP, SEP, HYP, UAP) models
-    trained on the clean split."""
+    """Call the generator; EM/TAP/SEP/HYP/UAP/UC get their settings, a resumable state file and (all but EM)
+    models trained on the clean split."""
     options = dict(options)
     if kind == "em":
         settings = module.EMSettings(**options.pop("settings", {}))
         return module.generate(clean, labels, seed=seed, device=device, settings=settings,
                                state_path=out_dir.with_name(out_dir.name + ".em-state.pt"), log=log, **options)
-    if kind in ("tap", "hyp", "uap"):  # one model trained on the clean split
-        settings = (module.TAPSettings if kind == "tap" else module.HYPSettings)(**options.pop("settings", {}))
+    if kind in SURROGATE_SETTINGS:  # one model trained on the clean split
+        settings = getattr(module, SURROGATE_SETTINGS[kind])(**options.pop("settings", {}))
         t0 = time.time()
         surrogate = _clean_surrogate(in_dir, out_dir, device, options, log)
         if options.get("max_seconds") is not None:  # the surrogate used part of this call's budget
