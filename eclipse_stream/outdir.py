@@ -2,7 +2,8 @@
 what is already done, and the manifest.
 
 * :func:`check_no_overlap`: OUT never is, contains or lies inside a folder (or prefix) holding input shards.
-* :func:`prepare_out` (rank 0, OUT locked): remove what killed runs left, check the plan, drop the manifest.
+* :func:`claim_out` (rank 0): create and lock OUT; :func:`prepare_out` (rank 0, OUT locked): remove what killed
+  runs left, check the plan, drop the manifest.
 * :func:`earlier_settings`: the settings OUT's finished shards were made with (what a resumed run keeps).
 * :func:`plan`: which shards still need work (a shard is done when its stats file records the current
   settings and the input's current identity (``storage.identity``), and its output is still the one written
@@ -185,13 +186,18 @@ def _temporary() -> re.Pattern:
     return re.compile(partial + rf"|^\.(.+\.stats\.json|{re.escape(MANIFEST)})\.\d+\.[0-9a-f]{{8}}\.tmp$")
 
 
-def prepare_out(out, lock, shards, fingerprint: dict, overwrite: bool):
-    """Rank 0, before any rank writes: create and lock OUT, remove what killed runs left, check the plan,
-    and invalidate the manifest (it is rewritten when every shard is done); returns the plan. ``out``: an
-    OutputStore or a local folder; ``lock``: its lock (``OutputStore.lock()``)."""
-    store = open_store(out)
-    store.create()  # only once inputs and checkpoint are known good
+def claim_out(out, lock) -> None:
+    """Rank 0, once inputs and checkpoint are known good: create OUT and take its lock (``OutputStore.lock()``);
+    a second run into the same OUT stops here, before any work."""
+    open_store(out).create()
     lock.acquire()
+
+
+def prepare_out(out, shards, fingerprint: dict, overwrite: bool):
+    """Rank 0, OUT claimed (:func:`claim_out`), before any rank writes: remove what killed runs left, check the
+    plan, and invalidate the manifest (it is rewritten when every shard is done); returns the plan. ``out``: an
+    OutputStore or a local folder."""
+    store = open_store(out)
     store.remove_leftovers(_temporary())  # with OUT locked, no live run owns any of these
     planned = plan(shards, store, fingerprint, overwrite)  # refuses other settings before the manifest goes
     store.remove(MANIFEST)

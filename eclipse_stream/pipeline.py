@@ -3,8 +3,8 @@
     plan (outdir) -> read workers (reading) -> device loop (here) -> encode threads (here)
       -> in-order assembly (assembly) -> finisher thread (finisher) -> manifest (outdir)
 
-1. **Plan** (rank 0, OUT locked): refuse an OUT that overlaps the input, remove what killed runs left, skip
-   shards already done with the same settings (``outdir``).
+1. **Plan** (rank 0, OUT locked): refuse an OUT that overlaps the input, lock OUT (before ``--deblur auto``'s
+   fit), remove what killed runs left, skip shards already done with the same settings (``outdir``).
 2. **Read** (DataLoader worker processes, ``reading``): one worker reads one whole shard through its format
    (``formats``), decodes every image field, applies the resolution policy and buckets images into batches;
    it sends typed events (``events``).
@@ -52,8 +52,8 @@ from .errors import EclipseError, NumericalError, SampleError, ShardError
 from .events import Batch, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
 from .finisher import Finisher
 from .formats import WritePolicy, format_for
-from .outdir import (MANIFEST, Task, check_no_overlap, earlier_settings, partial_path, plan, prepare_out,  # noqa: F401
-                     stats_path, write_manifest)
+from .outdir import (MANIFEST, Task, check_no_overlap, claim_out, earlier_settings, partial_path,  # noqa: F401
+                     plan, prepare_out, stats_path, write_manifest)
 from .outstore import OutputStore, open_store
 from .purifier import Purifier
 from .reading import ReadSettings, ShardEvents, as_is, reader_worker_init
@@ -469,6 +469,23 @@ def _kept_deblur(earlier: dict):
     return kernels if kernels.fingerprint() == earlier.get("class_kernels") else False
 
 
+def _rank_zero_step(group: ProcessGroup, step):
+    """Run ``step`` on rank 0 and share its verdict: its error is raised on rank 0 and, as :class:`RankZeroError`,
+    on every other rank, so no rank goes on alone. Returns the step's result (None on the other ranks)."""
+    problem = error = result = None
+    if group.rank == 0:
+        try:
+            result = step()
+        except EclipseError as e:
+            problem, error = (e.exit_code, str(e)), e
+    problem = group.share_go(problem)
+    if error is not None:
+        raise error
+    if problem is not None:
+        raise RankZeroError(*problem)
+    return result
+
+
 def _weights_sha256(model: torch.nn.Module) -> str:
     """A hash of a model's tensors (names and bytes), so two in-memory denoisers never share outputs on resume."""
     h = hashlib.sha256()
@@ -507,24 +524,16 @@ def purify_shards(inputs, out_dir, denoiser: str | os.PathLike | Denoiser | None
     if stage.custom is not None:
         fingerprint["device_stage"] = stage.custom  # the caller's purifier, not the ECLIPSE one
     store = open_store(out_dir)
-    deblur = _class_deblur(cfg, stage, shards, fingerprint, store)
-    read = ReadSettings.from_config(cfg, stage.model_size, stage.tile_size, labels=deblur is not None)
-    ctx = RunContext(cfg, store, fingerprint, device, read, group.rank, progress, deblur)
-
-    # The lock on OUT belongs to the job: rank 0 takes it, tidies OUT and tells the other ranks whether to go on.
+    # The lock on OUT belongs to the job: rank 0 takes it before the deblurring fit (a second run into the same OUT
+    # is refused at once, not after minutes of sampling), then tidies OUT and plans; after each step it tells the
+    # other ranks whether to go on.
     lock = store.lock() if group.rank == 0 else None
     try:
-        problem = error = planned = None
-        if group.rank == 0:
-            try:
-                planned = prepare_out(store, lock, shards, fingerprint, cfg.overwrite)
-            except EclipseError as e:
-                problem, error = (e.exit_code, str(e)), e
-        problem = group.share_go(problem)
-        if error is not None:
-            raise error
-        if problem is not None:
-            raise RankZeroError(*problem)
+        _rank_zero_step(group, lambda: claim_out(store, lock))
+        deblur = _class_deblur(cfg, stage, shards, fingerprint, store)
+        read = ReadSettings.from_config(cfg, stage.model_size, stage.tile_size, labels=deblur is not None)
+        ctx = RunContext(cfg, store, fingerprint, device, read, group.rank, progress, deblur)
+        planned = _rank_zero_step(group, lambda: prepare_out(store, shards, fingerprint, cfg.overwrite))
 
         # rank 0 planned (and warned) above; the other ranks plan again, quietly
         todo, done = planned or plan(shards, store, fingerprint, cfg.overwrite, quiet=True)

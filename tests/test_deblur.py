@@ -510,3 +510,39 @@ def test_auto_deblur_knows_a_foreign_record_from_the_first_samples(tmp_path, cif
                       progress=False)
         outs[mode] = _pngs(tmp_path / mode / "train-000.tar")
     assert not fits and "do not cover class(es) n01440764" in caplog.text and outs["auto"] == outs["off"]
+
+
+def test_a_second_run_into_a_locked_out_is_refused_before_the_fit(tmp_path, cifar_three, tiny_ckpt, monkeypatch):
+    """OUT is claimed before --deblur auto's sampling pass: a run into an OUT another purify holds stops at once
+    (at ImageNet scale the fit reads up to 64 shards), with the lock's error, and leaves OUT as it was."""
+    import eclipse_stream.deblur as deblur_mod
+    from eclipse_stream.checkpoint import record_class_spectra
+    from eclipse_stream.config import PurifyConfig
+    from eclipse_stream.deblur import ClassSpectra
+    from eclipse_stream.errors import OutputError
+    from eclipse_stream.fsutil import DirLock
+    from eclipse_stream.pipeline import purify_shards
+
+    images, labels = cifar_three
+    train, clean = split(labels)
+    poisoned = convolve(images[train], class_kernels(10, seed=0, blur_parameter=0.3), labels[train])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "sparse").mkdir()
+    _png_shard(tmp_path / "in" / "train-000.tar", poisoned, labels[train], "s")
+    _png_shard(tmp_path / "sparse" / "sparse-000.tar", images[clean], labels[clean], "c")
+    ckpt = tmp_path / "with-record.safetensors"
+    record_class_spectra(tiny_ckpt, ckpt, ClassSpectra.from_shards(str(tmp_path / "sparse")))
+    fits = []
+    real_fit = deblur_mod.fit_kernels_from_shards
+    monkeypatch.setattr(deblur_mod, "fit_kernels_from_shards", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = PurifyConfig(device="cpu", workers=0)
+    with DirLock(out):
+        with pytest.raises(OutputError, match="in use by PID"):
+            purify_shards(tmp_path / "in", out, ckpt, cfg, progress=False)
+        assert not fits and [p.name for p in out.iterdir()] == [".eclipse-stream.lock"]
+    res = purify_shards(tmp_path / "in", out, ckpt, cfg, progress=False)  # once released: fitted, deblurred
+    assert len(fits) == 1 and [p["shard"] for p in res.processed] == ["train-000.tar"]
+    assert sorted(json.loads((out / "train-000.tar.stats.json").read_text())["config"]["class_kernels_fitted"]
+                  ["kernels"]) == ["0", "1", "2"]
