@@ -318,17 +318,17 @@ class ClassSpectra:
 
 
 def _sample_labelled(inputs, per_class: int, label_key: str | None, image_key: str | None, seed: int,
-                     on_shard_error=None):
+                     on_shard_error=None, expanded: bool = False):
     """Up to ``per_class`` images of every class of the shards ``inputs``: (N x 3 x 32 x 32 uint8, labels), the
-    central ``SPECTRUM_SIZE`` window at native resolution, labels as each format reads them. ``on_shard_error``:
-    as :func:`~eclipse_stream.scan.sampling.sample_shards` (None: an unreadable shard raises)."""
+    central ``SPECTRUM_SIZE`` window at native resolution, labels as each format reads them. ``on_shard_error``
+    and ``expanded``: as :func:`~eclipse_stream.scan.sampling.sample_shards` (None: an unreadable shard raises)."""
     from .scan.config import ScanConfig
     from .scan.sampling import sample_shards
 
     cfg = ScanConfig(per_class=per_class, label_key=label_key, image_key=image_key, seed=seed, by="none",
                      probe_size=SPECTRUM_SIZE, view="crop")
     s = sample_shards(list(inputs) if not isinstance(inputs, (str, os.PathLike)) else [inputs], cfg,
-                      groups=False, on_shard_error=on_shard_error).whole
+                      groups=False, on_shard_error=on_shard_error, expanded=expanded).whole
     return torch.from_numpy(np.ascontiguousarray(s.images)).permute(0, 3, 1, 2), [s.classes[i] for i in s.labels]
 
 
@@ -448,7 +448,7 @@ def fit_kernels_from_shards(inputs, clean=None, per_class: int = FIT_PER_CLASS, 
         raise ValueError(f"max_shards must be a positive integer or None, not {max_shards!r}")
     shards = expand_shards([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     images, labels = _sample_labelled(shards if max_shards is None else spread(shards, max_shards), per_class,
-                                      label_key, image_key, seed, on_shard_error)
+                                      label_key, image_key, seed, on_shard_error, expanded=True)
     if reference is None:
         reference = ClassSpectra.from_shards(clean, per_class, label_key, image_key, seed)
     return fit_to_reference(images, labels, reference, kernel_size=kernel_size, log=log,

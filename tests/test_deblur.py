@@ -472,12 +472,17 @@ def test_the_fit_samples_at_most_max_shards_spread_evenly(tmp_path, cifar_three,
     images, labels = cifar_three
     for i in range(6):
         _png_shard(tmp_path / f"train-{i:03d}.tar", images[i::6], labels[i::6], f"s{i}")
-    seen = []
+    seen, listed = [], []
     real = deblur_mod._sample_labelled
-    monkeypatch.setattr(deblur_mod, "_sample_labelled", lambda shards, *a: seen.append(shards) or real(shards, *a))
+    monkeypatch.setattr(deblur_mod, "_sample_labelled",
+                        lambda shards, *a, **k: seen.append(shards) or real(shards, *a, **k))
+    import eclipse_stream.scan.sampling as sampling_mod
+    real_expand = sampling_mod.expand_shards
+    monkeypatch.setattr(sampling_mod, "expand_shards", lambda x: listed.append(x) or real_expand(x))
     ref = deblur_mod.ClassSpectra.from_images(nchw(images), labels.tolist())
     deblur_mod.fit_kernels_from_shards(tmp_path, reference=ref, max_shards=3)
     assert [p.name for p in seen[-1]] == ["train-000.tar", "train-002.tar", "train-004.tar"]
+    assert not listed  # the shards are listed once (on an object store, each listing is a request per shard)
     deblur_mod.fit_kernels_from_shards(tmp_path, reference=ref, max_shards=None)
     assert len(seen[-1]) == 6
     with pytest.raises(ValueError, match="max_shards"):

@@ -201,15 +201,17 @@ def _shard_groups(shards: list, inputs: list, cfg: ScanConfig) -> tuple[list[str
 
 
 def sample_shards(inputs: str | os.PathLike | Sequence[str | os.PathLike], cfg: ScanConfig,
-                  groups: bool = True, on_shard_error=None) -> Sample:
+                  groups: bool = True, on_shard_error=None, expanded: bool = False) -> Sample:
     """Choose up to ``cfg.per_class`` images per class from shards of any registered format (one pass each),
     and ``cfg.group_per_class`` per class of each group: labels as each shard's format reads them, images
     decoded only for the chosen samples.
 
     A shard that cannot be read to its end (cut, corrupt, gone) raises, unless ``on_shard_error(shard, error)``
-    is given: it is told, the samples read before the fault stay candidates, and the pass goes on."""
+    is given: it is told, the samples read before the fault stay candidates, and the pass goes on.
+    ``expanded``: ``inputs`` are shards as :func:`~eclipse_stream.sources.expand_shards` returned them (not
+    listed again: on an object store that is one request per shard)."""
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    shards = expand_shards(inputs)
+    shards = inputs if expanded else expand_shards(inputs)
     per_shard, names = _shard_groups(shards, inputs, cfg) if groups else ([""] * len(shards), [""])
     collector = _Collector(cfg, grouped=len(names) > 1)
     with read_in_order(shards):  # a remote shard's next one is fetched while it is read (storage)
