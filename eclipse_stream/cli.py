@@ -196,7 +196,10 @@ def _purifier_options(seed_source):
     opts = [
         click.option("--denoiser", "-d",
                      help="Denoiser checkpoint; default: the one shipped in the package (see README)."),
-        _purifier("t_star", help="Forward noise level t* on the checkpoint's T."),
+        # --t-star, --steps and --prefilter: None is "the recipe's" (PurifierConfig.from_recipe)
+        click.option("--t-star", "t_star", type=int, default=None,
+                     help="Forward noise level t* on the checkpoint's T [default: the recipe's: robust 200, "
+                          "paper 100]."),
         click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=DEFAULT_RECIPE,
                      help="Named settings: paper (ECLIPSE as published: full chain, no prefilter) or robust "
                           "(impulse prefilter + the 1-step x0 estimate); --steps/--prefilter override it."),

@@ -28,7 +28,7 @@ def test_version_and_info(tiny_ckpt):
 def test_bad_option_values_are_usage_errors(tmp_path, tiny_ckpt, shard_dir):
     r = CliRunner().invoke(main, ["purify", str(shard_dir), str(tmp_path / "o"), "-d", str(tiny_ckpt),
                                   "--steps", "500"])
-    assert r.exit_code == 2 and "steps must be between 1 and t_star=100" in r.output
+    assert r.exit_code == 2 and "steps must be between 1 and t_star=200" in r.output
     r = CliRunner().invoke(main, ["purify", str(shard_dir), str(tmp_path / "o"), "-d", str(tiny_ckpt),
                                   "--jpeg-quality", "0"])
     assert r.exit_code == 2 and "JPEG quality" in r.output
@@ -62,7 +62,7 @@ NOT_A_FIELD = {
     "quiet": False,  # the progress bar, not a setting of the run
     "denoiser": None,  # None: the shipped denoiser
     "recipe": DEFAULT_RECIPE,  # the name of a set of PurifierConfig values
-    "steps": None, "prefilter": None,  # None: the recipe's (PurifierConfig.from_recipe), not the field's default
+    "steps": None, "prefilter": None, "t_star": None,  # None: the recipe's (PurifierConfig.from_recipe)
     "deblur": None,  # None: the recipe's (defaults.RECIPE_DEBLUR: off for paper); PurifyConfig.deblur is "auto"
     "reference": (),  # scan: clean shards to compare with
     "report": None, "plot": None,  # scan's output files: none unless asked for

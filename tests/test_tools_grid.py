@@ -143,19 +143,25 @@ def test_cpu_protocol_grid_end_to_end_at_toy_size(tmp_path):
 def test_cpu_protocol_recommended_row_is_the_package_default():
     """The grid's recommended row must be what a user gets by default: purify's default recipe, then the
     default training-time corruption (so changing a package default without re-measuring fails here)."""
+    import dataclasses
+
     from eclipse_stream.config import PurifyConfig
     from eclipse_stream.corruption import RandomCorruption
     from eclipse_stream.defaults import DEFAULT_RECIPE, RECIPES
     from tools.defenses import get_defense
-    from tools.grid import NO_DEBLUR, PROTOCOLS, RECOMMENDED
+    from tools.grid import NO_DEBLUR, PROTOCOLS, RECOMMENDED, T100
 
     d, default = get_defense(RECOMMENDED), RandomCorruption()
     assert RECOMMENDED in PROTOCOLS["cpu"].defenses
     # purify deblurs by class by default (against the denoiser's record of the sparse set: the grid's fit-kernels)
     assert d.deblur and PurifyConfig().deblur == "auto" and PurifyConfig().class_kernels is None
-    assert get_defense(NO_DEBLUR) == get_defense(RECOMMENDED[len("deblur+"):])
+    assert get_defense(NO_DEBLUR) == get_defense(T100[len("deblur+"):])  # both at the paper recipe's t* = 100
+    assert get_defense(T100) == dataclasses.replace(d, name=T100, t_star=None)
     assert "--deblur" in get_defense(NO_DEBLUR).purify_args()  # the rows without deblur+ pin it off
-    assert (d.purify_steps, d.prefilter) == (RECIPES[DEFAULT_RECIPE]["steps"], RECIPES[DEFAULT_RECIPE]["prefilter"])
+    recipe = RECIPES[DEFAULT_RECIPE]
+    assert (d.purify_steps, d.t_star, d.prefilter) == (recipe["steps"], recipe["t_star"], recipe["prefilter"])
+    assert d.purify_args()[4:6] == ("--t-star", "200") and d.purify_tag == "-steps1-t200-impulse-deblur"
+    assert RECIPES["paper"]["t_star"] == 100 and "--t-star" not in get_defense(T100).purify_args()
     assert (d.gray_p, d.lowfreq_sigma, d.jpeg_quality) == (default.p, default.lowfreq_sigma, default.jpeg_quality)
     assert default.sigma == 0.05  # tools.defenses.CORRUPTION_SIGMA, the paper's
 
@@ -206,10 +212,11 @@ def test_reports_say_which_families_the_defaults_were_tuned_on(monkeypatch):
     from tools.families import FAMILIES, held_out
     from tools.grid import checks
 
-    # UC is the one family held out (tools/families.py); hold HYP out too for this test
-    assert set(FAMILIES) == set(grid.POISONS) and held_out() == ["uc"]
+    # since t* = 200 became the default (checked on UC) every family has been seen (tools/families.py); the
+    # report must still mark one that was not: hold HYP out for this test
+    assert set(FAMILIES) == set(grid.POISONS) and held_out() == []
     monkeypatch.setitem(FAMILIES, "hyp", dataclasses.replace(FAMILIES["hyp"], tuned_on=False))
-    assert held_out() == ["hyp", "uc"]
+    assert held_out() == ["hyp"]
 
     def cell(poison, defense, acc):
         return {"poison": poison, "defense": defense, "seed": 0, "accuracy": acc, "cell_seconds": 1.0,

@@ -8,7 +8,8 @@ only: a model trained on gray images is tested on gray images).
 
 Names: ``none``, ``iss-gray``, ``iss-jpeg10``, ``corruption`` (training-time corruption
 alone), ``eclipse`` (purified shards + corruption) and ``eclipse-steps<K>`` (purified with
-K reverse steps instead of the default). Suffixes: ``+impulse`` (purify's impulse prefilter),
+K reverse steps instead of the default); ``-t<T>`` after the steps sets purify's t* (``--t-star``; without it,
+the paper recipe's t* = 100). Suffixes: ``+impulse`` (purify's impulse prefilter),
 ``-grayP`` (the corruption's grayscale probability) and ``-lfS`` (the corruption's low-frequency
 noise std, 0 unless given: every row without it is the paper's corruption) and ``-jqLO-HI`` (the
 corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given);
@@ -16,9 +17,10 @@ corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off u
 without any training-time corruption (for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...``
 defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set,
 then ``purify --class-kernels``).
-The package's default (``tools.grid.RECOMMENDED``) is ``eclipse-steps1+impulse-lf0.05-jq20-60``; the stronger JPEG
-range, the default for part of 2026-12-06, is ``...-jq10-50`` (``PREVIOUS``); the default until 2026-12-06, without
-the JPEG term, ``eclipse-steps1+impulse-lf0.05`` (``NO_JPEG``).
+The package's default (``tools.grid.RECOMMENDED``) is ``deblur+eclipse-steps1-t200+impulse-lf0.05-jq20-60`` since
+2026-12-07 (t* 100 before: ``deblur+eclipse-steps1+impulse-lf0.05-jq20-60``); the stronger JPEG range, the default for
+part of 2026-12-06, is ``...-jq10-50`` (``PREVIOUS``); the default until 2026-12-06, without the JPEG term,
+``eclipse-steps1+impulse-lf0.05`` (``NO_JPEG``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class Defense:
     test_once: str | None = None       # "gray" | None
     train_corruption: bool = False
     purify: bool = False
-    purify_steps: int | None = None    # None: the CLI's default (t* = 100 reverse steps)
+    purify_steps: int | None = None    # None: the paper recipe's (t* reverse steps)
+    t_star: int | None = None          # purify --t-star; None: the paper recipe's (100)
     prefilter: str = "none"            # purify --prefilter, always passed: "none" is the paper's recipe
     gray_p: float = 0.4                # training-time corruption: grayscale probability (the paper's 0.4)
     lowfreq_sigma: float = 0.0         # training-time corruption: low-frequency noise std (0: the paper's)
@@ -66,7 +69,8 @@ class Defense:
     def to_dict(self) -> dict:
         return {"name": self.name, "train_once": self.train_once, "test_once": self.test_once,
                 "train_corruption": self.train_corruption, "purify": self.purify,
-                "purify_steps": self.purify_steps, "prefilter": self.prefilter, "gray_p": self.gray_p,
+                "purify_steps": self.purify_steps, **({"t_star": self.t_star} if self.t_star else {}),
+                "prefilter": self.prefilter, "gray_p": self.gray_p,
                 **({"lowfreq_sigma": self.lowfreq_sigma} if self.lowfreq_sigma else {}),
                 **({"jpeg_quality": list(self.jpeg_quality)} if self.jpeg_quality else {}),
                 **({"deblur": True} if self.deblur else {})}
@@ -75,6 +79,7 @@ class Defense:
     def purify_tag(self) -> str:
         """Folder suffix of this defense's purified sets: one purification per distinct setting."""
         return (f"-steps{self.purify_steps}" if self.purify_steps else "") + (
+            f"-t{self.t_star}" if self.t_star else "") + (
             f"-{self.prefilter}" if self.prefilter != "none" else "") + ("-deblur" if self.deblur else "")
 
     def purify_args(self) -> tuple[str, ...]:
@@ -82,7 +87,8 @@ class Defense:
         (``--deblur off``; a ``deblur+`` defense passes ``--class-kernels``): the CLI's defaults never leak in."""
         if not self.purify:
             return ()
-        return ("--recipe", "paper", "--prefilter", self.prefilter) + (() if self.deblur else ("--deblur", "off"))
+        return ("--recipe", "paper", "--prefilter", self.prefilter) + (
+            ("--t-star", str(self.t_star)) if self.t_star else ()) + (() if self.deblur else ("--deblur", "off"))
 
 
 _JQ = r"(?:-jq(\d+)-(\d+))?"  # the corruption's JPEG quality range, e.g. -jq10-50
@@ -95,6 +101,10 @@ def _jpeg_quality(match: re.Match, group: int) -> tuple[int, int] | None:
     if not 1 <= lo <= hi <= 100:
         raise ToolError(f"defense {match.group(0)!r}: JPEG quality range must have 1 <= LO <= HI <= 100")
     return lo, hi
+
+
+def _positive(digits: str | None) -> bool:
+    return digits is None or int(digits) > 0
 
 
 def get_defense(name: str) -> Defense:
@@ -115,26 +125,28 @@ def get_defense(name: str) -> Defense:
         if not inner.purify or inner.deblur:
             raise ToolError(f"defense {name!r}: deblur+ goes before an eclipse-... or purify-... defense")
         return replace(inner, name=name, deblur=True)
-    match = re.fullmatch(r"eclipse(?:-steps(\d+))?(?:\+(none|impulse))?(?:-gray(0(?:\.\d+)?|1(?:\.0+)?))?"
-                         r"(?:-lf(0(?:\.\d+)?))?" + _JQ, name)
-    if match and (match.group(1) is None or int(match.group(1)) > 0):
+    match = re.fullmatch(r"eclipse(?:-steps(\d+))?(?:-t(\d+))?(?:\+(none|impulse))?"
+                         r"(?:-gray(0(?:\.\d+)?|1(?:\.0+)?))?(?:-lf(0(?:\.\d+)?))?" + _JQ, name)
+    if match and _positive(match.group(1)) and _positive(match.group(2)):
         steps = int(match.group(1)) if match.group(1) else None
-        gray = float(match.group(3)) if match.group(3) else CORRUPTION_P
+        gray = float(match.group(4)) if match.group(4) else CORRUPTION_P
         return Defense(name, train_corruption=True, purify=True, purify_steps=steps,
-                       prefilter=match.group(2) or "none", gray_p=gray,
-                       lowfreq_sigma=float(match.group(4)) if match.group(4) else 0.0,
-                       jpeg_quality=_jpeg_quality(match, 5))
-    match = re.fullmatch(r"purify(?:-steps(\d+))?(?:\+(none|impulse))?", name)
-    if match and (match.group(1) is None or int(match.group(1)) > 0):  # the data stage alone, no corruption
+                       t_star=int(match.group(2)) if match.group(2) else None,
+                       prefilter=match.group(3) or "none", gray_p=gray,
+                       lowfreq_sigma=float(match.group(5)) if match.group(5) else 0.0,
+                       jpeg_quality=_jpeg_quality(match, 6))
+    match = re.fullmatch(r"purify(?:-steps(\d+))?(?:-t(\d+))?(?:\+(none|impulse))?", name)
+    if match and _positive(match.group(1)) and _positive(match.group(2)):  # the data stage alone, no corruption
         return Defense(name, purify=True, purify_steps=int(match.group(1)) if match.group(1) else None,
-                       prefilter=match.group(2) or "none")
+                       t_star=int(match.group(2)) if match.group(2) else None, prefilter=match.group(3) or "none")
     match = re.fullmatch(r"corruption-lf(0(?:\.\d+)?)" + _JQ, name)
     if match:
         return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(1)),
                        jpeg_quality=_jpeg_quality(match, 2))
     raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or "
-                    "eclipse-steps<K>[+impulse][-grayP][-lfS][-jqLO-HI], purify-steps<K>[+impulse] (purified, no "
-                    "training-time corruption), corruption-lfS[-jqLO-HI]; eclipse/purify ones take a deblur+ prefix")
+                    "eclipse-steps<K>[-t<T>][+impulse][-grayP][-lfS][-jqLO-HI], purify-steps<K>[-t<T>][+impulse] "
+                    "(purified, no training-time corruption), corruption-lfS[-jqLO-HI]; eclipse/purify ones take a "
+                    "deblur+ prefix")
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:

@@ -8,8 +8,9 @@ TAP and clean data (2026-12-05), run once on SEP and CUDA while it was opt-in, a
 by then, so from that day they count as tuned on. HYP was added after that change, as the held-out family. The
 milder range (20, 60) was then measured on every family, HYP included, and replaced (10, 50) the same day after a
 check on UAP that was written down before its cells ran (docs/evaluation.md, "Held-out check of the milder range
-on UAP"): HYP and UAP count as tuned on from then. UC (unlearnable clusters) was added on 2026-12-07 as the next
-held-out family. The
+on UAP"): HYP and UAP count as tuned on from then. UC (unlearnable clusters) was added on 2026-12-07 as the
+held-out check of t* = 200 (rule committed before its cells), which it passed: t* = 200 became the robust
+recipe's default and UC counts as tuned on; no family is held out until a new one is added. The
 opt-in class-wise deblurring (``fit-kernels`` + ``purify --class-kernels``) was designed on CUDA with blur 0.3;
 CUDA with blur 0.5 and 0.1 were first run through a victim after it was frozen. A family moves to
 ``tuned_on=True`` as soon as a default is changed after looking at its results (docs/evaluation.md, "Tuning and
@@ -49,9 +50,9 @@ FAMILIES = {
                   "held out for the JPEG range (10, 50); the (20, 60) range that replaced it had been run on it"),
     "uap": Family("uap", True, "class-wise universal targeted adversarial perturbation (Tao et al. P3), L2 0.5",
                   "held out until the pre-registered check that made (20, 60) the default (2026-12-06)"),
-    "uc": Family("uc", False, "label-agnostic cluster-wise universal perturbation (unlearnable clusters), "
-                 "L-inf 8/255", "added 2026-12-07 as the held-out check of the next default change; the rule was "
-                 "committed before any defended cell ran (docs/evaluation.md)"),
+    "uc": Family("uc", True, "label-agnostic cluster-wise universal perturbation (unlearnable clusters), "
+                 "L-inf 8/255", "held out until the check, written down before its cells ran, that made t* = 200 "
+                 "the default (2026-12-07, docs/evaluation.md)"),
 }
 
 

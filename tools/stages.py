@@ -44,7 +44,7 @@ def _norms(d: torch.Tensor) -> dict:
 
 
 def residuals(clean: np.ndarray, poisoned: np.ndarray, denoiser, steps: int = 1, seed: int = 0,
-              deblur=None) -> dict:
+              deblur=None, t_star: int = 100) -> dict:
     """The perturbation (poisoned - clean) after each stage, both images given the same noise. ``deblur``:
     a callable on the poisoned batch (the class-wise deblurring with its labels), for the deblur stages."""
     x, xp = _nchw(clean), _nchw(poisoned)
@@ -55,7 +55,7 @@ def residuals(clean: np.ndarray, poisoned: np.ndarray, denoiser, steps: int = 1,
         out["deblur"] = xd - x
         runs.append(("deblur+impulse+purified", "impulse", xd))
     for name, prefilter, poisoned_batch in runs:
-        p = Purifier(denoiser, PurifierConfig(steps=steps, precision="bf16", prefilter=prefilter))
+        p = Purifier(denoiser, PurifierConfig(t_star=t_star, steps=steps, precision="bf16", prefilter=prefilter))
         a = p(x, torch.Generator().manual_seed(seed)).float()
         b = p(poisoned_batch, torch.Generator().manual_seed(seed)).float()
         out[name] = b - a
@@ -97,9 +97,11 @@ def picture(rows: dict, path: Path, scale: int = 4) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: WORK_DIR/stages]")
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Reverse steps of the purification (100: the paper's full chain at t* = 100).")
+@click.option("--t-star", type=click.IntRange(min=1), default=100, show_default=True,
+              help="t* of the purification (the paper's 100; the robust recipe's default is 200 since 2026-12-07).")
 @click.option("--kernels-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of <poison>.json class kernels (fit-kernels): adds the deblur stages for those poisons.")
-def main(work_dir, poisons, images, denoiser, out, steps, kernels_dir):
+def main(work_dir, poisons, images, denoiser, out, steps, t_star, kernels_dir):
     """Measure and draw what is left of each poison after each purification stage."""
     torch.manual_seed(0)
     den = load_denoiser(denoiser or default_denoiser_path())
@@ -115,7 +117,7 @@ def main(work_dir, poisons, images, denoiser, out, steps, kernels_dir):
         if kernels_dir is not None and (Path(kernels_dir) / f"{poison}.json").is_file():
             module = ClasswiseDeblur(ClassKernels.load(Path(kernels_dir) / f"{poison}.json"))
             deblur = functools.partial(module, labels=labels[idx].tolist())
-        res = residuals(clean_all[idx], poisoned_all[idx], den, steps=steps, deblur=deblur)
+        res = residuals(clean_all[idx], poisoned_all[idx], den, steps=steps, deblur=deblur, t_star=t_star)
         stored = _norms(res["stored"])
         table[poison] = {stage: {**_norms(d), "l2_left_fraction": _norms(d)["l2_mean"] / stored["l2_mean"]}
                          for stage, d in res.items()}
@@ -126,10 +128,10 @@ def main(work_dir, poisons, images, denoiser, out, steps, kernels_dir):
                                                            "deblur+impulse+purified") if s in res]]
         click.echo(f"{poison}: " + ", ".join(f"{s} L2 {v['l2_mean']:.3f} ({100 * v['l2_left_fraction']:.0f}%)"
                                             for s, v in table[poison].items()))
-    record = {"images_per_poison": int(len(idx)), "steps": steps, "precision": "bf16", "table": table,
+    record = {"images_per_poison": int(len(idx)), "steps": steps, "t_star": t_star, "precision": "bf16", "table": table,
               **provenance("cpu")}
     write_json(out / "stages.json", record)
-    lines = [f"| poison | stored L2 | impulse only | purified (paper, {steps} step{'s' if steps > 1 else ''}) | "
+    lines = [f"| poison | stored L2 | impulse only | purified (t* {t_star}, {steps} step{'s' if steps > 1 else ''}) | "
              "impulse + purified | deblur only | deblur + impulse + purified |", "|---|---|---|---|---|---|---|"]
     for poison, t in table.items():
         cells = [f"{t[s]['l2_mean']:.3f} ({100 * t[s]['l2_left_fraction']:.0f}%)" if s in t else "—"
