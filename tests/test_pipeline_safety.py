@@ -262,8 +262,8 @@ def test_a_full_disk_is_a_clean_error_and_a_rerun_completes(shard_dir, tiny_ckpt
             return real_write_text(self, *a, **k)
         monkeypatch.setattr(fsutil.Path, "write_text", write_text)
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, ["purify", str(shard_dir), str(out), "-d", str(tiny_ckpt), "--steps", "2",
-                                  "--workers", "0", "--batch-size", "4", "-q"])
+    r = CliRunner().invoke(main, ["purify", str(shard_dir), str(out), "-d", str(tiny_ckpt), "--t-star", "100",
+                                  "--steps", "2", "--workers", "0", "--batch-size", "4", "-q"])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
     assert "No space left on device" in r.output and f"error: {out}" in r.output, r.output
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file, no lock left

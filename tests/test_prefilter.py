@@ -76,13 +76,14 @@ def test_recipes_name_settings_and_explicit_settings_win():
     from eclipse_stream.defaults import DEFAULT_RECIPE, RECIPES
 
     paper = PurifierConfig.from_recipe("paper")
-    assert (paper.steps, paper.prefilter) == (None, "none")  # the full chain, as published
+    assert (paper.t_star, paper.steps, paper.prefilter) == (100, None, "none")  # the full chain, as published
     robust = PurifierConfig.from_recipe("robust", t_star=80)
     assert (robust.steps, robust.prefilter, robust.t_star) == (1, "impulse", 80)
     assert PurifierConfig.from_recipe("robust", steps=10, prefilter="none").steps == 10
     assert PurifierConfig.from_recipe("robust", prefilter="none").prefilter == "none"
     default = PurifierConfig()  # the dataclass defaults are the default recipe's: one source
-    assert (default.steps, default.prefilter) == tuple(RECIPES[DEFAULT_RECIPE].values())
+    assert (default.t_star, default.steps, default.prefilter) == tuple(RECIPES[DEFAULT_RECIPE].values())
+    assert default.t_star == 200  # robust: t* = 200 since 2026-12-07 (docs/evaluation.md); the paper's is 100
     with pytest.raises(ValueError, match="recipe"):
         PurifierConfig.from_recipe("fancy")
 

@@ -408,7 +408,7 @@ def test_sigkill_during_an_upload_then_a_rerun_gives_the_clean_outputs(s3, shard
     host, port = endpoint.rsplit("/", 1)[1].split(":")
     proxy = FreezingProxy((host, int(port)), trigger=f"PUT /{BUCKET}/out-kill/part-001.tar".encode(), after=2048)
     args = [sys.executable, "-m", "eclipse_stream.cli", "purify", f"s3://{BUCKET}/in/", f"s3://{BUCKET}/out-kill",
-            "-d", str(tiny_ckpt), "--steps", "2", "--batch-size", "4", "--workers", "1", "-q"]
+            "-d", str(tiny_ckpt), "--t-star", "100", "--steps", "2", "--batch-size", "4", "--workers", "1", "-q"]
     env = {**cli_env(), **FAKE_AWS}
     proc = subprocess.Popen([*args, "--storage-options", json.dumps({"endpoint_url": proxy.url})], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -487,7 +487,7 @@ def test_the_readme_examples_run_against_local_servers(s3, shard_dir, tiny_ckpt,
     expected = tars(tmp_path / "reference")
     lines = readme_examples()
     assert [shlex.split(line)[2].split(":")[0] for line in lines] == ["https", "pipe", "s3"]
-    settings = ["-d", str(tiny_ckpt), "--steps", "2", "--batch-size", "4", "--workers", "0", "-q",
+    settings = ["-d", str(tiny_ckpt), "--t-star", "100", "--steps", "2", "--batch-size", "4", "--workers", "0", "-q",
                 "--storage-options", json.dumps({"endpoint_url": endpoint})]
     with http_server(tmp_path / "site") as base:
         for n, line in enumerate(lines):
