@@ -55,8 +55,9 @@ LOWFREQ_GRID = 4
 # 3-point tolerance and a held-out check on UAP written down before it ran (docs/evaluation.md, "Held-out check of
 # the milder range on UAP"). None is the paper's corruption.
 DEFAULT_JPEG_QUALITY: tuple[int, int] | None = (20, 60)
-# The stronger range, for data suspected of dense adversarial poisons (TAP/SEP-like): about 3 points more on
-# TAP and SEP (seed 0) for 0.6 points more clean cost (3.46). The default for part of 2026-12-06.
+# The stronger range, for data suspected of dense adversarial poisons (TAP-like): with purify at t* = 100, about 3
+# points more on TAP and SEP (seed 0) for 0.6 points more clean cost (3.46); at t* = 200 (the default since
+# 2026-12-07), TAP +2.2, SEP -0.7 (seed 0), clean cost 3.57 (seeds 0-2). The default for part of 2026-12-06.
 SUGGESTED_JPEG_QUALITY = (10, 50)
 
 # Named purification recipes: the settings a name stands for (each can still be set on its own).
