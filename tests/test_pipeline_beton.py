@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from ffcv.fields import FloatField, IntField, NDArrayField, RGBImageField
 from ffcv.writer import DatasetWriter
-
 from helpers import cifar_samples, rgb_array
+
 from eclipse_stream.formats.beton import BetonReader
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
 from eclipse_stream.purifier import PurifierConfig
@@ -125,6 +125,7 @@ def test_beton_deblur_auto_reads_labels_from_the_label_field(tiny_ckpt, tmp_path
     import json
 
     from helpers import read_cifar
+
     from eclipse_stream.checkpoint import record_class_spectra
     from eclipse_stream.deblur import ClassSpectra
     from tools.poisons.cuda import class_kernels, convolve
