@@ -111,6 +111,7 @@ class LocalStore(OutputStore):
         self.folder = Path(folder)
         self.location = str(self.folder)
         self.staging = self.folder
+        self._created: list[Path] = []  # the folders this run made, OUT first: close() removes the empty ones
 
     def shown(self, name: str) -> str:
         return str(self.folder / name)
@@ -120,7 +121,12 @@ class LocalStore(OutputStore):
 
     def create(self) -> None:
         with writing(self.folder, "create the output folder"):
+            missing, p = [], self.folder.absolute()
+            while not p.exists() and p != p.parent:
+                missing.append(p)
+                p = p.parent
             self.folder.mkdir(parents=True, exist_ok=True)
+            self._created = missing
 
     def remove_leftovers(self, temporary: re.Pattern) -> None:
         for p in sorted(self.folder.iterdir()):  # with OUT locked, no live run owns any of these
@@ -171,6 +177,16 @@ class LocalStore(OutputStore):
         if recorded is not None and file_sha256(output) != recorded:
             return "the output's sha256 is not the one recorded when it was written (cut short or changed)"
         return None
+
+    def close(self) -> None:
+        """A run that made OUT and wrote nothing into it (it failed first: a corrupt input, a second run's lock)
+        leaves no empty folder behind; ``rmdir`` removes only an empty folder, so nothing written is ever lost."""
+        for folder in self._created:  # OUT first, then the parents it needed, while they are empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []
 
 
 class RemoteStore(OutputStore):

@@ -329,6 +329,25 @@ def test_a_tar_cut_anywhere_is_a_corrupt_shard_in_both_modes(shard_dir, tiny_ckp
         purify_shards(tmp_path / "in", tmp_path / "o4", tiny_ckpt, cfg(), progress=False)
 
 
+def test_a_run_that_fails_before_writing_leaves_no_empty_out_it_made(shard_dir, tiny_ckpt, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.tar").write_bytes(b"not a tar")  # fails before its first sample
+    out = tmp_path / "new" / "nested" / "out"
+    with pytest.raises(ShardError, match=r"bad\.tar"):
+        purify_shards(tmp_path / "in", out, tiny_ckpt, cfg(), progress=False)
+    assert not (tmp_path / "new").exists()  # OUT and the parents this run made are gone again
+    kept = tmp_path / "kept"  # an OUT that was there before the run is never removed, even empty
+    kept.mkdir()
+    with pytest.raises(ShardError):
+        purify_shards(tmp_path / "in", kept, tiny_ckpt, cfg(), progress=False)
+    assert kept.is_dir() and list(kept.iterdir()) == []
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "mine.txt").write_text("a user's file")  # a parent holding anything else stays
+    with pytest.raises(ShardError):
+        purify_shards(tmp_path / "in", out, tiny_ckpt, cfg(), progress=False)
+    assert not (tmp_path / "new" / "nested").exists() and (tmp_path / "new" / "mine.txt").read_text()
+
+
 def test_the_error_names_the_last_complete_sample(tmp_path):
     from eclipse_stream.sources import read_tar
 
