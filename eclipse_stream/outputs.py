@@ -62,13 +62,17 @@ def check_output_folder(out_dir, inputs, shards: Iterable = (), command: str = "
     """Refuse an output folder that is, contains or lies inside a folder holding input shards (``shards``) or
     named in ``inputs``."""
     out = _real(out_dir)
-    folders = {_real(s).parent for s in shards}  # where the bytes really are
-    folders |= {_real(Path(s).parent) for s in shards}  # where the user put them (links)
-    folders |= {_real(i) for i in _named(inputs) if os.path.isdir(i)}
+    folders: dict[Path, str] = {}  # folder -> how the message names it
+    for s in shards:  # where the bytes really are, and where the user put them (links)
+        for folder in (_real(s).parent, _real(Path(s).parent)):
+            folders.setdefault(folder, f"the folder {folder} holding input shard {s}")
+    for i in _named(inputs):
+        if os.path.isdir(i):
+            folders[_real(i)] = f"the input folder {_real(i)}"
     for folder in sorted(folders):
         if out == folder or folder in out.parents or out in folder.parents:
             relation = "is" if out == folder else "is inside" if folder in out.parents else "contains"
-            raise _refuse("output folder", out, f"{relation} the input folder", folder, command, "output folder")
+            raise _refuse("output folder", out, relation, folders[folder], command, "output folder")
 
 
 def _same_file(a: str, b: str) -> bool:

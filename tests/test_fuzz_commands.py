@@ -225,7 +225,7 @@ def test_a_purified_image_that_comes_out_constant_fails_the_shard(data, tmp_path
     with pytest.raises(errors.NumericalError, match=r"part-000\.tar: sample '.+': the purifier returned one "
                                                     r"constant value \(0\)"):
         purify_shards(data, tmp_path / "out", purifier=_Constant(), cfg=cfg(), progress=False)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == []  # no shard, no stats, no manifest
+    assert not (tmp_path / "out").exists()  # no shard, no stats, no manifest: the OUT it made is removed again
 
 
 def test_a_flat_input_may_come_out_constant(tmp_path):

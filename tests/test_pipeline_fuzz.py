@@ -164,7 +164,7 @@ def test_fuzz_random_cuts_of_a_real_shard_never_pass_as_complete(shard_dir, tiny
                                              r"complete sample)\)"):
             purify_shards(tmp_path / "in", tmp_path / f"o{i}", tiny_ckpt,
                           PurifyConfig(purifier=PurifierConfig(steps=2), workers=0), progress=False)
-        assert sorted(p.name for p in (tmp_path / f"o{i}").iterdir()) == []
+        assert not (tmp_path / f"o{i}").exists()  # nothing written: the OUT this run made is removed again
 
 
 def _shards(cifar64, d: Path, n: int = 6) -> Path:

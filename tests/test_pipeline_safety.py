@@ -48,6 +48,10 @@ def test_out_overlapping_the_input_is_refused_before_anything_is_touched(shard_d
     r = cli("purify", inp, out, "-d", tiny_ckpt, "--steps", "2", "--workers", "0", "-q")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "overlap" in r.stderr and str(out.resolve()) in r.stderr
+    if layout == "file-in-out":  # one file named: the message says which shard's folder OUT is
+        assert "holding input shard" in r.stderr and "part-000.tar" in r.stderr, r.stderr
+    else:
+        assert f"the input folder {data.resolve()}" in r.stderr, r.stderr
     assert snapshot(tmp_path) == before and not (data / "purified").exists()
 
 
