@@ -87,6 +87,12 @@ def rgb_array(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def hidden_files(folder: Path) -> list[str]:
+    """Hidden names (temporary files, the lock) left in an output folder; none where purify removed the empty
+    folder it had made (a run that failed before writing anything)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.exists() else []
+
+
 def cli_env() -> dict:
     """Environment for running the CLI in a subprocess: one thread, no progress bars."""
     import os

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import cifar_samples, cli_env, write_tar
+from helpers import cifar_samples, cli_env, hidden_files, write_tar
 from eclipse_stream.errors import EclipseError
 from eclipse_stream.fsutil import file_sha256
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
@@ -118,11 +118,11 @@ def test_fuzz_every_run_fails_cleanly_or_accounts_for_every_sample(pngs, tiny_ck
         res = purify_shards(src.parent, out, tiny_ckpt, cfg, progress=False)
     except EclipseError as e:  # a clean error: one line naming the shard, nothing under a final name
         assert str(src) in str(e) and "\n" not in str(e)
-        assert not (out / "fuzz.tar").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+        assert not (out / "fuzz.tar").exists() and not hidden_files(out)
         return
     if cut is not None and res.failed:
         assert not (out / "fuzz.tar").exists() and res.manifest is None
-        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+        assert not hidden_files(out)
         return
     assert cut is None, f"a tar cut at byte {cut} of {len(full)} (end marker at {end}) was read as complete"
     samples, other = _expected(members)

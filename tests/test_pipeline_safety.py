@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cifar_samples, cli_env, tar_members, write_tar
+from helpers import cifar_samples, cli_env, hidden_files, tar_members, write_tar
 from eclipse_stream.errors import InputError, ShardError
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
 from eclipse_stream.purifier import PurifierConfig
@@ -270,7 +270,7 @@ def test_a_full_disk_is_a_clean_error_and_a_rerun_completes(shard_dir, tiny_ckpt
                                   "--steps", "2", "--workers", "0", "--batch-size", "4", "-q"])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
     assert "No space left on device" in r.output and f"error: {out}" in r.output, r.output
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file, no lock left
+    assert not hidden_files(out)  # no temporary file, no lock left
     for p in out.glob("*.tar"):  # whatever is under a final name is complete and recorded
         assert (out / (p.name + ".stats.json")).is_file() or where == "stats"
     monkeypatch.undo()
@@ -532,7 +532,7 @@ def test_a_signal_to_the_main_process_stops_the_workers_and_leaves_nothing_parti
     assert proc.returncode == status and "Traceback" not in err, err
     assert "interrupted by SIG" in err and "rerun" in err
     assert _wait_for(lambda: not any(_alive(p) for p in workers), timeout=10), "reader workers outlived purify"
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not hidden_files(out)
     for p in out.glob("*.tar"):  # whatever is under a final name is complete and recorded
         assert (out / (p.name + ".stats.json")).is_file()
     assert cli(*args).returncode == 0 and len(list(out.glob("*.stats.json"))) == 6
