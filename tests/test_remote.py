@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import cifar_samples, cli_env, rgb_array
+from helpers import cifar_samples, cli_env, hidden_files, rgb_array
 from servers import FAKE_AWS, FreezingProxy, free_port, http_server, moto_s3
 
 from eclipse_stream import storage
@@ -140,7 +140,8 @@ def test_a_missing_url_is_an_input_error_naming_it_and_leaves_nothing(http_base,
                       progress=False)
     assert f"{http_base}/nope.tar" in str(e.value) and "not found (HTTP 404)" in str(e.value)
     assert isinstance(e.value, InputError) and e.value.exit_code == 2
-    assert not [p for p in out.iterdir() if p.name.startswith(".") or p.name == "nope.tar"]
+    # nothing partial, no lock; OUT itself is gone when part-000 was not finished before the error
+    assert not hidden_files(out) and not (out / "nope.tar").exists()
 
 
 def test_an_unreachable_host_is_a_clear_error(tiny_ckpt, tmp_path):
