@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import cifar_samples, rgb_array, tar_members, to_png, write_tar
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import cifar_samples, rgb_array, tar_members, to_png, write_tar
 from eclipse_stream import errors
 from eclipse_stream.checkpoint import load_denoiser
 from eclipse_stream.cli import main

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import cifar_samples, cli_env, rgb_array, tar_members, write_tar
 from PIL import Image
 
-from helpers import cifar_samples, cli_env, rgb_array, tar_members, write_tar
 from eclipse_stream.errors import SampleError, ShardError
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
 from eclipse_stream.purifier import PurifierConfig
 
-FAST = PurifierConfig(t_star=100, steps=2, prefilter="none")  # bounded-change checks: the impulse filter may replace a pixel outright
+# bounded-change checks: the impulse filter may replace a pixel outright
+FAST = PurifierConfig(t_star=100, steps=2, prefilter="none")
 
 
 def cfg(**kw):
@@ -290,6 +291,7 @@ def test_a_pattern_that_matches_nothing_is_an_error_even_beside_real_shards(shar
 
 def test_in_memory_denoisers_are_told_apart_on_resume(shard_dir, tmp_path):
     from helpers import make_denoiser
+
     from eclipse_stream.checkpoint import load_denoiser
     from eclipse_stream.errors import InputError
 

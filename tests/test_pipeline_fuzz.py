@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import cifar_samples, cli_env, hidden_files, write_tar
+
 from eclipse_stream.errors import EclipseError
 from eclipse_stream.fsutil import file_sha256
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
@@ -207,7 +207,7 @@ def test_killed_again_and_again_then_resumed_gives_identical_output(cifar64, tin
             wait_for(lambda: out.exists() and any(out.glob(".*partial*")), proc)
             time.sleep(extra)
         else:
-            wait_for(lambda: len(stats_files()) > done_before, proc)
+            wait_for(lambda n=done_before: len(stats_files()) > n, proc)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the main process and its reader worker
             kills += 1

@@ -10,8 +10,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from helpers import cifar_samples, cli_env, hidden_files, tar_members, write_tar
+
 from eclipse_stream.errors import InputError, ShardError
 from eclipse_stream.pipeline import PurifyConfig, purify_shards
 from eclipse_stream.purifier import PurifierConfig
@@ -452,8 +452,8 @@ def test_a_beton_with_two_image_fields_gets_both_purified(cifar64, tiny_ckpt, tm
     import numpy as np
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
-
     from helpers import rgb_array
+
     from eclipse_stream.formats.beton import BetonReader
 
     images = [rgb_array(s["png"]) for s in cifar_samples(cifar64[:3])]
