@@ -179,7 +179,7 @@ class LocalStore(OutputStore):
         return None
 
     def close(self) -> None:
-        """A run that made OUT and wrote nothing into it (it failed first: a corrupt input, a second run's lock)
+        """A run that made OUT and wrote nothing into it (it failed first: a corrupt first shard, a full disk)
         leaves no empty folder behind; ``rmdir`` removes only an empty folder, so nothing written is ever lost."""
         for folder in self._created:  # OUT first, then the parents it needed, while they are empty
             try:
