@@ -475,3 +475,96 @@ def test_uc_is_cluster_wise_label_agnostic_and_pulls_features_to_another_centre(
     resumed = read_split(again)[1]
     assert np.array_equal(resumed[assign == 0], images[assign == 0])
     assert np.array_equal(resumed[assign != 0], poisoned[assign != 0])
+
+
+def test_rem_crop_and_flip_move_pixels_per_sample_and_pass_gradients():
+    """REM's T: each output is a 32x32 window of its own zero-padded image (mirrored when flipped), drawn per
+    sample from the generator; gradients reach the input."""
+    from tools.poisons.rem import augment
+
+    x = torch.rand(16, 3, 32, 32, requires_grad=True)
+    out = augment(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x.detach(), (4, 4, 4, 4))
+    for i in range(16):
+        windows = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
+        windows += [w.flip(-1) for w in windows]
+        assert any(torch.equal(out[i].detach(), w) for w in windows)
+    assert len({tuple(o.flatten()[:50].tolist()) for o in out.detach()}) > 1  # not one shift for the batch
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(0)))
+    out.sum().backward()
+    assert x.grad is not None and x.grad.sum() > 0
+
+
+def test_rem_adversary_stays_in_its_ball_and_raises_the_loss():
+    from tools.models import resnet18
+    from tools.poisons.rem import attack
+
+    torch.manual_seed(0)
+    model = resnet18(width=0.125).eval()
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    adv = attack(model, x, y, 4 / 255, 2 / 255, 3, False, torch.Generator().manual_seed(0))
+    assert (adv - x).abs().max() <= 4 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy
+        assert ce(model(adv), y) > ce(model(x), y)
+
+
+def test_rem_respects_linf_is_seeded_and_resumes_exactly(clean, tmp_path):
+    """REM (Fu et al. 2022) through the driver: L-inf 8/255 on the stored images; the same seed gives the same
+    noise; a run stopped by its time budget after round 1 resumes to the bits of an uninterrupted run."""
+    from tools.poisons import rem
+    from tools.poisons.pgd import PoisonIncomplete
+
+    opts = {"settings": {"width": 0.125, "pgd_steps": 2, "adv_steps": 1, "train_steps": 1, "batch_size": 100,
+                         "rounds": 2}}
+    out = tmp_path / "rem"
+    poison_split("rem", clean, out, seed=0, device="cpu", options=opts, log=lambda m: None)
+    norms, *_ = _check_poisoned(clean, out, "rem")
+    assert 0 < norms["linf_max_255"] <= 8
+    assert torch.load(tmp_path / "rem.rem-state.pt", weights_only=True)["round"] == 2
+
+    _, images, labels = read_split(clean)
+    images, labels = images[:40], labels[:40]
+    settings = rem.REMSettings(width=0.125, pgd_steps=2, adv_steps=1, train_steps=2, batch_size=20, rounds=2)
+    whole = rem.generate(images, labels, seed=1, device="cpu", settings=settings, log=lambda m: None)
+    assert np.abs(whole).max() <= 8 / 255 + 1e-6
+    assert np.array_equal(whole, rem.generate(images, labels, seed=1, device="cpu", settings=settings,
+                                              log=lambda m: None))
+    assert not np.array_equal(whole, rem.generate(images, labels, seed=2, device="cpu", settings=settings,
+                                                  log=lambda m: None))
+    state = tmp_path / "part.pt"
+    with pytest.raises(PoisonIncomplete):
+        rem.generate(images, labels, seed=1, device="cpu", settings=settings, state_path=state, max_seconds=0.0,
+                     log=lambda m: None)
+    logs = []
+    resumed = rem.generate(images, labels, seed=1, device="cpu", settings=settings, state_path=state,
+                           log=logs.append)
+    assert logs[0] == "REM: resumed after round 1" and len(logs) == 2
+    assert np.array_equal(resumed, whole)
+
+
+def test_rem_noise_lowers_the_robust_loss_it_is_made_for():
+    """The defensive step is descent on the loss under the adversary and crop/flip: after it, that loss (same
+    draws) is lower than with the starting noise."""
+    from tools.models import resnet18
+    from tools.poisons.rem import REMSettings, attack, augment, defend
+
+    torch.manual_seed(0)
+    model = resnet18(width=0.125).eval()
+    x, y = torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    s = REMSettings(pgd_steps=5, adv_steps=2)
+    start = torch.zeros_like(x)
+    delta = defend(model, x, y, start, s, False, torch.Generator().manual_seed(0))
+    assert delta.abs().max() <= s.eps + 1e-6 and ((x + delta) >= 0).all() and ((x + delta) <= 1).all()
+
+    def robust_loss(d):
+        g = torch.Generator().manual_seed(5)
+        losses = []
+        for _ in range(4):
+            shown = augment((x + d).clamp(0, 1), g)
+            adv = attack(model, shown, y, s.adv_eps, s.adv_step_size, s.adv_steps, False, g)
+            with torch.no_grad():
+                losses.append(torch.nn.functional.cross_entropy(model(adv), y))
+        return torch.stack(losses).mean()
+
+    assert robust_loss(delta) < robust_loss(start)

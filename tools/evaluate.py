@@ -50,15 +50,16 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["urp", "lsp", "ar", "ops", "em", "tap", "cuda", "sep", "hyp", "uap", "uc"]))
+@click.argument("kind", type=click.Choice(["urp", "lsp", "ar", "ops", "em", "rem", "tap", "cuda", "sep", "hyp", "uap",
+                                            "uc"]))
 @click.option("--in", "in_dir", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "train",
               show_default=True, help="Clean training shard folder.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Poisoned shard folder [default: <project>/runs/eval/poisoned/KIND].")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="EM/TAP: torch device.")
+@click.option("--device", default="auto", show_default=True, help="EM/REM/TAP/...: torch device.")
 @click.option("--width", type=float, default=None,
-              help="EM model / TAP surrogate width multiplier (default: 1, or the surrogate recipe's own).")
+              help="EM/REM model / TAP surrogate width multiplier (default: 1, or the surrogate recipe's own).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="TAP/SEP/HYP/UC: PGD steps (250 / 30 / 500 per class / 100 per cluster).")
 @click.option("--step-size", type=float, default=None,
@@ -67,17 +68,19 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
               help="TAP/SEP/HYP/UC: victim recipe of the model(s) they train (default fast; cpu: the CPU victim).")
 @click.option("--blur-parameter", type=float, default=None, help="CUDA: kernel weights U(0, this) (0.3).")
 @click.option("--kernel-size", type=click.IntRange(min=1), default=None, help="CUDA: kernel side, odd (3).")
-@click.option("--pgd-steps", type=click.IntRange(min=1), default=None, help="EM: PGD steps per round (20).")
-@click.option("--train-steps", type=click.IntRange(min=1), default=None, help="EM: model steps per round (10).")
-@click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="EM: at most this many rounds (100).")
+@click.option("--pgd-steps", type=click.IntRange(min=1), default=None, help="EM/REM: PGD steps per round (20 / 10).")
+@click.option("--train-steps", type=click.IntRange(min=1), default=None,
+              help="EM/REM: model steps per round (10 / 20).")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=None,
+              help="EM: at most this many rounds (100); REM: this many rounds (6).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="EM/TAP/SEP/HYP/UC batch size (512, 512, 250, 256, 128).")
+              help="EM/REM/TAP/SEP/HYP/UC batch size (512, 512, 512, 250, 256, 128).")
 @click.option("--surrogate", type=click.Path(path_type=Path, exists=True), default=None,
               help="TAP/HYP/UC: victim checkpoint of a model trained on clean data (default: train one).")
 @click.option("--surrogate-epochs", type=click.IntRange(min=1), default=None,
               help="TAP/SEP/HYP/UC: epochs of the surrogate (the recipe's).")
 @click.option("--max-seconds", type=float, default=None,
-              help="EM/TAP/SEP/HYP/UC: stop (resumable, exit 75) before this many seconds.")
+              help="EM/REM/TAP/SEP/HYP/UC: stop (resumable, exit 75) before this many seconds.")
 def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surrogate_recipe, blur_parameter, kernel_size,
            pgd_steps, train_steps, max_rounds, batch_size, surrogate, surrogate_epochs, max_seconds):
     """Poison a clean training split with KIND; writes shards with the same keys and norms.json."""
@@ -87,6 +90,10 @@ def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surroga
     options: dict = {}
     if kind == "em":
         settings = {k: v for k, v in {"pgd_steps": pgd_steps, "train_steps": train_steps, "max_rounds": max_rounds,
+                                      "batch_size": batch_size, "width": width}.items() if v is not None}
+        options = {"settings": settings, "max_seconds": max_seconds}
+    elif kind == "rem":
+        settings = {k: v for k, v in {"pgd_steps": pgd_steps, "train_steps": train_steps, "rounds": max_rounds,
                                       "batch_size": batch_size, "width": width}.items() if v is not None}
         options = {"settings": settings, "max_seconds": max_seconds}
     elif kind in ("tap", "hyp", "uap", "uc"):

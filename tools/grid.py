@@ -101,7 +101,13 @@ PROTOCOLS = {
                                      # UC at CPU scale: k-means on the features of its own surrogate (the CPU
                                      # victim, seed 3), 100 sign steps of 1/255 per cluster on batches of 128
                                      "uc": {"surrogate_recipe": "cpu", "surrogate_seed": 3,
-                                            "settings": {"steps": 100, "batch_size": 128}}}),
+                                            "settings": {"steps": 100, "batch_size": 128}},
+                                     # REM at CPU scale: EM's width-0.125 ResNet18 trained adversarially (4/255,
+                                     # 3 steps of 2/255) on cropped/flipped poisoned images; 10 defensive steps of
+                                     # 0.8/255 a round, one draw of the crop/flip per step, 6 rounds of 20 steps
+                                     "rem": {"settings": {"width": 0.125, "pgd_steps": 10, "adv_eps": 4 / 255,
+                                                          "adv_step_size": 2 / 255, "adv_steps": 3, "samples": 1,
+                                                          "train_steps": 20, "rounds": 6}}}),
 }
 
 
@@ -235,7 +241,7 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
         left = clock.left()
         if not is_poisoned(source):
             opts = dict(cfg.poison_options.get(poison, PROTOCOLS[cfg.protocol].poison_defaults.get(poison, {})))
-            if poison in ("em", "tap", "sep", "hyp", "uap", "uc") and left is not None:
+            if poison in ("em", "rem", "tap", "sep", "hyp", "uap", "uc") and left is not None:
                 opts["max_seconds"] = max(1.0, left - SAFETY_SECONDS)
             poison_split(poison, clean, source, seed=cfg.seed, device=cfg.device, options=opts, log=log)
         norms = read_json(source / NORMS)

@@ -58,13 +58,13 @@ def poison_split(kind: str, in_dir: Path, out_dir: Path, seed: int = 0, device: 
 
 
 def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_dir, log):
-    """Call the generator; EM/TAP/SEP/HYP/UAP/UC get their settings, a resumable state file and (all but EM)
-    models trained on the clean split."""
+    """Call the generator; EM/REM/TAP/SEP/HYP/UAP/UC get their settings, a resumable state file and (all but
+    EM and REM, which train their own) models trained on the clean split."""
     options = dict(options)
-    if kind == "em":
-        settings = module.EMSettings(**options.pop("settings", {}))
+    if kind in ("em", "rem"):  # a model trained from scratch on the perturbed data, min-min
+        settings = (module.EMSettings if kind == "em" else module.REMSettings)(**options.pop("settings", {}))
         return module.generate(clean, labels, seed=seed, device=device, settings=settings,
-                               state_path=out_dir.with_name(out_dir.name + ".em-state.pt"), log=log, **options)
+                               state_path=out_dir.with_name(out_dir.name + f".{kind}-state.pt"), log=log, **options)
     if kind in SURROGATE_SETTINGS:  # one model trained on the clean split
         settings = getattr(module, SURROGATE_SETTINGS[kind])(**options.pop("settings", {}))
         t0 = time.time()
