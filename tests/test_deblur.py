@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import cifar_samples, cli_env, read_cifar, write_tar
 from PIL import Image
 
-from helpers import cifar_samples, cli_env, read_cifar, write_tar
 from eclipse_stream.deblur import ClassKernels, ClasswiseDeblur, deconvolve, fit_class_kernels, gain_db
 from eclipse_stream.errors import InputError
 from tools.poisons.cuda import class_kernels, convolve
@@ -195,6 +195,28 @@ def run_cli(*args):
                           env=cli_env())
 
 
+def run_here(*args):
+    """The CLI in this process (no interpreter start-up, about 4 s a call on the 2-core VM), for tests that call it
+    many times; same fields as ``run_cli``'s result, log records (warnings and up) appended to stderr as the CLI
+    prints them in a process of its own."""
+    import logging
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from eclipse_stream.cli import main
+
+    logged = io.StringIO()
+    handler = logging.StreamHandler(logged)
+    handler.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        r = CliRunner().invoke(main, list(args))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr + logged.getvalue())
+
+
 def test_fit_kernels_then_purify_with_them(tmp_path, cifar_three, tiny_ckpt):
     images, labels = cifar_three
     train, clean = split(labels)
@@ -214,21 +236,22 @@ def test_fit_kernels_then_purify_with_them(tmp_path, cifar_three, tiny_ckpt):
     shard(tmp_path / "in" / "train-000.tar", poisoned, labels[train], "p")
     shard(tmp_path / "sparse" / "sparse-000.tar", images[clean], labels[clean], "c")
     kfile = tmp_path / "k.json"
-    r = run_cli("fit-kernels", str(tmp_path / "in"), "--clean", str(tmp_path / "sparse"), "-o", str(kfile))
+    r = run_here("fit-kernels", str(tmp_path / "in"), "--clean", str(tmp_path / "sparse"), "-o", str(kfile))
     assert r.returncode == 0, r.stderr
     assert "3 of 3 classes deblurred" in r.stdout
     fitted = ClassKernels.load(kfile)
     assert sorted(fitted.kernels) == ["0", "1", "2"]
 
     common = ["--denoiser", str(tiny_ckpt), "--device", "cpu", "-q", "--workers", "0"]
-    r = run_cli("purify", str(tmp_path / "in"), str(tmp_path / "out"), "--class-kernels", str(kfile), *common)
+    r = run_here("purify", str(tmp_path / "in"), str(tmp_path / "out"), "--class-kernels", str(kfile), *common)
     assert r.returncode == 0, r.stderr
-    r = run_cli("purify", str(tmp_path / "in"), str(tmp_path / "plain"), *common)
+    r = run_here("purify", str(tmp_path / "in"), str(tmp_path / "plain"), *common)
     assert r.returncode == 0, r.stderr
     stats = json.loads(next((tmp_path / "out").glob("*.stats.json")).read_text())
     assert fitted.fingerprint() in json.dumps(stats)
-    from eclipse_stream.formats.tar import read_tar  # noqa: F401  (the format purify wrote)
     import tarfile
+
+    from eclipse_stream.formats.tar import read_tar  # noqa: F401  (the format purify wrote)
     with tarfile.open(tmp_path / "out" / "train-000.tar") as a, tarfile.open(tmp_path / "plain" / "train-000.tar") as b:
         pa = {m.name: a.extractfile(m).read() for m in a if m.name.endswith(".png")}
         pb = {m.name: b.extractfile(m).read() for m in b if m.name.endswith(".png")}
@@ -238,14 +261,14 @@ def test_fit_kernels_then_purify_with_them(tmp_path, cifar_three, tiny_ckpt):
     # a sample without a label cannot be deblurred: a clear error naming it, nothing under the final name
     (tmp_path / "nolabel").mkdir()
     write_tar(tmp_path / "nolabel" / "x-000.tar", [{"__key__": "orphan", "png": to_png_bytes(images[0])}])
-    r = run_cli("purify", str(tmp_path / "nolabel"), str(tmp_path / "out2"), "--class-kernels", str(kfile), *common)
+    r = run_here("purify", str(tmp_path / "nolabel"), str(tmp_path / "out2"), "--class-kernels", str(kfile), *common)
     assert r.returncode != 0 and "orphan" in r.stderr and "label" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out2" / "x-000.tar").exists()
     # kernels of other class names (fitted on another dataset): a warning, not silence
     other = ClassKernels(kernels={"cat": fitted.kernels["0"]}).save(tmp_path / "other.json")
-    r = run_cli("purify", str(tmp_path / "in"), str(tmp_path / "out4"), "--class-kernels", str(other), *common)
+    r = run_here("purify", str(tmp_path / "in"), str(tmp_path / "out4"), "--class-kernels", str(other), *common)
     assert r.returncode == 0 and "no image had a label of a deblurred class (cat)" in r.stderr, r.stderr
-    r = run_cli("purify", str(tmp_path / "in"), str(tmp_path / "out3"), "--class-kernels", str(tmp_path / "none.json"),
+    r = run_here("purify", str(tmp_path / "in"), str(tmp_path / "out3"), "--class-kernels", str(tmp_path / "none.json"),
                 *common)
     assert r.returncode != 0 and "none.json" in r.stderr and "Traceback" not in r.stderr
 
@@ -291,10 +314,11 @@ def _pngs(tar_path):
 
 
 def test_class_spectra_round_trip_through_a_checkpoint(tmp_path, cifar_three, tiny_ckpt):
+    from safetensors.torch import load_file, save_file
+
     from eclipse_stream.checkpoint import CLASS_SPECTRA, load_denoiser, record_class_spectra
     from eclipse_stream.deblur import ClassSpectra
     from eclipse_stream.errors import CheckpointError
-    from safetensors.torch import load_file, save_file
 
     images, labels = cifar_three
     spectra = ClassSpectra.from_images(nchw(images), labels.tolist())
@@ -339,12 +363,12 @@ def test_purify_deblurs_by_default_against_the_denoisers_record(tmp_path, cifar_
     ckpt = tmp_path / "with-record.safetensors"
     record_class_spectra(tiny_ckpt, ckpt, ClassSpectra.from_shards(str(tmp_path / "sparse")))
     kfile = tmp_path / "k.json"
-    assert run_cli("fit-kernels", str(tmp_path / "cuda"), "--clean", str(tmp_path / "sparse"), "-o",
+    assert run_here("fit-kernels", str(tmp_path / "cuda"), "--clean", str(tmp_path / "sparse"), "-o",
                    str(kfile)).returncode == 0
     common = ["--denoiser", str(ckpt), "--device", "cpu", "-q", "--workers", "0"]
 
     def purify(src, out, *extra):
-        r = run_cli("purify", str(tmp_path / src), str(tmp_path / out), *common, *extra)
+        r = run_here("purify", str(tmp_path / src), str(tmp_path / out), *common, *extra)
         assert r.returncode == 0, r.stderr
         return _pngs(tmp_path / out / "train-000.tar"), r.stderr
 
