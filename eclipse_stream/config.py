@@ -70,7 +70,7 @@ def check_corruption(p, sigma, lowfreq_sigma=0.0, jpeg_quality=None) -> None:
 class PurifierConfig:
     """How to purify; part of every output shard's recorded config."""
 
-    t_star: int = RECIPES[DEFAULT_RECIPE]["t_star"]  # on the checkpoint's T; the recipe's (robust 200, paper 100)
+    t_star: int = RECIPES[DEFAULT_RECIPE]["t_star"]  # on the checkpoint's T; the recipe's (robust 300, paper 100)
     steps: int | None = RECIPES[DEFAULT_RECIPE]["steps"]  # None: t_star (the paper's full chain)
     precision: str = "fp32"
     corruption: str = "none"  # "none" or "baked"

@@ -28,7 +28,7 @@ def test_version_and_info(tiny_ckpt):
 def test_bad_option_values_are_usage_errors(tmp_path, tiny_ckpt, shard_dir):
     r = CliRunner().invoke(main, ["purify", str(shard_dir), str(tmp_path / "o"), "-d", str(tiny_ckpt),
                                   "--steps", "500"])
-    assert r.exit_code == 2 and "steps must be between 1 and t_star=200" in r.output
+    assert r.exit_code == 2 and "steps must be between 1 and t_star=300" in r.output
     r = CliRunner().invoke(main, ["purify", str(shard_dir), str(tmp_path / "o"), "-d", str(tiny_ckpt),
                                   "--jpeg-quality", "0"])
     assert r.exit_code == 2 and "JPEG quality" in r.output

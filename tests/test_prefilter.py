@@ -83,7 +83,7 @@ def test_recipes_name_settings_and_explicit_settings_win():
     assert PurifierConfig.from_recipe("robust", prefilter="none").prefilter == "none"
     default = PurifierConfig()  # the dataclass defaults are the default recipe's: one source
     assert (default.t_star, default.steps, default.prefilter) == tuple(RECIPES[DEFAULT_RECIPE].values())
-    assert default.t_star == 200  # robust: t* = 200 since 2026-12-07 (docs/evaluation.md); the paper's is 100
+    assert default.t_star == 300  # robust: 300 since 2026-12-07 evening (200 before, 100 before that); paper: 100
     with pytest.raises(ValueError, match="recipe"):
         PurifierConfig.from_recipe("fancy")
 
