@@ -29,13 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eclipse_stream.devices import resolve_device
-
-from ..models import resnet18
 from .base import LINF_8, Budget
-from .em import _epoch_order
+from .em import _epoch_order, min_min_start
 from .pgd import Budget as TimeBudget
-from .pgd import PoisonIncomplete, load_state, save_state, to_device, to_numpy_delta
+from .pgd import PoisonIncomplete, load_state, save_state, to_numpy_delta
 
 BUDGET = Budget("linf", LINF_8)
 
@@ -109,15 +106,8 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
              settings: REMSettings = REMSettings(), state_path: Path | None = None,
              max_seconds: float | None = None, log=print) -> np.ndarray:
     """Float NHWC delta of sample-wise robust error-minimising noise."""
-    device = resolve_device(device)
-    amp = device.type in ("cuda", "cpu")  # bf16 autocast, as EM
     s = settings
-    torch.manual_seed(seed)
-    x, y = to_device(images, labels, device)
-    model = resnet18(width=s.width).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=5e-4)
-    init = torch.Generator(device=device).manual_seed(seed)
-    delta = (torch.rand(x.shape, device=device, generator=init) * 2 - 1) * s.eps
+    device, amp, x, y, model, opt, delta = min_min_start(images, labels, seed, device, s.width, s.lr, s.eps)  # as EM's
     # rounds only says when to stop, so a run may be resumed with more
     signature = {"kind": "rem", "seed": seed, "n": len(y),
                  "settings": {k: v for k, v in asdict(s).items() if k != "rounds"}}
