@@ -98,7 +98,8 @@ def picture(rows: dict, path: Path, scale: int = 4) -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Reverse steps of the purification (100: the paper's full chain at t* = 100).")
 @click.option("--t-star", type=click.IntRange(min=1), default=100, show_default=True,
-              help="t* of the purification (the paper's 100; the robust recipe's default is 200 since 2026-12-07).")
+              help="t* of the purification (the paper's 100; the robust recipe's default: 300 since the evening of "
+                   "2026-12-07, 200 earlier that day).")
 @click.option("--kernels-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of <poison>.json class kernels (fit-kernels): adds the deblur stages for those poisons.")
 def main(work_dir, poisons, images, denoiser, out, steps, t_star, kernels_dir):
