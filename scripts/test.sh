@@ -5,4 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # 2-core machines: one OpenMP thread per process avoids oversubscription stalls.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+# One pytest worker per core, at most 4 (pytest-xdist; every test writes under its own tmp_path and servers take
+# free ports). PYTEST_WORKERS=0 runs in one process, e.g. to debug with -x or pdb.
+cores="$(nproc 2>/dev/null || echo 2)"
+workers="${PYTEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}"
+exec .venv/bin/python -m pytest -q -n "$workers" --durations=15 "$@"
