@@ -568,3 +568,49 @@ def test_rem_noise_lowers_the_robust_loss_it_is_made_for():
         return torch.stack(losses).mean()
 
     assert robust_loss(delta) < robust_loss(start)
+
+
+def test_pil_respects_linf_is_seeded_and_leaves_the_global_rng_alone(clean, tmp_path):
+    """PIL (Liu et al. 2026) through the driver: L-inf 8/255 on the stored images; the same seed gives the same
+    noise, another seed another; crafting does not move torch's global RNG (the surrogate's init is forked)."""
+    from tools.poisons import pil
+
+    out = tmp_path / "pil"
+    poison_split("pil", clean, out, seed=0, options={"settings": {"train_epochs": 3, "steps": 5}}, log=lambda m: None)
+    norms, *_ = _check_poisoned(clean, out, "pil")
+    assert 0 < norms["linf_max_255"] <= 8
+
+    _, images, labels = read_split(clean)
+    images, labels = images[:60], labels[:60]
+    s = pil.PILSettings(train_epochs=2, steps=4, batch_size=32)
+    state = torch.get_rng_state()
+    a = pil.generate(images, labels, seed=3, settings=s, log=lambda m: None)
+    assert torch.equal(state, torch.get_rng_state())
+    assert a.shape == images.shape and a.dtype == np.float32 and np.abs(a).max() <= 8 / 255 + 1e-6
+    assert np.array_equal(a, pil.generate(images, labels, seed=3, settings=s, log=lambda m: None))
+    assert not np.array_equal(a, pil.generate(images, labels, seed=4, settings=s, log=lambda m: None))
+
+
+def test_pil_noise_reads_as_the_label_and_the_image_without_it_as_no_class(clean):
+    """PIL's two terms, on the linear surrogate it crafts against: the noise alone is classified as the image's
+    label (the shortcut), and x - noise is closer to a uniform prediction than x (the semantics obfuscated)."""
+    from tools.poisons import pil
+
+    _, images, labels = read_split(clean)
+    s = pil.PILSettings(train_epochs=20, batch_size=20, train_lr=0.01)  # 200 images: more, larger steps
+    g = torch.Generator().manual_seed(0)
+    x, y = pil._tensor(images), torch.from_numpy(labels).long()
+    model = pil.train_surrogate(x, y, 10, s, g)
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y).float().mean() > 0.5  # it learned the clean images at all
+    noise = pil.craft(model, x, y, s, g)
+    assert noise.abs().max() <= s.eps + 1e-7 and not any(p.requires_grad for p in model.parameters())
+
+    def entropy(logits):
+        return -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+
+    with torch.no_grad():
+        assert (model(noise).argmax(1) == y).float().mean() > 0.9
+        assert entropy(model(x - noise)) > entropy(model(x)) + 0.2
+        start = (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1) * s.eps
+        assert pil.pil_loss(model, x, noise, y, s.lam) < pil.pil_loss(model, x, start, y, s.lam)

@@ -51,7 +51,7 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 
 @main.command()
 @click.argument("kind", type=click.Choice(["urp", "lsp", "ar", "ops", "em", "rem", "tap", "cuda", "sep", "hyp", "uap",
-                                            "uc"]))
+                                            "uc", "pil"]))
 @click.option("--in", "in_dir", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "train",
               show_default=True, help="Clean training shard folder.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
@@ -61,9 +61,9 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 @click.option("--width", type=float, default=None,
               help="EM/REM model / TAP surrogate width multiplier (default: 1, or the surrogate recipe's own).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="TAP/SEP/HYP/UC: PGD steps (250 / 30 / 500 per class / 100 per cluster).")
+              help="TAP/SEP/HYP/UC/PIL: PGD steps (250 / 30 / 500 per class / 100 per cluster / 30).")
 @click.option("--step-size", type=float, default=None,
-              help="TAP/SEP/HYP/UC: step size in [0, 1] units (0.5/255, 1/255, 0.1, 1/255).")
+              help="TAP/SEP/HYP/UC/PIL: step size in [0, 1] units (0.5/255, 1/255, 0.1, 1/255, 0.8/255).")
 @click.option("--surrogate-recipe", type=click.Choice(["fast", "cpu", "reference"]), default=None,
               help="TAP/SEP/HYP/UC: victim recipe of the model(s) they train (default fast; cpu: the CPU victim).")
 @click.option("--blur-parameter", type=float, default=None, help="CUDA: kernel weights U(0, this) (0.3).")
@@ -74,7 +74,7 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None,
               help="EM: at most this many rounds (100); REM: this many rounds (6).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="EM/REM/TAP/SEP/HYP/UC batch size (512, 512, 512, 250, 256, 128).")
+              help="EM/REM/TAP/SEP/HYP/UC/PIL batch size (512, 512, 512, 250, 256, 128, 512).")
 @click.option("--surrogate", type=click.Path(path_type=Path, exists=True), default=None,
               help="TAP/HYP/UC: victim checkpoint of a model trained on clean data (default: train one).")
 @click.option("--surrogate-epochs", type=click.IntRange(min=1), default=None,
@@ -107,6 +107,10 @@ def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surroga
                     if v is not None}
         options = {"settings": settings, "max_seconds": max_seconds, "surrogate_width": width,
                    "surrogate_epochs": surrogate_epochs, "surrogate_recipe": surrogate_recipe or "fast"}
+    elif kind == "pil":
+        settings = {k: v for k, v in {"steps": steps, "step_size": step_size, "batch_size": batch_size}.items()
+                    if v is not None}
+        options = {"settings": settings}
     elif kind == "cuda":
         options = {k: v for k, v in {"blur_parameter": blur_parameter, "kernel_size": kernel_size}.items()
                    if v is not None}

@@ -110,7 +110,9 @@ PROTOCOLS = {
                                      # 0.8/255 a round, one draw of the crop/flip per step, 6 rounds of 20 steps
                                      "rem": {"settings": {"width": 0.125, "pgd_steps": 10, "adv_eps": 4 / 255,
                                                           "adv_step_size": 2 / 255, "adv_steps": 3, "samples": 1,
-                                                          "train_steps": 20, "rounds": 6}}}),
+                                                          "train_steps": 20, "rounds": 6}},
+                                     # PIL: the authors' settings, unchanged (a linear surrogate: seconds)
+                                     "pil": {}}),
 }
 
 

@@ -73,6 +73,9 @@ def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_di
             options["max_seconds"] = max(1.0, options["max_seconds"] - (time.time() - t0))
         return module.generate(clean, labels, seed=seed, device=device, surrogate=surrogate, settings=settings,
                                state_path=out_dir.with_name(out_dir.name + f".{kind}-state.pt"), log=log, **options)
+    if kind == "pil":  # a linear model it trains itself on the clean images, in seconds
+        settings = module.PILSettings(**options.pop("settings", {}))
+        return module.generate(clean, labels, seed=seed, settings=settings, log=log, **options)
     if kind == "sep":
         settings = module.SEPSettings(**options.pop("settings", {}))
         t0 = time.time()
