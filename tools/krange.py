@@ -13,7 +13,6 @@ its state file, and finished measurements are kept in ``results.json``.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -64,12 +63,12 @@ def _markdown(results: dict) -> str:
     lines = [f"# Denoiser training range K at equal compute (t* = {t})", "",
              f"Preset `{results['preset']}`, {results['iterations']} AdamW steps each from scratch, batch "
              f"{results['batch_size']}, {results['precision']}, sparse set `{results['sparse']}`; PSNR (dB) "
-             f"against the clean image on {results['images']} CIFAR-10 test images ({results['images'] // 10} per class, never "
-             f"trained on), noised input and purified output from the same noise draw "
-             f"(`tools.denoiser_quality`, prefilter none).", "",
+             f"against the clean image on {results['images']} CIFAR-10 test images "
+             f"({results['images'] // 10} per class, never trained on), noised input and purified output from "
+             f"the same noise draw (`tools.denoiser_quality`, prefilter none).", "",
              f"| training range | train wall-clock | noised | 1 step | 10 steps | {t} steps |",
              "|---|---|---|---|---|---|"]
-    for name, r in sorted(results["runs"].items(), key=lambda kv: kv[1]["max_timestep"]):
+    for _name, r in sorted(results["runs"].items(), key=lambda kv: kv[1]["max_timestep"]):
         if "psnr" not in r:
             continue
         p = r["psnr"]
@@ -78,8 +77,8 @@ def _markdown(results: dict) -> str:
     ref = results.get("reference")
     if ref:
         p = ref["psnr"]
-        lines.append(f"| reference `{ref['sha256'][:8]}` (full range, {ref['step']} steps) | - | {ref['psnr_noised_db']:.2f} | "
-                     f"{p['1']:.2f} | {p['10']:.2f} | {p[str(t)]:.2f} |")
+        lines.append(f"| reference `{ref['sha256'][:8]}` (full range, {ref['step']} steps) | - | "
+                     f"{ref['psnr_noised_db']:.2f} | {p['1']:.2f} | {p['10']:.2f} | {p[str(t)]:.2f} |")
     prov = results.get("provenance", {})
     lines += ["", f"Machine: {prov.get('host', '?')}, {prov.get('device', '?')}, torch {prov.get('torch', '?')}, "
               f"commit {prov.get('git_commit', '?')}. Wall-clock includes load from other jobs on the "
