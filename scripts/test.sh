@@ -7,6 +7,7 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # One pytest worker per core, at most 4 (pytest-xdist; every test writes under its own tmp_path and servers take
 # free ports). PYTEST_WORKERS=0 runs in one process, e.g. to debug with -x or pdb.
-cores="$(nproc 2>/dev/null || echo 2)"
+# (GNU nproc honours OMP_NUM_THREADS, set to 1 above: count the cores without it)
+cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2)"
 workers="${PYTEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}"
 exec .venv/bin/python -m pytest -q -n "$workers" --durations=15 "$@"
