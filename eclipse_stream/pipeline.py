@@ -34,6 +34,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +168,18 @@ def check_purified(out: np.ndarray, before: torch.Tensor, shard: str, key: str) 
                              "written")
 
 
+def _remove_own_partials(store: OutputStore) -> None:
+    """After an abort, once the encoder and finisher threads have stopped: remove whatever partial output this
+    process still has in OUT's staging. A signal can land between a writer creating its file and the shard being
+    registered for abort; partial names carry this process's pid, so no other run's files match."""
+    own = re.compile(rf"^\..+\.partial-{os.getpid()}(?!\d)")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(store.staging):
+            if own.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
 class DeviceLoop:
     """The main process: reader events in, in order; batches to the device; everything else to its shard."""
 
@@ -201,6 +214,7 @@ class DeviceLoop:
                 self.finisher.cancel()
             for shard in self.shards.values():
                 shard.abort()
+            _remove_own_partials(self.ctx.store)
             raise
         for shard in self.shards.values():
             if shard.state not in ("done", "aborted"):

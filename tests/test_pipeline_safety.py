@@ -536,3 +536,29 @@ def test_a_signal_to_the_main_process_stops_the_workers_and_leaves_nothing_parti
     for p in out.glob("*.tar"):  # whatever is under a final name is complete and recorded
         assert (out / (p.name + ".stats.json")).is_file()
     assert cli(*args).returncode == 0 and len(list(out.glob("*.stats.json"))) == 6
+
+
+@pytest.mark.parametrize("shards_before", [0, 2])
+def test_an_interrupt_between_creating_a_partial_and_registering_it_leaves_nothing(cifar64, tiny_ckpt, tmp_path,
+                                                                                     monkeypatch, shards_before):
+    """The window a signal can land in (seen once under load: a partial left after SIGINT): the writer has made
+    its file, the shard is not yet known to the abort. Nothing partial may remain, whichever shard it was."""
+    from eclipse_stream import pipeline
+
+    src, out = _many(cifar64, tmp_path / "in"), tmp_path / "out"
+    real, calls = pipeline.OutputShard.create, []
+
+    def create_then_interrupted(*args, **kwargs):
+        shard = real(*args, **kwargs)
+        calls.append(shard)
+        if len(calls) > shards_before:
+            raise KeyboardInterrupt
+        return shard
+
+    monkeypatch.setattr(pipeline.OutputShard, "create", create_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        purify_shards(src, out, tiny_ckpt, cfg(), progress=False)
+    assert calls and calls[-1].tmp.name.startswith(".") and not calls[-1].tmp.exists()
+    assert not hidden_files(out)
+    for p in out.glob("*.tar"):  # whatever finished before it is complete and recorded
+        assert (out / (p.name + ".stats.json")).is_file()
