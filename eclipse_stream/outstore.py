@@ -64,6 +64,17 @@ class OutputStore(ABC):
         """Where a shard is written until it is complete (hidden, owned by this process)."""
         return self.staging / f".{name}.partial-{os.getpid()}"
 
+    def remove_own_partials(self) -> None:
+        """After an abort, once no thread writes: remove every partial output of this process still in staging
+        (and what a format's writer left beside it), including one whose shard a signal stopped from being
+        registered for abort. The pid in the name means no other run's files match."""
+        own = re.compile(rf"^\..+\.partial-{os.getpid()}(?!\d)")
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.staging):
+                if own.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
     @abstractmethod
     def shown(self, name: str) -> str:
         """How file ``name`` of OUT is shown to the user (a path, or a URL without credentials)."""

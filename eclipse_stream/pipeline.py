@@ -34,7 +34,6 @@ import functools
 import hashlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +52,18 @@ from .errors import EclipseError, NumericalError, SampleError, ShardError
 from .events import Batch, Members, Rejected, ShardEnded, ShardFailed, ShardStarted
 from .finisher import Finisher
 from .formats import WritePolicy, format_for
-from .outdir import (MANIFEST, Task, check_no_overlap, claim_out, earlier_settings, partial_path,  # noqa: F401
-                     plan, prepare_out, stats_path, write_manifest)
+from .outdir import (  # noqa: F401
+    MANIFEST,
+    Task,
+    check_no_overlap,
+    claim_out,
+    earlier_settings,
+    partial_path,
+    plan,
+    prepare_out,
+    stats_path,
+    write_manifest,
+)
 from .outstore import OutputStore, open_store
 from .purifier import Purifier
 from .reading import ReadSettings, ShardEvents, as_is, reader_worker_init
@@ -168,18 +177,6 @@ def check_purified(out: np.ndarray, before: torch.Tensor, shard: str, key: str) 
                              "written")
 
 
-def _remove_own_partials(store: OutputStore) -> None:
-    """After an abort, once the encoder and finisher threads have stopped: remove whatever partial output this
-    process still has in OUT's staging. A signal can land between a writer creating its file and the shard being
-    registered for abort; partial names carry this process's pid, so no other run's files match."""
-    own = re.compile(rf"^\..+\.partial-{os.getpid()}(?!\d)")
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(store.staging):
-            if own.match(entry.name) and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-
-
 class DeviceLoop:
     """The main process: reader events in, in order; batches to the device; everything else to its shard."""
 
@@ -214,7 +211,7 @@ class DeviceLoop:
                 self.finisher.cancel()
             for shard in self.shards.values():
                 shard.abort()
-            _remove_own_partials(self.ctx.store)
+            self.ctx.store.remove_own_partials()  # also one a signal left before its shard was registered
             raise
         for shard in self.shards.values():
             if shard.state not in ("done", "aborted"):
