@@ -26,10 +26,12 @@ import torch
 from eclipse_stream.checkpoint import load_denoiser
 from eclipse_stream.deblur import ClassKernels, ClasswiseDeblur
 from eclipse_stream.defaults import default_denoiser_path
+from eclipse_stream.fsutil import file_sha256
 from eclipse_stream.prefilter import impulse_filter
 from eclipse_stream.purifier import Purifier, PurifierConfig
 
 from .common import provenance, read_split, write_json
+from .families import tuned_on
 
 AMPLIFY = 8.0
 
@@ -129,15 +131,22 @@ def main(work_dir, poisons, images, denoiser, out, steps, t_star, kernels_dir):
                                                            "deblur+impulse+purified") if s in res]]
         click.echo(f"{poison}: " + ", ".join(f"{s} L2 {v['l2_mean']:.3f} ({100 * v['l2_left_fraction']:.0f}%)"
                                             for s, v in table[poison].items()))
+    den_path = Path(denoiser or default_denoiser_path())
     record = {"images_per_poison": int(len(idx)), "steps": steps, "t_star": t_star, "precision": "bf16", "table": table,
+              "tuned_on": {p: tuned_on(p) for p in table}, "denoiser_sha256": file_sha256(den_path),
               **provenance("cpu")}
     write_json(out / "stages.json", record)
-    lines = [f"| poison | stored L2 | impulse only | purified (t* {t_star}, {steps} step{'s' if steps > 1 else ''}) | "
-             "impulse + purified | deblur only | deblur + impulse + purified |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| poison | defaults tuned on it? | stored L2 | impulse only | purified (t* {t_star}, {steps} "
+             f"step{'s' if steps > 1 else ''}) | impulse + purified | deblur only | deblur + impulse + purified |",
+             "|---|---|---|---|---|---|---|---|"]
     for poison, t in table.items():
         cells = [f"{t[s]['l2_mean']:.3f} ({100 * t[s]['l2_left_fraction']:.0f}%)" if s in t else "—"
                  for s in ("stored", "impulse", "purified", "impulse+purified", "deblur", "deblur+impulse+purified")]
-        lines.append(f"| {poison.upper()} | " + " | ".join(cells) + " |")
+        tuned = {True: "yes", False: "**no** (held out)", None: "—"}[tuned_on(poison)]
+        lines.append(f"| {poison.upper()} | {tuned} | " + " | ".join(cells) + " |")
+    lines += ["", f"{len(idx)} images per poison (the first of each class), denoiser "
+              f"`{record['denoiser_sha256'][:12]}`, bf16; {record.get('host', '?')}, {record.get('device', '?')}, "
+              f"torch {record.get('torch', '?')}, commit {str(record.get('git_commit', '?'))[:7]}."]
     (out / "stages.md").write_text("\n".join(lines) + "\n")
     picture(rows, out / "stages.png")
     click.echo(str(out))
