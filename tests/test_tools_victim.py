@@ -70,6 +70,22 @@ def test_resume_refuses_other_settings(small, tmp_path):
         train_victim(VictimConfig(**base, seed=1, resume=True), log=lambda m: None)
 
 
+def test_precision_overrides_the_recipes_autocast_and_is_part_of_the_signature(small, tmp_path):
+    """--precision fp32 turns the cpu recipe's bf16 off (recorded in the result's recipe); a checkpoint made in
+    one precision is not resumed in the other; anything but bf16/fp32 is refused."""
+    cfg = {"train": str(small / "train"), "test": None, "recipe": "cpu"}
+    assert VictimConfig(**cfg).resolved_recipe().amp_bf16 is True
+    assert VictimConfig(**cfg, precision="fp32").resolved_recipe().amp_bf16 is False
+    assert VictimConfig(**cfg, precision="bf16").resolved_recipe().amp_bf16 is True
+    with pytest.raises(ToolError, match="bf16 or fp32"):
+        VictimConfig(**cfg, precision="fp16").resolved_recipe()
+    base = {**cfg, "epochs": 1, "width": 0.125, "batch_size": 64, "device": "cpu", "checkpoint": str(tmp_path / "c.pt")}
+    result = train_victim(VictimConfig(**base, precision="fp32"), log=lambda m: None)
+    assert result["settings"]["recipe"]["amp_bf16"] is False
+    with pytest.raises(ToolError, match="other settings"):
+        train_victim(VictimConfig(**base, precision="bf16", resume=True), log=lambda m: None)
+
+
 def test_victim_cli_reads_beton_and_prints_json(small):
     res = CliRunner().invoke(main, ["victim", "--train", str(small / "train.beton"), "--test", str(small / "test"),
                                     "--recipe", "fast", "--epochs", "1", "--width", "0.125", "--device", "cpu",

@@ -137,9 +137,12 @@ def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surroga
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint if it exists.")
 @click.option("--max-seconds", type=float, default=None, help="Stop after the epoch that would pass this budget.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default=None,
+              help="Override the recipe's autocast: fp32 where the CPU has no native bf16 (the cpu recipe's bf16 "
+                   "is then ~10x slower); recorded in the result [default: the recipe's].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the result JSON here.")
 def victim(train, test, recipe, defense, epochs, batch_size, width, device, seed, limit, workers, checkpoint,
-           resume, max_seconds, compile_, out):
+           resume, max_seconds, compile_, precision, out):
     """Train a CIFAR ResNet18 victim and report its test accuracy as JSON."""
     from .victim import VictimConfig, train_victim
 
@@ -149,7 +152,7 @@ def victim(train, test, recipe, defense, epochs, batch_size, width, device, seed
         train=str(train), test=str(test), recipe=recipe, defense=defense, epochs=epochs, batch_size=batch_size,
         width=width, device=device, seed=seed, limit=limit, workers=workers,
         checkpoint=str(checkpoint) if checkpoint else None, resume=resume, max_seconds=max_seconds,
-        compile=compile_), log=_echo)
+        compile=compile_, precision=precision), log=_echo)
     if out:
         write_json(out, result)
     click.echo(json.dumps(result))

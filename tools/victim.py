@@ -91,6 +91,10 @@ class VictimConfig:
     max_seconds: float | None = None
     compile: bool = False
     snapshot_epochs: tuple[int, ...] = ()  # also keep the checkpoint of these epochs (SEP's self-ensemble)
+    # "fp32" turns the recipe's bf16 autocast off: on a CPU without native bf16 (no AVX512-BF16/AMX, e.g. an AMD
+    # EPYC VM) the CPU recipe's bf16 is emulated and ~10x slower. Recorded in the result's recipe (amp_bf16);
+    # cells of the two precisions are not comparable to the digit. None: the recipe's.
+    precision: str | None = None
 
     def resolved_recipe(self) -> Recipe:
         if self.recipe not in RECIPES:
@@ -100,6 +104,10 @@ class VictimConfig:
             recipe = replace(recipe, epochs=self.epochs)
         if self.batch_size is not None:
             recipe = replace(recipe, batch_size=self.batch_size)
+        if self.precision not in (None, "bf16", "fp32"):
+            raise ToolError(f"precision must be bf16 or fp32, not {self.precision!r}")
+        if self.precision is not None:
+            recipe = replace(recipe, amp_bf16=self.precision == "bf16")
         return recipe
 
 
@@ -400,7 +408,8 @@ def _result(run: _Run, complete: bool, test_x, test_y, n_train: int, t0: float, 
         "complete": complete,
         "epochs_done": len(run.history),
         "settings": {"train": str(cfg.train), "test": cfg.test and str(cfg.test), "defense": run.defense.to_dict(),
-                     "recipe": asdict(run.recipe), "width": run_width(cfg, run.recipe), "seed": cfg.seed, "limit": cfg.limit,
+                     "recipe": asdict(run.recipe), "width": run_width(cfg, run.recipe), "seed": cfg.seed,
+                     "limit": cfg.limit,
                      "train_images": int(n_train), "test_images": int(len(test_y)),
                      "device": str(run.device), "compile": cfg.compile},
         "train_seconds": round(run.seconds, 2),
