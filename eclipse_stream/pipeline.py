@@ -98,7 +98,8 @@ class RunContext:
     read: ReadSettings
     rank: int = 0
     progress: bool = True
-    deblur: Callable | None = None  # deblur.ClasswiseDeblur: (batch on the device, labels) -> batch, before purifying
+    deblur: Callable | None = None  # deblur.ClasswiseDeblur: (batch on the device, labels) -> batch, before purifying;
+                                    # its .refill(batch, labels) after
 
     def write_policy(self, task: Task) -> WritePolicy:
         return WritePolicy(self.cfg.jpeg_quality, stream_seed(self.cfg.seed, task.name, "beton") % 2**32)
@@ -240,6 +241,8 @@ class DeviceLoop:
         if self.ctx.deblur is not None:
             xd = self.ctx.deblur(xd, [item.label for item in ev.items])
         out = self.purifier(xd, gen)
+        if self.ctx.deblur is not None:  # the border ring of every labelled image, where a class is deblurred
+            out = self.ctx.deblur.refill(out, [item.label for item in ev.items])
         out, ready = _to_host(out)
         self.bar.update(sum(item.fields is not None for item in ev.items))  # samples, not image fields
         self.encoder.submit(self.shards[ev.shard], ev.items, out, ready, x)

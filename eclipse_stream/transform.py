@@ -13,7 +13,8 @@ FFCV pipeline after ``ToDevice``/``ToTorchImage``).
 
 ``class_kernels`` (a file from ``eclipse-stream fit-kernels`` or a :class:`~eclipse_stream.deblur.ClassKernels`)
 deconvolves each image with its class's kernel first (the label from ``label_key``, default the first of
-cls/class/label/target); on device batches use :class:`~eclipse_stream.deblur.ClasswiseDeblur` before the purifier.
+cls/class/label/target) and refills every labelled image's border ring after purifying; on device batches use
+:class:`~eclipse_stream.deblur.ClasswiseDeblur` before the purifier and its ``refill`` after it.
 
 Image values may be PIL images, HWC numpy arrays (uint8 or float in [0, 1]) or CHW
 torch tensors (uint8 or float in [0, 1]); each comes back as the same type. A PIL image
@@ -123,7 +124,10 @@ class EclipseTransform:
         if self.purifier.tiles(*batch.shape[-2:]):  # one by one, each with its own noise
             gen = [torch.Generator(device=self.device).manual_seed(stream_seed(self.seed, "transform", i, key))
                    for i, key in positions]
-        return list(self.purifier(batch, generator=gen).cpu())
+        out = self.purifier(batch, generator=gen)
+        if self.deblur is not None:
+            out = self.deblur.refill(out, labels)
+        return list(out.cpu())
 
     def _flush(self, buffer: list[dict]) -> Iterator[dict]:
         first, self._seen = self._seen, self._seen + len(buffer)

@@ -12,7 +12,7 @@ import torch
 from helpers import cifar_samples, cli_env, read_cifar, write_tar
 from PIL import Image
 
-from eclipse_stream.deblur import ClassKernels, ClasswiseDeblur, deconvolve, fit_class_kernels, gain_db
+from eclipse_stream.deblur import ClassKernels, ClasswiseDeblur, deconvolve, fit_class_kernels, gain_db, refill_ring
 from eclipse_stream.errors import InputError
 from tools.poisons.cuda import class_kernels, convolve
 
@@ -150,10 +150,32 @@ def kernels_file(tmp_path, kernels):
     return ck.save(tmp_path / "kernels.json"), ck
 
 
-def test_classwise_deblur_touches_only_its_classes(tmp_path, cifar_three):
+def replicated(x, width):
+    """The image ``x`` (C x H x W) with its outer ``width`` ring replaced by edge replication, by hand."""
+    inner = x[:, width:-width, width:-width]
+    rows = torch.cat([inner[:, :1].expand(-1, width, -1), inner, inner[:, -1:].expand(-1, width, -1)], dim=1)
+    return torch.cat([rows[:, :, :1].expand(-1, -1, width), rows, rows[:, :, -1:].expand(-1, -1, width)], dim=2)
+
+
+def test_refill_ring_replaces_only_the_ring_by_the_nearest_inside_pixel():
+    x = torch.rand(2, 3, 9, 8)
+    for width in (1, 2, 3):
+        out = refill_ring(x, width)
+        assert out.shape == x.shape
+        assert torch.equal(out[..., width:-width, width:-width], x[..., width:-width, width:-width])
+        assert all(torch.equal(out[i], replicated(x[i], width)) for i in range(2))
+    assert torch.equal(refill_ring(x, 0), x)
+    assert torch.equal(refill_ring(x, 4), x)  # no inside left: unchanged
+
+
+def test_classwise_deblur_touches_only_its_classes_and_refills_every_labelled_ring(tmp_path, cifar_three):
+    """Only class 1 is deconvolved; after the purifier, ``refill`` gives every labelled image (class 1 or not)
+    its 1-pixel ring (the 3x3 kernel's radius) from the inside, so no class keeps a frame of its own;
+    unlabelled images pass both unchanged."""
     images, labels = cifar_three
     k = np.array([[0.6, 0.2, 0.0], [0.2, 0.0, 0.0], [0.0, 0.0, 0.0]])
     path, ck = kernels_file(tmp_path, {1: k})
+    assert ck.ring == 1
     module = ClasswiseDeblur(ClassKernels.load(path))
     x = nchw(images[:6])
     labs = [0, 1, None, "1", 5, 1]
@@ -162,6 +184,16 @@ def test_classwise_deblur_touches_only_its_classes(tmp_path, cifar_three):
     for i, lab in enumerate(labs):
         changed = not torch.equal(out[i], x[i])
         assert changed == (str(lab) == "1"), i
+    framed = module.refill(x, labs)
+    for i, lab in enumerate(labs):
+        assert torch.equal(framed[i], x[i] if lab is None else replicated(x[i], 1)), i
+    assert torch.equal(x, nchw(images[:6]))  # refill does not write into its input
+    wide = ClasswiseDeblur(ClassKernels(kernels={"1": np.full((5, 5), 1 / 25).tolist(), "2": k.tolist()},
+                                        kernel_size=5))
+    assert wide.kernels.ring == 2
+    assert torch.equal(wide.refill(x.float(), labs)[0], replicated(x[0].float(), 2))
+    none = ClasswiseDeblur(ClassKernels())
+    assert none.kernels.ring == 0 and none(x, labs) is x and none.refill(x, labs) is x  # nothing deblurred
     assert torch.equal(module(x, labs), out)  # deterministic
     xf = x.float() / 255
     outf = module(xf, labs)
@@ -289,8 +321,10 @@ def test_eclipse_transform_deblurs_by_label(tmp_path, cifar64, tiny_ckpt):
     plain = list(EclipseTransform(tiny_ckpt, batch_size=4, device="cpu")(samples))
     deblurred = list(EclipseTransform(tiny_ckpt, batch_size=4, device="cpu", class_kernels=path)(samples))
     for s, a, b in zip(samples, plain, deblurred):
-        same = np.array_equal(np.asarray(a["png"]), np.asarray(b["png"]))
-        assert same == (s["cls"] != label)
+        a, b = np.asarray(a["png"]), np.asarray(b["png"])
+        framed = np.pad(a[1:-1, 1:-1], ((1, 1), (1, 1), (0, 0)), mode="edge")  # the ring every labelled image gets
+        assert np.array_equal(b, np.pad(b[1:-1, 1:-1], ((1, 1), (1, 1), (0, 0)), mode="edge"))
+        assert np.array_equal(framed, b) == (s["cls"] != label)
     from eclipse_stream.errors import SampleError
     with pytest.raises(SampleError, match="no label field"):
         transform = EclipseTransform(tiny_ckpt, device="cpu", class_kernels=path)
