@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
+from helpers import CPU_PRECISION
 
 from tools.common import read_json
 from tools.krange import main
@@ -16,7 +17,7 @@ def test_krange_toy_run_reports_and_resumes(tmp_path):
     prepare(None, clean, limit_per_class=4, beton=False)
     work, out = tmp_path / "work", tmp_path / "report"
     args = ["--sparse", str(clean / "sparse"), "--k", "full", "--k", "20", "--iterations", "2", "--per-class", "1",
-            "--t-star", "10", "--work", str(work), "--out", str(out)]
+            "--t-star", "10", "--work", str(work), "--out", str(out), "--precision", CPU_PRECISION]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0 and "training k20 (from scratch)" in res.output, res.output
     results = read_json(work / "results.json")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import CPU_PRECISION
 
 from tools.common import ToolError, default_data_dir, read_json, read_split
 from tools.poisons import POISONS
@@ -116,7 +117,8 @@ def test_quantize_keeps_budget_after_rounding(budget):
 
 
 def test_em_tiny_run_respects_linf(clean, tmp_path):
-    opts = {"settings": {"pgd_steps": 2, "train_steps": 1, "max_rounds": 2, "batch_size": 100, "width": 0.125}}
+    opts = {"precision": CPU_PRECISION,
+            "settings": {"pgd_steps": 2, "train_steps": 1, "max_rounds": 2, "batch_size": 100, "width": 0.125}}
     out = tmp_path / "em"
     poison_split("em", clean, out, seed=0, device="cpu", options=opts, log=lambda m: None)
     norms, *_ = _check_poisoned(clean, out, "em")
@@ -125,12 +127,63 @@ def test_em_tiny_run_respects_linf(clean, tmp_path):
 
 
 def test_tap_tiny_run_respects_linf(clean, tmp_path):
-    opts = {"settings": {"steps": 2, "batch_size": 100}, "surrogate_width": 0.125, "surrogate_epochs": 1}
+    opts = {"precision": CPU_PRECISION,
+            "settings": {"steps": 2, "batch_size": 100}, "surrogate_width": 0.125, "surrogate_epochs": 1}
     out = tmp_path / "tap"
     poison_split("tap", clean, out, seed=0, device="cpu", options=opts, log=lambda m: None)
     norms, *_ = _check_poisoned(clean, out, "tap")
     assert 0 < norms["linf_max_255"] <= 8
     assert (tmp_path / "tap.surrogate.pt").is_file()
+
+
+def test_precision_option_is_checked_recorded_and_keeps_states_apart(clean, tmp_path):
+    """``precision`` (bf16 default, fp32 for CPUs that emulate bf16) goes to every model a generator runs: a poison
+    without a model refuses it, anything else is refused by name, it is recorded in norms.json, and a state file
+    made in one precision is not resumed by the other."""
+    from tools.poisons import em
+    from tools.poisons.base import autocast_on, signed
+    from tools.poisons.pgd import PoisonIncomplete
+
+    cpu = torch.device("cpu")
+    assert autocast_on(cpu, "bf16") and not autocast_on(cpu, "fp32") and not autocast_on(torch.device("meta"), "bf16")
+    with pytest.raises(ValueError, match="precision must be one of bf16, fp32"):
+        autocast_on(cpu, "fp16")
+    assert signed({"kind": "em"}, "bf16") == {"kind": "em"}  # states from before the option still resume
+    assert signed({"kind": "em"}, "fp32") == {"kind": "em", "precision": "fp32"}
+    with pytest.raises(ToolError, match="urp runs no model"):
+        poison_split("urp", clean, tmp_path / "urp", options={"precision": "fp32"}, log=lambda m: None)
+    with pytest.raises(ToolError, match="em: precision must be one of bf16, fp32, not 'fp16'"):
+        poison_split("em", clean, tmp_path / "em16", device="cpu", options={"precision": "fp16"}, log=lambda m: None)
+    assert not (tmp_path / "urp").exists() and not (tmp_path / "em16").exists()
+
+    opts = {"precision": "fp32", "settings": {"pgd_steps": 1, "train_steps": 1, "max_rounds": 1, "batch_size": 100,
+                                              "width": 0.125}}
+    record = poison_split("em", clean, tmp_path / "em", device="cpu", options=opts, log=lambda m: None)
+    assert record["options"]["precision"] == "fp32" == read_json(tmp_path / "em" / NORMS)["options"]["precision"]
+
+    _, images, labels = read_split(clean)
+    settings = em.EMSettings(pgd_steps=1, train_steps=1, max_rounds=3, batch_size=40, width=0.125, stop_accuracy=2.0)
+    state = tmp_path / "em-state.pt"
+    with pytest.raises(PoisonIncomplete):  # one round in fp32, then stopped by its budget
+        em.generate(images[:40], labels[:40], device="cpu", settings=settings, state_path=state, max_seconds=0.0,
+                    precision="fp32", log=lambda m: None)
+    with pytest.raises(ToolError, match="progress made with other settings"):
+        em.generate(images[:40], labels[:40], device="cpu", settings=settings, state_path=state,
+                    precision="bf16", log=lambda m: None)
+
+    # the command line: --precision reaches the options (and norms.json); a poison without a model refuses it
+    from click.testing import CliRunner
+
+    from tools.evaluate import main
+
+    cli = ["poison", "--in", str(clean), "--device", "cpu", "--precision", "fp32"]
+    res = CliRunner().invoke(main, [*cli[:1], "em", *cli[1:], "--out", str(tmp_path / "em-cli"), "--pgd-steps", "1",
+                                    "--train-steps", "1", "--max-rounds", "1", "--batch-size", "100",
+                                    "--width", "0.125"])
+    assert res.exit_code == 0, res.output
+    assert read_json(tmp_path / "em-cli" / NORMS)["options"]["precision"] == "fp32"
+    res = CliRunner().invoke(main, [*cli[:1], "lsp", *cli[1:], "--out", str(tmp_path / "lsp-cli")])
+    assert res.exit_code != 0 and "lsp runs no model" in res.output and not (tmp_path / "lsp-cli").exists()
 
 
 def test_tap_targets_are_a_derangement():
@@ -151,11 +204,13 @@ def test_em_resumes_from_state(clean, tmp_path):
                              stop_accuracy=2.0)
     state = tmp_path / "em-state.pt"
     with pytest.raises(PoisonIncomplete):
-        em.generate(images, labels, device="cpu", settings=settings, state_path=state, max_seconds=0.0,
+        em.generate(images, labels, device="cpu", settings=settings, precision=CPU_PRECISION,
+                    state_path=state, max_seconds=0.0,
                     log=lambda m: None)
     assert torch.load(state, weights_only=False)["round"] == 1
     logs = []
-    delta = em.generate(images, labels, device="cpu", settings=settings, state_path=state, log=logs.append)
+    delta = em.generate(images, labels, device="cpu", settings=settings, precision=CPU_PRECISION,
+                        state_path=state, log=logs.append)
     assert logs[0].startswith("EM: resumed after round 1") and len(logs) == 3
     assert np.abs(delta).max() <= 8 / 255 + 1e-6
 
@@ -284,7 +339,8 @@ def test_tap_cpu_surrogate_is_the_cpu_victim_and_steps_toward_the_targets(clean,
     from tools.models import ResNet9
     from tools.poisons.tap import derangement, load_surrogate
 
-    opts = {"settings": {"steps": 3, "step_size": 2 / 255, "batch_size": 100}, "surrogate_recipe": "cpu",
+    opts = {"precision": CPU_PRECISION,
+            "settings": {"steps": 3, "step_size": 2 / 255, "batch_size": 100}, "surrogate_recipe": "cpu",
             "surrogate_epochs": 2}
     out = tmp_path / "tap"
     poison_split("tap", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
@@ -311,7 +367,8 @@ def test_sep_ascends_the_checkpoint_ensembles_loss(clean, tmp_path):
 
     from tools.poisons.tap import load_surrogate
 
-    opts = {"settings": {"steps": 3, "step_size": 2 / 255, "batch_size": 100}, "surrogate_recipe": "cpu",
+    opts = {"precision": CPU_PRECISION,
+            "settings": {"steps": 3, "step_size": 2 / 255, "batch_size": 100}, "surrogate_recipe": "cpu",
             "surrogate_epochs": 2, "snapshot_every": 1}
     out = tmp_path / "sep"
     poison_split("sep", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
@@ -338,7 +395,8 @@ def test_hyp_is_class_wise_within_l2_and_helps_the_crafting_model(clean, tmp_pat
     from tools.poisons import hyp
     from tools.poisons.tap import load_surrogate
 
-    opts = {"settings": {"steps": 4, "batch_size": 50}, "surrogate_recipe": "cpu", "surrogate_epochs": 2,
+    opts = {"precision": CPU_PRECISION,
+            "settings": {"steps": 4, "batch_size": 50}, "surrogate_recipe": "cpu", "surrogate_epochs": 2,
             "surrogate_seed": 1}
     out = tmp_path / "hyp"
     poison_split("hyp", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
@@ -381,7 +439,8 @@ def test_uap_carries_per_class_patterns_toward_a_derangement(clean, tmp_path):
     from tools.poisons import uap
     from tools.poisons.tap import derangement, load_surrogate
 
-    opts = {"settings": {"steps": 4, "batch_size": 50}, "surrogate_recipe": "cpu", "surrogate_epochs": 2,
+    opts = {"precision": CPU_PRECISION,
+            "settings": {"steps": 4, "batch_size": 50}, "surrogate_recipe": "cpu", "surrogate_epochs": 2,
             "surrogate_seed": 2}
     out = tmp_path / "uap"
     poison_split("uap", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
@@ -428,7 +487,8 @@ def test_uc_is_cluster_wise_label_agnostic_and_pulls_features_to_another_centre(
     from tools.poisons import uc
     from tools.poisons.tap import load_surrogate
 
-    opts = {"settings": {"steps": 5, "step_size": 2 / 255, "batch_size": 50}, "surrogate_recipe": "cpu",
+    opts = {"precision": CPU_PRECISION,
+            "settings": {"steps": 5, "step_size": 2 / 255, "batch_size": 50}, "surrogate_recipe": "cpu",
             "surrogate_epochs": 2, "surrogate_seed": 3}
     out = tmp_path / "uc"
     poison_split("uc", clean, out, seed=0, device="cpu", options=dict(opts), log=lambda m: None)
@@ -462,8 +522,10 @@ def test_uc_is_cluster_wise_label_agnostic_and_pulls_features_to_another_centre(
     # label-agnostic and seeded: the same surrogate with shuffled labels gives the same perturbation
     settings = uc.UCSettings(**opts["settings"])
     shuffled = np.random.default_rng(0).permutation(labels)
-    d1 = uc.generate(images, labels, seed=0, device="cpu", surrogate=model, settings=settings, log=lambda m: None)
-    d2 = uc.generate(images, shuffled, seed=0, device="cpu", surrogate=model, settings=settings, log=lambda m: None)
+    d1 = uc.generate(images, labels, seed=0, device="cpu", surrogate=model, settings=settings,
+                     precision=CPU_PRECISION, log=lambda m: None)
+    d2 = uc.generate(images, shuffled, seed=0, device="cpu", surrogate=model, settings=settings,
+                     precision=CPU_PRECISION, log=lambda m: None)
     assert np.array_equal(d1, d2)
     # resume: a saved state of 3 clusters is taken as is (cluster 0's pattern zeroed to see that it is used)
     state["deltas"] = state["deltas"][:3].clone()
@@ -515,7 +577,8 @@ def test_rem_respects_linf_is_seeded_and_resumes_exactly(clean, tmp_path):
     from tools.poisons import rem
     from tools.poisons.pgd import PoisonIncomplete
 
-    opts = {"settings": {"width": 0.125, "pgd_steps": 2, "adv_steps": 1, "train_steps": 1, "batch_size": 100,
+    opts = {"precision": CPU_PRECISION,
+            "settings": {"width": 0.125, "pgd_steps": 2, "adv_steps": 1, "train_steps": 1, "batch_size": 100,
                          "rounds": 2}}
     out = tmp_path / "rem"
     poison_split("rem", clean, out, seed=0, device="cpu", options=opts, log=lambda m: None)
@@ -526,18 +589,21 @@ def test_rem_respects_linf_is_seeded_and_resumes_exactly(clean, tmp_path):
     _, images, labels = read_split(clean)
     images, labels = images[:40], labels[:40]
     settings = rem.REMSettings(width=0.125, pgd_steps=2, adv_steps=1, train_steps=2, batch_size=20, rounds=2)
-    whole = rem.generate(images, labels, seed=1, device="cpu", settings=settings, log=lambda m: None)
+    whole = rem.generate(images, labels, seed=1, device="cpu", settings=settings, precision=CPU_PRECISION,
+                         log=lambda m: None)
     assert np.abs(whole).max() <= 8 / 255 + 1e-6
     assert np.array_equal(whole, rem.generate(images, labels, seed=1, device="cpu", settings=settings,
-                                              log=lambda m: None))
+                                              precision=CPU_PRECISION, log=lambda m: None))
     assert not np.array_equal(whole, rem.generate(images, labels, seed=2, device="cpu", settings=settings,
-                                                  log=lambda m: None))
+                                                  precision=CPU_PRECISION, log=lambda m: None))
     state = tmp_path / "part.pt"
     with pytest.raises(PoisonIncomplete):
-        rem.generate(images, labels, seed=1, device="cpu", settings=settings, state_path=state, max_seconds=0.0,
+        rem.generate(images, labels, seed=1, device="cpu", settings=settings, precision=CPU_PRECISION,
+                     state_path=state, max_seconds=0.0,
                      log=lambda m: None)
     logs = []
-    resumed = rem.generate(images, labels, seed=1, device="cpu", settings=settings, state_path=state,
+    resumed = rem.generate(images, labels, seed=1, device="cpu", settings=settings, precision=CPU_PRECISION,
+                           state_path=state,
                            log=logs.append)
     assert logs[0] == "REM: resumed after round 1" and len(logs) == 2
     assert np.array_equal(resumed, whole)

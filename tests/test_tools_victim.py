@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import CPU_PRECISION
 
 from tools.common import ToolError, default_data_dir
 from tools.defenses import get_defense, grayscale, jpeg, training_corruption
@@ -33,23 +34,13 @@ def medium(tmp_path_factory):
     return out
 
 
-def _native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it, ~10x slower."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return True  # not Linux: keep the recipe's precision
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def test_victim_learns_well_above_chance(medium):
     """2,500 clean images, the CPU protocol's victim (ResNet-9 x0.25, bf16 where the CPU has it natively, else
     fp32: emulated bf16 took 664 s here on an AMD VM), 10 epochs: far above the 10% of chance (39.7% when
     written; about 35 s on one core)."""
     result = train_victim(VictimConfig(train=str(medium / "train"), test=str(medium / "test"), recipe="cpu",
                                        epochs=10, batch_size=64, device="cpu", seed=0,
-                                       precision=None if _native_bf16() else "fp32"),
+                                       precision=None if CPU_PRECISION == "bf16" else "fp32"),
                           log=lambda m: None)
     assert result["complete"] and result["settings"]["train_images"] == 2500
     assert result["test_accuracy"] >= 30.0, result["test_accuracy"]

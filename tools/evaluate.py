@@ -81,8 +81,11 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
               help="TAP/SEP/HYP/UC: epochs of the surrogate (the recipe's).")
 @click.option("--max-seconds", type=float, default=None,
               help="EM/REM/TAP/SEP/HYP/UC: stop (resumable, exit 75) before this many seconds.")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default=None,
+              help="EM/REM/TAP/SEP/HYP/UAP/UC: fp32 turns their bf16 autocast off (for CPUs that emulate bf16); "
+                   "recorded in norms.json [default: bf16].")
 def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surrogate_recipe, blur_parameter, kernel_size,
-           pgd_steps, train_steps, max_rounds, batch_size, surrogate, surrogate_epochs, max_seconds):
+           pgd_steps, train_steps, max_rounds, batch_size, surrogate, surrogate_epochs, max_seconds, precision):
     """Poison a clean training split with KIND; writes shards with the same keys and norms.json."""
     from .poisons.driver import poison_split
 
@@ -114,6 +117,8 @@ def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surroga
     elif kind == "cuda":
         options = {k: v for k, v in {"blur_parameter": blur_parameter, "kernel_size": kernel_size}.items()
                    if v is not None}
+    if precision is not None:  # only when given, so a default run records the options it always did
+        options["precision"] = precision
     record = poison_split(kind, in_dir, out_dir, seed=seed, device=device, options=options, log=_echo)
     click.echo(json.dumps({k: record[k] for k in ("poison", "budget", "linf_max_255", "l2_mean", "l2_max")}))
 

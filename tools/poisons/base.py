@@ -78,3 +78,23 @@ def l2_normalize(delta: np.ndarray, eps: float) -> np.ndarray:
     """Scale each sample of a batch to L2 norm ``eps`` (the LSP/AR construction)."""
     norms = np.sqrt((delta.reshape(len(delta), -1).astype(np.float64) ** 2).sum(1))
     return (delta / np.maximum(norms, 1e-12)[:, None, None, None] * eps).astype(np.float32)
+
+
+# The model-based generators (EM, REM, TAP, SEP, HYP, UAP, UC) run their models under bf16 autocast by default, on
+# a CPU too (about 2x faster where the CPU has bf16 instructions). Where it has none (no AVX512-BF16/AMX, e.g. an
+# AMD EPYC VM) torch emulates bf16 at ~10x the cost: "fp32" turns autocast off. The two make different sets (not the
+# same bytes), so the choice is recorded in norms.json's options and a state file of one is not resumed by the other.
+PRECISIONS = ("bf16", "fp32")
+
+
+def autocast_on(device, precision: str) -> bool:
+    """Whether a generator autocasts to bf16 on ``device`` at ``precision`` (bf16 | fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision == "bf16" and device.type in ("cuda", "cpu")
+
+
+def signed(signature: dict, precision: str) -> dict:
+    """A state file's resume signature with the precision in it; bf16 (what every state file made before the choice
+    existed used) adds nothing, so those still resume."""
+    return signature if precision == "bf16" else {**signature, "precision": precision}

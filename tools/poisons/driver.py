@@ -14,11 +14,13 @@ from eclipse_stream.devices import resolve_device
 
 from ..common import MANIFEST, ToolError, provenance, read_json, read_split, write_json, write_split
 from . import POISONS
-from .base import measure, quantize, within
+from .base import PRECISIONS, measure, quantize, within
 
 NORMS = "norms.json"
 # the poisons made with one model trained on the clean split, and their settings dataclass
 SURROGATE_SETTINGS = {"tap": "TAPSettings", "hyp": "HYPSettings", "uap": "HYPSettings", "uc": "UCSettings"}
+# the poisons that run a model (and so take the "precision" option: base.PRECISIONS)
+MODEL_POISONS = ("em", "rem", "sep", *SURROGATE_SETTINGS)
 
 
 def is_poisoned(out_dir: Path) -> bool:
@@ -59,8 +61,17 @@ def poison_split(kind: str, in_dir: Path, out_dir: Path, seed: int = 0, device: 
 
 def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_dir, log):
     """Call the generator; EM/REM/TAP/SEP/HYP/UAP/UC get their settings, a resumable state file and (all but
-    EM and REM, which train their own) models trained on the clean split."""
+    EM and REM, which train their own) models trained on the clean split. The ``precision`` option (bf16, the
+    default, or fp32) applies to every model a generator trains or runs."""
     options = dict(options)
+    precision = options.pop("precision", "bf16")
+    if precision not in PRECISIONS:
+        raise ToolError(f"{kind}: precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if kind in MODEL_POISONS:
+        options["precision"] = precision
+    elif precision != "bf16":
+        raise ToolError(f"{kind} runs no model, so it takes no precision; that option is for "
+                        f"{', '.join(MODEL_POISONS)}")
     if kind in ("em", "rem"):  # a model trained from scratch on the perturbed data, min-min
         settings = (module.EMSettings if kind == "em" else module.REMSettings)(**options.pop("settings", {}))
         return module.generate(clean, labels, seed=seed, device=device, settings=settings,
@@ -100,10 +111,17 @@ def _sep_checkpoints(in_dir: Path, out_dir: Path, device, options: dict, log) ->
     result = train_victim(VictimConfig(train=str(in_dir), test=None, recipe=recipe, epochs=epochs,
                                        width=options.pop("surrogate_width", None), device=device or "auto",
                                        checkpoint=str(ckpt), resume=True, snapshot_epochs=snapshots,
-                                       max_seconds=options.get("max_seconds")), log=log)
+                                       max_seconds=options.get("max_seconds"),
+                                       precision=_victim_precision(options)), log=log)
     if not result["complete"]:
         raise PoisonIncomplete("SEP checkpoint training stopped (time budget); rerun to resume")
     return [snapshot_path(ckpt, e) for e in snapshots]
+
+
+def _victim_precision(options: dict) -> str | None:
+    """The victim trainer's precision for a surrogate: None (the recipe's own bf16, so surrogates trained before the
+    option existed still resume) or fp32."""
+    return None if options.get("precision", "bf16") == "bf16" else options["precision"]
 
 
 def _clean_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
@@ -122,7 +140,8 @@ def _clean_surrogate(in_dir: Path, out_dir: Path, device, options: dict, log):
         ckpt = out_dir.with_name(out_dir.name + ".surrogate.pt")
         result = train_victim(VictimConfig(train=str(in_dir), test=None, recipe=recipe, epochs=epochs, width=width,
                                            device=device or "auto", checkpoint=str(ckpt), resume=True, seed=seed,
-                                           max_seconds=options.get("max_seconds")), log=log)
+                                           max_seconds=options.get("max_seconds"),
+                                           precision=_victim_precision(options)), log=log)
         if not result["complete"]:
             raise PoisonIncomplete("surrogate training stopped (time budget); rerun to resume")
     return load_surrogate(Path(ckpt), width, resolve_device(device))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from eclipse_stream.devices import resolve_device
 
 from ..models import resnet18
-from .base import LINF_8, Budget
+from .base import LINF_8, Budget, autocast_on, signed
 from .pgd import Budget as TimeBudget
 from .pgd import PoisonIncomplete, descend, load_state, save_state, to_device, to_numpy_delta
 
@@ -54,12 +54,13 @@ def _accuracy(model, x, y, delta, batch_size, amp) -> float:
 
 
 def min_min_start(images: np.ndarray, labels: np.ndarray, seed: int, device: str | None, width: float, lr: float,
-                  eps: float):
+                  eps: float, precision: str = "bf16"):
     """What a min-min run (EM, REM) starts from: the device, whether to autocast, the data on the device, a fresh
     ResNet18 of ``width`` with its SGD, and noise uniform in the ``eps`` ball, all drawn from ``seed``."""
     device = resolve_device(device)
-    # bf16 autocast, on a CPU too: 2x faster there (0.85 vs 1.71 s a PGD step of 512 at width 0.25)
-    amp = device.type in ("cuda", "cpu")
+    # bf16 autocast, on a CPU too: 2x faster there (0.85 vs 1.71 s a PGD step of 512 at width 0.25) where it has
+    # bf16 instructions; precision="fp32" where it has not (base.PRECISIONS)
+    amp = autocast_on(device, precision)
     torch.manual_seed(seed)
     x, y = to_device(images, labels, device)
     model = resnet18(width=width).to(device)
@@ -71,13 +72,14 @@ def min_min_start(images: np.ndarray, labels: np.ndarray, seed: int, device: str
 
 def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str | None = None,
              settings: EMSettings = EMSettings(), state_path: Path | None = None,
-             max_seconds: float | None = None, log=print) -> np.ndarray:
+             max_seconds: float | None = None, log=print, precision: str = "bf16") -> np.ndarray:
     """Float NHWC delta of sample-wise error-minimising noise."""
     s = settings
-    device, amp, x, y, model, opt, delta = min_min_start(images, labels, seed, device, s.width, s.lr, s.eps)
+    device, amp, x, y, model, opt, delta = min_min_start(images, labels, seed, device, s.width, s.lr, s.eps,
+                                                         precision)
     # max_rounds only says when to stop, so a run may be resumed with a larger one.
-    signature = {"kind": "em", "seed": seed, "n": len(y), "order": "shuffled",
-                 "settings": {k: v for k, v in asdict(s).items() if k != "max_rounds"}}
+    signature = signed({"kind": "em", "seed": seed, "n": len(y), "order": "shuffled",
+                        "settings": {k: v for k, v in asdict(s).items() if k != "max_rounds"}}, precision)
     first_round, cursor, done = 0, 0, False
     state = load_state(state_path, device, signature)
     if state is not None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from eclipse_stream.devices import resolve_device
 
-from .base import Budget
+from .base import Budget, autocast_on, signed
 from .pgd import Budget as TimeBudget
 from .pgd import PoisonIncomplete, load_state, save_state, to_device, to_numpy_delta
 
@@ -70,7 +70,7 @@ def universal_delta(model, x: torch.Tensor, target: int, settings: HYPSettings, 
 def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str | None = None,
              surrogate=None, settings: HYPSettings = HYPSettings(), num_classes: int = 10,
              state_path: Path | None = None, max_seconds: float | None = None, log=print,
-             targets: np.ndarray | None = None, kind: str = "hyp") -> np.ndarray:
+             targets: np.ndarray | None = None, kind: str = "hyp", precision: str = "bf16") -> np.ndarray:
     """Float NHWC delta: image i gets its class's universal perturbation, made toward ``targets[class]`` (the
     class itself by default: hypocritical; ``tools.poisons.uap`` passes a derangement). Each finished class is
     saved to ``state_path``, so a run stopped by ``max_seconds`` resumes at the next class."""
@@ -79,11 +79,11 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
         raise ValueError(f"{name} needs a crafting model trained on clean data")
     targets = np.arange(num_classes) if targets is None else np.asarray(targets)
     device = resolve_device(device)
-    amp = device.type in ("cuda", "cpu")  # bf16 autocast, as TAP and EM
+    amp = autocast_on(device, precision)  # bf16 autocast, as TAP and EM
     model = surrogate.to(device).eval().requires_grad_(False)
     x, y = to_device(images, labels, device)
-    signature = {"kind": kind, "seed": seed, "n": len(y), "settings": asdict(settings),
-                 "targets": targets.tolist()}
+    signature = signed({"kind": kind, "seed": seed, "n": len(y), "settings": asdict(settings),
+                        "targets": targets.tolist()}, precision)
     state = load_state(state_path, device, signature)
     deltas = [] if state is None else list(state["deltas"].float().unbind(0))
     if deltas:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import LINF_8, Budget
+from .base import LINF_8, Budget, signed
 from .em import _epoch_order, min_min_start
 from .pgd import Budget as TimeBudget
 from .pgd import PoisonIncomplete, load_state, save_state, to_numpy_delta
@@ -104,13 +104,14 @@ def defend(model, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, s: REMS
 
 def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str | None = None,
              settings: REMSettings = REMSettings(), state_path: Path | None = None,
-             max_seconds: float | None = None, log=print) -> np.ndarray:
+             max_seconds: float | None = None, log=print, precision: str = "bf16") -> np.ndarray:
     """Float NHWC delta of sample-wise robust error-minimising noise."""
     s = settings
-    device, amp, x, y, model, opt, delta = min_min_start(images, labels, seed, device, s.width, s.lr, s.eps)  # as EM's
+    device, amp, x, y, model, opt, delta = min_min_start(images, labels, seed, device, s.width, s.lr, s.eps,
+                                                         precision)  # as EM's
     # rounds only says when to stop, so a run may be resumed with more
-    signature = {"kind": "rem", "seed": seed, "n": len(y),
-                 "settings": {k: v for k, v in asdict(s).items() if k != "rounds"}}
+    signature = signed({"kind": "rem", "seed": seed, "n": len(y),
+                        "settings": {k: v for k, v in asdict(s).items() if k != "rounds"}}, precision)
     first_round, cursor = 0, 0
     state = load_state(state_path, device, signature)
     if state is not None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from eclipse_stream.devices import resolve_device
 
-from .base import LINF_8, Budget
+from .base import LINF_8, Budget, autocast_on, signed
 from .pgd import Budget as TimeBudget
 from .pgd import PoisonIncomplete, load_state, save_state, to_device, to_numpy_delta
 from .tap import load_surrogate
@@ -58,19 +58,20 @@ def ascend(models, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, eps: f
 
 def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str | None = None,
              checkpoints: list[Path] | None = None, settings: SEPSettings = SEPSettings(),
-             state_path: Path | None = None, max_seconds: float | None = None, log=print) -> np.ndarray:
+             state_path: Path | None = None, max_seconds: float | None = None, log=print,
+             precision: str = "bf16") -> np.ndarray:
     """Float NHWC delta: error-maximising noise against the ensemble of ``checkpoints`` (victim-trainer files)."""
     if not checkpoints:
         raise ValueError("SEP needs the checkpoints of a model trained on clean data")
     device = resolve_device(device)
-    amp = device.type in ("cuda", "cpu")  # bf16 autocast, on a CPU too
+    amp = autocast_on(device, precision)  # bf16 autocast, on a CPU too
     s = settings
     models = [load_surrogate(Path(c), None, device) for c in checkpoints]
     x, y = to_device(images, labels, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     delta = (torch.rand(x.shape, device=device, generator=gen) * 2 - 1) * s.eps
-    signature = {"kind": "sep", "seed": seed, "n": len(y), "settings": asdict(s),
-                 "checkpoints": [Path(c).name for c in checkpoints]}
+    signature = signed({"kind": "sep", "seed": seed, "n": len(y), "settings": asdict(s),
+                        "checkpoints": [Path(c).name for c in checkpoints]}, precision)
     start0 = 0
     state = load_state(state_path, device, signature)
     if state is not None:

@@ -24,7 +24,7 @@ import torch
 from eclipse_stream.devices import resolve_device
 
 from ..models import build_model
-from .base import LINF_8, Budget
+from .base import LINF_8, Budget, autocast_on, signed
 from .pgd import Budget as TimeBudget
 from .pgd import PoisonIncomplete, descend, load_state, save_state, to_device, to_numpy_delta
 
@@ -62,19 +62,20 @@ def load_surrogate(checkpoint: Path, width: float | None, device: torch.device):
 
 def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str | None = None,
              surrogate=None, settings: TAPSettings = TAPSettings(), num_classes: int = 10,
-             state_path: Path | None = None, max_seconds: float | None = None, log=print) -> np.ndarray:
+             state_path: Path | None = None, max_seconds: float | None = None, log=print,
+             precision: str = "bf16") -> np.ndarray:
     """Float NHWC delta: class-targeted L-inf PGD against ``surrogate`` (an nn.Module)."""
     if surrogate is None:
         raise ValueError("TAP needs a trained surrogate model")
     device = resolve_device(device)
-    amp = device.type in ("cuda", "cpu")  # bf16 autocast, on a CPU too (about 2x there, as for EM)
+    amp = autocast_on(device, precision)  # bf16 autocast, on a CPU too (about 2x there, as for EM)
     s = settings
     model = surrogate.to(device).eval().requires_grad_(False)
     x, y = to_device(images, labels, device)
     target = torch.from_numpy(derangement(num_classes, seed)).to(device)[y]
     gen = torch.Generator(device=device).manual_seed(seed)
     delta = (torch.rand(x.shape, device=device, generator=gen) * 2 - 1) * s.eps
-    signature = {"kind": "tap", "seed": seed, "n": len(y), "settings": asdict(s)}
+    signature = signed({"kind": "tap", "seed": seed, "n": len(y), "settings": asdict(s)}, precision)
     start0 = 0
     state = load_state(state_path, device, signature)
     if state is not None:

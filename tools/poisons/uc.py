@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from eclipse_stream.devices import resolve_device
 
-from .base import LINF_8, Budget
+from .base import LINF_8, Budget, autocast_on, signed
 from .pgd import Budget as TimeBudget
 from .pgd import PoisonIncomplete, load_state, save_state, to_device, to_numpy_delta
 
@@ -121,7 +121,8 @@ def cluster_delta(model, x: torch.Tensor, anchor: torch.Tensor, settings: UCSett
 
 def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str | None = None,
              surrogate=None, settings: UCSettings = UCSettings(), num_classes: int = 10,
-             state_path: Path | None = None, max_seconds: float | None = None, log=print) -> np.ndarray:
+             state_path: Path | None = None, max_seconds: float | None = None, log=print,
+             precision: str = "bf16") -> np.ndarray:
     """Float NHWC delta: image i gets its feature cluster's universal perturbation. ``labels`` only set the
     number of clusters when ``settings.clusters`` is 0; which image is in which cluster ignores them. Each finished
     cluster is saved to ``state_path``, so a run stopped by ``max_seconds`` resumes at the next one."""
@@ -130,10 +131,10 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
     s = settings
     k = s.clusters or num_classes
     device = resolve_device(device)
-    amp = device.type in ("cuda", "cpu")  # bf16 autocast, as TAP, HYP and EM
+    amp = autocast_on(device, precision)  # bf16 autocast, as TAP, HYP and EM
     model = surrogate.to(device).eval().requires_grad_(False)
     x, y = to_device(images, labels, device)
-    signature = {"kind": "uc", "seed": seed, "n": len(y), "settings": asdict(s), "clusters": k}
+    signature = signed({"kind": "uc", "seed": seed, "n": len(y), "settings": asdict(s), "clusters": k}, precision)
     state = load_state(state_path, device, signature)
     if state is None:
         with torch.no_grad():
