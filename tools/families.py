@@ -46,7 +46,8 @@ FAMILIES = {
     "cuda": Family("cuda", True, "class-wise 3x3 convolution (blur), unbounded",
                    "added after the purification defaults were frozen; seen before the JPEG term became the "
                    "default (2026-12-06); the class-wise deblurring was designed on it (opt-in, then purify's "
-                   "default, --deblur auto, the same day)"),
+                   "default, --deblur auto, the same day); the border-ring refill (2026-12-07) was designed on its 5x5 "
+                   "variant and kept after a rule written before its 0.1/0.5 pairs ran"),
     "sep": Family("sep", True, "self-ensemble protection (checkpoint-ensemble adversarial), L-inf 8/255",
                   "held out until 2026-12-06: its rows (previous default, JPEG term) decided that the JPEG term "
                   "became the default"),
