@@ -135,12 +135,16 @@ def test_defense_names_and_parts():
     assert jq.jpeg_quality == (10, 50) and jq.purify_tag == robust.purify_tag and robust.jpeg_quality is None
     assert jq.to_dict()["jpeg_quality"] == [10, 50] and "jpeg_quality" not in robust.to_dict()
     assert get_defense("corruption-lf0.05-jq5-30").jpeg_quality == (5, 30)
+    assert get_defense("corruption-lf0.05-jq5-30").gray_p == 0.4  # the paper's p unless given
+    gray = get_defense("corruption-gray0.8-lf0.05-jq20-60")  # the corruption alone, another grayscale probability
+    assert (gray.gray_p, gray.lowfreq_sigma, gray.jpeg_quality, gray.purify) == (0.8, 0.05, (20, 60), False)
     t200 = get_defense("eclipse-steps1-t200+impulse-lf0.05")  # purify --t-star 200 (the default since 2026-12-07)
     assert t200.t_star == 200 and t200.purify_tag == "-steps1-t200-impulse" and t200.to_dict()["t_star"] == 200
     assert t200.purify_args() == ("--recipe", "paper", "--prefilter", "impulse", "--t-star", "200", "--deblur", "off")
     assert robust.t_star is None and "t_star" not in robust.to_dict() and "--t-star" not in robust.purify_args()
     assert get_defense("purify-steps1-t200+impulse").purify_tag == t200.purify_tag
-    for bad in ("eclipse-steps1-jq50-10", "corruption-lf0.05-jq0-10", "eclipse-jq10", "eclipse-steps1-t0"):
+    for bad in ("eclipse-steps1-jq50-10", "corruption-lf0.05-jq0-10", "eclipse-jq10", "eclipse-steps1-t0",
+                "corruption-gray1.5-lf0.05", "corruption-lf0.05-gray0.8"):
         with pytest.raises(ToolError):
             get_defense(bad)
 

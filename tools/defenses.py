@@ -13,7 +13,7 @@ the paper recipe's t* = 100). Suffixes: ``+impulse`` (purify's impulse prefilter
 ``-grayP`` (the corruption's grayscale probability) and ``-lfS`` (the corruption's low-frequency
 noise std, 0 unless given: every row without it is the paper's corruption) and ``-jqLO-HI`` (the
 corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given);
-``corruption-lfS[-jqLO-HI]`` is that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data
+``corruption[-grayP]-lfS[-jqLO-HI]`` is that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data
 without any training-time corruption (for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...``
 defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set,
 then ``purify --class-kernels``).
@@ -140,13 +140,14 @@ def get_defense(name: str) -> Defense:
     if match and _positive(match.group(1)) and _positive(match.group(2)):  # the data stage alone, no corruption
         return Defense(name, purify=True, purify_steps=int(match.group(1)) if match.group(1) else None,
                        t_star=int(match.group(2)) if match.group(2) else None, prefilter=match.group(3) or "none")
-    match = re.fullmatch(r"corruption-lf(0(?:\.\d+)?)" + _JQ, name)
+    match = re.fullmatch(r"corruption(?:-gray(0(?:\.\d+)?|1(?:\.0+)?))?-lf(0(?:\.\d+)?)" + _JQ, name)
     if match:
-        return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(1)),
-                       jpeg_quality=_jpeg_quality(match, 2))
+        return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(2)),
+                       gray_p=float(match.group(1)) if match.group(1) else CORRUPTION_P,
+                       jpeg_quality=_jpeg_quality(match, 3))
     raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or "
                     "eclipse-steps<K>[-t<T>][+impulse][-grayP][-lfS][-jqLO-HI], purify-steps<K>[-t<T>][+impulse] "
-                    "(purified, no training-time corruption), corruption-lfS[-jqLO-HI]; eclipse/purify ones take a "
+                    "(purified, no training-time corruption), corruption[-grayP]-lfS[-jqLO-HI]; eclipse/purify ones take a "
                     "deblur+ prefix")
 
 
