@@ -13,8 +13,9 @@ the paper recipe's t* = 100). Suffixes: ``+impulse`` (purify's impulse prefilter
 ``-grayP`` (the corruption's grayscale probability) and ``-lfS`` (the corruption's low-frequency
 noise std, 0 unless given: every row without it is the paper's corruption) and ``-jqLO-HI`` (the
 corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given) and ``-hueP`` (the
-corruption's random hue rotation with probability P; off unless given); ``corruption[-grayP]-lfS[-jqLO-HI][-hueP]``
-is that corruption alone; ``purify-steps<K>[+impulse]`` is the purified data without any training-time corruption
+corruption's random hue rotation with probability P; off unless given);
+``corruption[-grayP][-wnS]-lfS[-jqLO-HI][-hueP]`` is that corruption alone (``-wnS``: its white noise std, the
+paper's 0.05 unless given); ``purify-steps<K>[+impulse]`` is the purified data without any training-time corruption
 (for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...``
 defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set,
 then ``purify --class-kernels``).
@@ -67,6 +68,7 @@ class Defense:
     lowfreq_sigma: float = 0.0         # training-time corruption: low-frequency noise std (0: the paper's)
     jpeg_quality: tuple[int, int] | None = None  # training-time corruption: JPEG quality range (None: the paper's)
     hue_p: float = 0.0                 # training-time corruption: hue rotation probability (0: the paper's)
+    noise_sigma: float = CORRUPTION_SIGMA  # training-time corruption: white noise std (the paper's 0.05)
     deblur: bool = False               # purify --class-kernels (fitted by `eclipse-stream fit-kernels` per set)
 
     def to_dict(self) -> dict:
@@ -77,6 +79,7 @@ class Defense:
                 **({"lowfreq_sigma": self.lowfreq_sigma} if self.lowfreq_sigma else {}),
                 **({"jpeg_quality": list(self.jpeg_quality)} if self.jpeg_quality else {}),
                 **({"hue_p": self.hue_p} if self.hue_p else {}),
+                **({"noise_sigma": self.noise_sigma} if self.noise_sigma != CORRUPTION_SIGMA else {}),
                 **({"deblur": True} if self.deblur else {})}
 
     @property
@@ -147,15 +150,17 @@ def get_defense(name: str) -> Defense:
     if match and _positive(match.group(1)) and _positive(match.group(2)):  # the data stage alone, no corruption
         return Defense(name, purify=True, purify_steps=int(match.group(1)) if match.group(1) else None,
                        t_star=int(match.group(2)) if match.group(2) else None, prefilter=match.group(3) or "none")
-    match = re.fullmatch(r"corruption(?:-gray(0(?:\.\d+)?|1(?:\.0+)?))?-lf(0(?:\.\d+)?)" + _JQ, name)
+    match = re.fullmatch(r"corruption(?:-gray(0(?:\.\d+)?|1(?:\.0+)?))?(?:-wn(0(?:\.\d+)?))?-lf(0(?:\.\d+)?)" + _JQ,
+                         name)
     if match:
-        return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(2)),
+        return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(3)),
                        gray_p=float(match.group(1)) if match.group(1) else CORRUPTION_P,
-                       jpeg_quality=_jpeg_quality(match, 3), hue_p=_hue_p(match, 5))
+                       noise_sigma=float(match.group(2)) if match.group(2) else CORRUPTION_SIGMA,
+                       jpeg_quality=_jpeg_quality(match, 4), hue_p=_hue_p(match, 6))
     raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or "
                     "eclipse-steps<K>[-t<T>][+impulse][-grayP][-lfS][-jqLO-HI][-hueP], "
                     "purify-steps<K>[-t<T>][+impulse] (purified, no training-time corruption), "
-                    "corruption[-grayP]-lfS[-jqLO-HI][-hueP]; eclipse/purify ones take a deblur+ prefix")
+                    "corruption[-grayP][-wnS]-lfS[-jqLO-HI][-hueP]; eclipse/purify ones take a deblur+ prefix")
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:
@@ -195,7 +200,7 @@ def training_corruption(defense: Defense, generator: torch.Generator | None = No
     except ImportError as exc:
         raise ToolError(f"defense {defense.name!r} needs eclipse_stream.corruption.RandomCorruption, "
                         f"which cannot be imported: {exc}") from exc
-    return RandomCorruption(p=defense.gray_p, sigma=CORRUPTION_SIGMA, generator=generator,
+    return RandomCorruption(p=defense.gray_p, sigma=defense.noise_sigma, generator=generator,
                             lowfreq_sigma=defense.lowfreq_sigma, jpeg_quality=defense.jpeg_quality,
                             hue_p=defense.hue_p)
 
