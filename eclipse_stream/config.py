@@ -49,9 +49,9 @@ def is_int(value, lo: int | None = None, hi: int | None = None) -> bool:
             and (hi is None or value <= hi))
 
 
-def check_corruption(p, sigma, lowfreq_sigma=0.0, jpeg_quality=None, hue_p=0.0) -> None:
+def check_corruption(p, sigma, lowfreq_sigma=0.0, jpeg_quality=None) -> None:
     """The training-time corruption's settings, the one check (purify's --gray-p/--noise-sigma, the transform,
-    ``corrupt``): probabilities in [0, 1], standard deviations (in [0, 1] pixel units) in [0, 1], and the JPEG
+    ``corrupt``): probability in [0, 1], standard deviations (in [0, 1] pixel units) in [0, 1], and the JPEG
     quality range ``None`` (off) or ``(lo, hi)`` with 1 <= lo <= hi <= 100."""
     jq_ok = jpeg_quality is None or (isinstance(jpeg_quality, (tuple, list)) and len(jpeg_quality) == 2
                                      and is_int(jpeg_quality[0], 1, 100) and is_int(jpeg_quality[1], 1, 100)
@@ -60,7 +60,6 @@ def check_corruption(p, sigma, lowfreq_sigma=0.0, jpeg_quality=None, hue_p=0.0) 
         (jq_ok, f"JPEG quality must be None (off) or a (lo, hi) pair of ints with 1 <= lo <= hi <= 100, "
                 f"got {jpeg_quality!r}"),
         (is_real(p, 0.0, 1.0), f"grayscale probability (gray p) must be a number in [0, 1], got {p!r}"),
-        (is_real(hue_p, 0.0, 1.0), f"hue rotation probability (hue p) must be a number in [0, 1], got {hue_p!r}"),
         (is_real(sigma, 0.0, 1.0), f"noise sigma must be a number in [0, 1] (pixel units), got {sigma!r}"),
         (is_real(lowfreq_sigma, 0.0, 1.0),
          f"low-frequency noise sigma must be a number in [0, 1] (pixel units), got {lowfreq_sigma!r}"),

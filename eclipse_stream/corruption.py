@@ -23,11 +23,6 @@ t* = 100; with t* = 200, 2.2 more on TAP, none on SEP, for a clean cost of 3.57;
 TAP for a clean cost of 3.68 (both over the limit): for data suspected of TAP-like poisons. ``jpeg_quality=None``
 draws nothing; with ``lowfreq_sigma=0`` it is the paper's corruption.
 
-Also beyond the paper, ``hue_p`` rotates, with that probability, an image's chroma about the gray axis by an angle
-drawn uniformly from [-pi, pi) (:func:`rotate_hue`: the mean intensity (R+G+B)/3 of every pixel kept, the result
-clamped). What one-step purification leaves of TAP carries its class in smooth colour (docs/evaluation.md); a fresh
-random hue takes that direction away. ``hue_p=0`` (the default, ``DEFAULT_HUE_P``) draws nothing.
-
 The paper applies it once; the reference code
 applies it afresh every time an image is read (per epoch), which is what
 :class:`RandomCorruption` and :func:`corrupt_samples` do. ``purify --corruption baked``
@@ -45,12 +40,12 @@ from torch import nn
 from torchvision.transforms.functional import rgb_to_grayscale
 from webdataset.filters import pipelinefilter
 
-__all__ = ["DEFAULT_GRAY_P", "DEFAULT_HUE_P", "DEFAULT_JPEG_QUALITY", "DEFAULT_LOWFREQ_SIGMA", "DEFAULT_SIGMA",
-           "RandomCorruption", "corrupt", "corrupt_samples", "lowfreq_noise", "rotate_hue"]
+__all__ = ["DEFAULT_GRAY_P", "DEFAULT_JPEG_QUALITY", "DEFAULT_LOWFREQ_SIGMA", "DEFAULT_SIGMA", "RandomCorruption",
+           "corrupt", "corrupt_samples", "lowfreq_noise"]
 
 from .config import check_corruption  # noqa: E402
-from .defaults import (DEFAULT_GRAY_P, DEFAULT_HUE_P, DEFAULT_JPEG_QUALITY, DEFAULT_LOWFREQ_SIGMA,  # noqa: E402
-                       DEFAULT_SIGMA, IMAGE_EXTENSIONS, LOWFREQ_GRID)
+from .defaults import (DEFAULT_GRAY_P, DEFAULT_JPEG_QUALITY, DEFAULT_LOWFREQ_SIGMA, DEFAULT_SIGMA,  # noqa: E402
+                       IMAGE_EXTENSIONS, LOWFREQ_GRID)
 from .jpegsim import jpeg_quantize  # noqa: E402
 
 _check = check_corruption  # the one check of these settings, shared with PurifierConfig
@@ -65,24 +60,14 @@ def lowfreq_noise(shape, sigma: float, generator: torch.Generator | None = None,
     return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Rotate each image's chroma about the gray axis (1, 1, 1) by ``angle`` (radians, one per image) of an
-    (N, 3, H, W) batch in [0, 1]: Rodrigues' rotation, so (R+G+B)/3 is kept; not clamped."""
-    c, s = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
-    k = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=x.device) / 3 ** 0.5
-    eye = torch.eye(3, device=x.device)
-    rot = c * eye + s * k + (1 - c) * (torch.ones(3, 3, device=x.device) / 3)  # (N, 3, 3)
-    return torch.einsum("nij,njhw->nihw", rot, x)
-
-
 def corrupt(x: torch.Tensor, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
             generator: torch.Generator | None = None, lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA,
-            jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY, hue_p: float = DEFAULT_HUE_P) -> torch.Tensor:
+            jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY) -> torch.Tensor:
     """Corrupt a float batch in [0, 1], shape (N, 3, H, W) or (3, H, W); one draw per image.
 
-    Order: JPEG quantization (quality uniform in ``jpeg_quality``), grayscale, hue rotation, white noise, smooth
-    noise. ``lowfreq_sigma=0, jpeg_quality=None, hue_p=0`` is the paper's corruption (grayscale, white noise)."""
-    _check(p, sigma, lowfreq_sigma, jpeg_quality, hue_p)
+    Order: JPEG quantization (quality uniform in ``jpeg_quality``), grayscale, white noise, smooth noise.
+    ``lowfreq_sigma=0, jpeg_quality=None`` is the paper's corruption (grayscale, white noise)."""
+    _check(p, sigma, lowfreq_sigma, jpeg_quality)
     single = x.ndim == 3
     if single:
         x = x.unsqueeze(0)
@@ -95,10 +80,6 @@ def corrupt(x: torch.Tensor, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_S
         x = jpeg_quantize(x, quality)
     gray = torch.rand(x.shape[0], device=x.device, generator=generator) < p
     x = torch.where(gray[:, None, None, None], rgb_to_grayscale(x, num_output_channels=3), x)
-    if hue_p > 0:  # draws nothing when off, so the other terms' draws are unchanged
-        turn = torch.rand(x.shape[0], device=x.device, generator=generator) < hue_p
-        angle = (torch.rand(x.shape[0], device=x.device, generator=generator) * 2 - 1) * torch.pi
-        x = torch.where(turn[:, None, None, None], rotate_hue(x, angle), x)
     if sigma > 0:
         x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
     if lowfreq_sigma > 0:
@@ -129,55 +110,52 @@ class RandomCorruption(nn.Module):
 
     def __init__(self, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
                  generator: torch.Generator | None = None, lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA,
-                 jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY, hue_p: float = DEFAULT_HUE_P):
+                 jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY):
         super().__init__()
         jpeg_quality = tuple(jpeg_quality) if isinstance(jpeg_quality, list) else jpeg_quality
-        _check(p, sigma, lowfreq_sigma, jpeg_quality, hue_p)
+        _check(p, sigma, lowfreq_sigma, jpeg_quality)
         self.p, self.sigma, self.generator, self.lowfreq_sigma = p, sigma, generator, lowfreq_sigma
-        self.jpeg_quality, self.hue_p = jpeg_quality, hue_p
+        self.jpeg_quality = jpeg_quality
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unit, was_uint8 = _to_unit(x)
-        out = corrupt(unit, self.p, self.sigma, self.generator, self.lowfreq_sigma, self.jpeg_quality, self.hue_p)
+        out = corrupt(unit, self.p, self.sigma, self.generator, self.lowfreq_sigma, self.jpeg_quality)
         return _from_unit(out, was_uint8, x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"p={self.p}, sigma={self.sigma}, lowfreq_sigma={self.lowfreq_sigma}, "
-                f"jpeg_quality={self.jpeg_quality}, hue_p={self.hue_p}")
+        return f"p={self.p}, sigma={self.sigma}, lowfreq_sigma={self.lowfreq_sigma}, jpeg_quality={self.jpeg_quality}"
 
 
-def _corrupt_value(value, p, sigma, generator, lowfreq_sigma, jpeg_quality, hue_p):
+def _corrupt_value(value, p, sigma, generator, lowfreq_sigma, jpeg_quality):
     """Corrupt one decoded image of whatever type a WebDataset decoder produced; keep that type."""
     if isinstance(value, Image.Image):
         arr = torch.from_numpy(np.array(value.convert("RGB"))).permute(2, 0, 1)
-        out = corrupt(arr.float() / 255.0, p, sigma, generator, lowfreq_sigma, jpeg_quality, hue_p)
+        out = corrupt(arr.float() / 255.0, p, sigma, generator, lowfreq_sigma, jpeg_quality)
         return Image.fromarray((out * 255).round().byte().permute(1, 2, 0).numpy())
     if isinstance(value, np.ndarray):  # HWC, uint8 or float in [0, 1]
         t = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
         unit, was_uint8 = _to_unit(t)
-        out = _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma, jpeg_quality, hue_p), was_uint8, t.dtype)
+        out = _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma, jpeg_quality), was_uint8, t.dtype)
         return out.permute(1, 2, 0).numpy()
     if torch.is_tensor(value):  # CHW
         unit, was_uint8 = _to_unit(value)
-        return _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma, jpeg_quality, hue_p), was_uint8,
-                          value.dtype)
+        return _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma, jpeg_quality), was_uint8, value.dtype)
     raise TypeError(f"cannot corrupt a {type(value).__name__}; decode images first (e.g. .decode('pil'))")
 
 
 def _corrupt_samples(data, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
                      image_key: str = ";".join(IMAGE_EXTENSIONS), seed: int | None = None,
                      lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA,
-                     jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY, hue_p: float = DEFAULT_HUE_P):
+                     jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY):
     """WebDataset stage: corrupt each decoded sample's image afresh; other fields untouched."""
     jpeg_quality = tuple(jpeg_quality) if isinstance(jpeg_quality, list) else jpeg_quality
-    _check(p, sigma, lowfreq_sigma, jpeg_quality, hue_p)
+    _check(p, sigma, lowfreq_sigma, jpeg_quality)
     keys = image_key.split(";")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for sample in data:
         key = next((k for k in keys if k in sample), None)
         if key is not None:
-            sample = {**sample, key: _corrupt_value(sample[key], p, sigma, generator, lowfreq_sigma, jpeg_quality,
-                                                    hue_p)}
+            sample = {**sample, key: _corrupt_value(sample[key], p, sigma, generator, lowfreq_sigma, jpeg_quality)}
         yield sample
 
 

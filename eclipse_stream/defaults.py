@@ -60,11 +60,6 @@ DEFAULT_JPEG_QUALITY: tuple[int, int] | None = (20, 60)
 # (seed 0), clean cost 3.57 (seeds 0-2); at t* = 300 (the default since 2026-12-07 evening), TAP +1.3 (seeds 0-2)
 # for a clean cost of 3.68. The default for part of 2026-12-06.
 SUGGESTED_JPEG_QUALITY = (10, 50)
-# Training-time corruption, beyond the paper: with this probability an image's chroma is rotated about the gray axis
-# by an angle drawn uniformly from [-pi, pi) (its mean intensity (R+G+B)/3 kept). The class signal of the dense
-# adversarial poisons that purification leaves is mostly smooth colour (docs/evaluation.md, "Where the leftover of
-# TAP lives"); a random hue takes its direction away. 0 (off) is the paper's corruption, drawing nothing.
-DEFAULT_HUE_P = 0.0
 
 # Named purification recipes: the settings a name stands for (each can still be set on its own).
 # paper:  ECLIPSE as published: t* = 100, the full t*-step reverse chain, no prefilter.

@@ -7,8 +7,8 @@ import webdataset as wds
 from PIL import Image
 
 from eclipse_stream.checkpoint import load_denoiser
-from eclipse_stream.corruption import (DEFAULT_HUE_P, DEFAULT_JPEG_QUALITY, DEFAULT_LOWFREQ_SIGMA, RandomCorruption,
-                                      corrupt, corrupt_samples, rotate_hue)
+from eclipse_stream.corruption import (DEFAULT_JPEG_QUALITY, DEFAULT_LOWFREQ_SIGMA, RandomCorruption, corrupt,
+                                      corrupt_samples)
 from eclipse_stream.jpegsim import jpeg_quantize
 from eclipse_stream.purifier import Purifier, PurifierConfig
 
@@ -136,47 +136,6 @@ def test_jpeg_term_quantizes_first_at_a_seeded_quality_per_image():
     out = list(wds.DataPipeline(lambda: iter(samples), corrupt_samples(p=0.0, sigma=0.0, lowfreq_sigma=0.0,
                                                                       jpeg_quality=[30, 30], seed=0)))
     assert out[0]["png"].size == (16, 16)
-
-
-def test_hue_term_rotates_chroma_keeps_intensity_and_draws_nothing_when_off():
-    """hue_p: with that probability an image's chroma turns about the gray axis by a seeded uniform angle; the mean
-    intensity (R+G+B)/3 stays, gray pixels stay, 0 draws nothing (the other terms' draws are unchanged)."""
-    x = torch.rand(6, 3, 16, 16) * 0.5 + 0.25  # inside [0, 1] after any turn: nothing is clamped
-    angle = torch.tensor([0.0, 0.5, -1.0, 2.0, -3.0, torch.pi])
-    turned = rotate_hue(x, angle)
-    assert torch.allclose(turned.mean(1), x.mean(1), atol=1e-6)
-    assert torch.allclose(turned[0], x[0], atol=1e-6) and not torch.allclose(turned[1], x[1], atol=1e-3)
-    assert torch.allclose(rotate_hue(turned, -angle), x, atol=1e-5)  # a rotation: the inverse turn undoes it
-    chroma = (x - x.mean(1, keepdim=True)).norm(dim=1)  # the saturation (distance from gray) is kept
-    assert torch.allclose((turned - turned.mean(1, keepdim=True)).norm(dim=1), chroma, atol=1e-5)
-    gray = x.mean(1, keepdim=True).expand_as(x)
-    assert torch.allclose(rotate_hue(gray, angle), gray, atol=1e-6)
-    # a half turn mirrors a colour through its gray: red (0.75, 0.25, 0.25) -> cyan 2 * 5/12 - red
-    red = torch.tensor([0.75, 0.25, 0.25]).view(1, 3, 1, 1)
-    assert torch.allclose(rotate_hue(red, torch.tensor([torch.pi])).flatten(), torch.tensor([1, 7, 7]) / 12,
-                          atol=1e-6)
-    g = torch.Generator().manual_seed(5)
-    always = corrupt(x, 0.0, 0.0, torch.Generator().manual_seed(5), 0.0, None, hue_p=1.0)
-    torch.rand(6, generator=g)  # the grayscale draw, made whatever p is
-    turn, draw = torch.rand(6, generator=g) < 1.0, (torch.rand(6, generator=g) * 2 - 1) * torch.pi
-    assert turn.all() and torch.allclose(always, rotate_hue(x, draw).clamp(0, 1), atol=1e-6)
-    assert torch.equal(corrupt(x, 0.0, 0.0, None, 0.0, None, hue_p=0.0), x)
-    off = corrupt(x, 0.4, 0.05, torch.Generator().manual_seed(2), 0.05, (20, 60))
-    assert torch.equal(off, corrupt(x, 0.4, 0.05, torch.Generator().manual_seed(2), 0.05, (20, 60), hue_p=0.0))
-    some = torch.stack([corrupt(x, 0.0, 0.0, torch.Generator().manual_seed(s), 0.0, None, hue_p=0.5)
-                        for s in range(40)])
-    moved = (some - x).abs().flatten(2).amax(-1) > 1e-4  # (seed, image): turned or not
-    assert 0.3 < moved.float().mean().item() < 0.7
-    module = RandomCorruption(hue_p=0.5)
-    assert module.hue_p == 0.5 and "hue_p=0.5" in repr(module) and RandomCorruption().hue_p == DEFAULT_HUE_P == 0.0
-    for bad in (-0.1, 1.5, "x", True):
-        with pytest.raises(ValueError, match="hue"):
-            RandomCorruption(hue_p=bad)
-    samples = [{"__key__": "k", "png": Image.new("RGB", (16, 16), (150, 90, 90)), "cls": 3}]  # unclamped turns
-    out = list(wds.DataPipeline(lambda: iter(samples), corrupt_samples(p=0.0, sigma=0.0, lowfreq_sigma=0.0,
-                                                                      jpeg_quality=None, hue_p=1.0, seed=0)))
-    arr = np.asarray(out[0]["png"]).astype(int)
-    assert out[0]["cls"] == 3 and abs(arr.sum(-1).mean() - 330) <= 2 and (abs(arr[0, 0] - (150, 90, 90)) > 2).any()
 
 
 def test_random_corruption_module_draws_fresh_and_keeps_dtype():

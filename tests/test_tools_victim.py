@@ -138,8 +138,8 @@ def test_defense_names_and_parts():
     assert get_defense("corruption-lf0.05-jq5-30").gray_p == 0.4  # the paper's p unless given
     gray = get_defense("corruption-gray0.8-lf0.05-jq20-60")  # the corruption alone, another grayscale probability
     assert (gray.gray_p, gray.lowfreq_sigma, gray.jpeg_quality, gray.purify) == (0.8, 0.05, (20, 60), False)
-    noisy = get_defense("corruption-wn0.1-lf0.05-jq20-60-hue0.5")  # its white noise std, a hue rotation
-    assert (noisy.noise_sigma, noisy.hue_p, noisy.gray_p, gray.noise_sigma) == (0.1, 0.5, 0.4, 0.05)
+    noisy = get_defense("corruption-wn0.1-lf0.05-jq20-60")  # its white noise std
+    assert (noisy.noise_sigma, noisy.gray_p, gray.noise_sigma) == (0.1, 0.4, 0.05)
     assert noisy.to_dict()["noise_sigma"] == 0.1 and "noise_sigma" not in gray.to_dict()
     t200 = get_defense("eclipse-steps1-t200+impulse-lf0.05")  # purify --t-star 200 (the default since 2026-12-07)
     assert t200.t_star == 200 and t200.purify_tag == "-steps1-t200-impulse" and t200.to_dict()["t_star"] == 200

@@ -12,9 +12,8 @@ K reverse steps instead of the default); ``-t<T>`` after the steps sets purify's
 the paper recipe's t* = 100). Suffixes: ``+impulse`` (purify's impulse prefilter),
 ``-grayP`` (the corruption's grayscale probability) and ``-lfS`` (the corruption's low-frequency
 noise std, 0 unless given: every row without it is the paper's corruption) and ``-jqLO-HI`` (the
-corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given) and ``-hueP`` (the
-corruption's random hue rotation with probability P; off unless given);
-``corruption[-grayP][-wnS]-lfS[-jqLO-HI][-hueP]`` is that corruption alone (``-wnS``: its white noise std, the
+corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given);
+``corruption[-grayP][-wnS]-lfS[-jqLO-HI]`` is that corruption alone (``-wnS``: its white noise std, the
 paper's 0.05 unless given); ``purify-steps<K>[+impulse]`` is the purified data without any training-time corruption
 (for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...``
 defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set,
@@ -67,7 +66,6 @@ class Defense:
     gray_p: float = 0.4                # training-time corruption: grayscale probability (the paper's 0.4)
     lowfreq_sigma: float = 0.0         # training-time corruption: low-frequency noise std (0: the paper's)
     jpeg_quality: tuple[int, int] | None = None  # training-time corruption: JPEG quality range (None: the paper's)
-    hue_p: float = 0.0                 # training-time corruption: hue rotation probability (0: the paper's)
     noise_sigma: float = CORRUPTION_SIGMA  # training-time corruption: white noise std (the paper's 0.05)
     deblur: bool = False               # purify --class-kernels (fitted by `eclipse-stream fit-kernels` per set)
 
@@ -78,7 +76,6 @@ class Defense:
                 "prefilter": self.prefilter, "gray_p": self.gray_p,
                 **({"lowfreq_sigma": self.lowfreq_sigma} if self.lowfreq_sigma else {}),
                 **({"jpeg_quality": list(self.jpeg_quality)} if self.jpeg_quality else {}),
-                **({"hue_p": self.hue_p} if self.hue_p else {}),
                 **({"noise_sigma": self.noise_sigma} if self.noise_sigma != CORRUPTION_SIGMA else {}),
                 **({"deblur": True} if self.deblur else {})}
 
@@ -98,11 +95,7 @@ class Defense:
             ("--t-star", str(self.t_star)) if self.t_star else ()) + (() if self.deblur else ("--deblur", "off"))
 
 
-_JQ = r"(?:-jq(\d+)-(\d+))?(?:-hue(0(?:\.\d+)?|1(?:\.0+)?))?"  # the corruption's JPEG range (-jq10-50), hue p
-
-
-def _hue_p(match: re.Match, group: int) -> float:
-    return float(match.group(group)) if match.group(group) else 0.0
+_JQ = r"(?:-jq(\d+)-(\d+))?"  # the corruption's JPEG quality range, e.g. -jq10-50
 
 
 def _jpeg_quality(match: re.Match, group: int) -> tuple[int, int] | None:
@@ -145,7 +138,7 @@ def get_defense(name: str) -> Defense:
                        t_star=int(match.group(2)) if match.group(2) else None,
                        prefilter=match.group(3) or "none", gray_p=gray,
                        lowfreq_sigma=float(match.group(5)) if match.group(5) else 0.0,
-                       jpeg_quality=_jpeg_quality(match, 6), hue_p=_hue_p(match, 8))
+                       jpeg_quality=_jpeg_quality(match, 6))
     match = re.fullmatch(r"purify(?:-steps(\d+))?(?:-t(\d+))?(?:\+(none|impulse))?", name)
     if match and _positive(match.group(1)) and _positive(match.group(2)):  # the data stage alone, no corruption
         return Defense(name, purify=True, purify_steps=int(match.group(1)) if match.group(1) else None,
@@ -156,11 +149,11 @@ def get_defense(name: str) -> Defense:
         return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(3)),
                        gray_p=float(match.group(1)) if match.group(1) else CORRUPTION_P,
                        noise_sigma=float(match.group(2)) if match.group(2) else CORRUPTION_SIGMA,
-                       jpeg_quality=_jpeg_quality(match, 4), hue_p=_hue_p(match, 6))
+                       jpeg_quality=_jpeg_quality(match, 4))
     raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or "
-                    "eclipse-steps<K>[-t<T>][+impulse][-grayP][-lfS][-jqLO-HI][-hueP], "
+                    "eclipse-steps<K>[-t<T>][+impulse][-grayP][-lfS][-jqLO-HI], "
                     "purify-steps<K>[-t<T>][+impulse] (purified, no training-time corruption), "
-                    "corruption[-grayP][-wnS]-lfS[-jqLO-HI][-hueP]; eclipse/purify ones take a deblur+ prefix")
+                    "corruption[-grayP][-wnS]-lfS[-jqLO-HI]; eclipse/purify ones take a deblur+ prefix")
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:
@@ -201,8 +194,7 @@ def training_corruption(defense: Defense, generator: torch.Generator | None = No
         raise ToolError(f"defense {defense.name!r} needs eclipse_stream.corruption.RandomCorruption, "
                         f"which cannot be imported: {exc}") from exc
     return RandomCorruption(p=defense.gray_p, sigma=defense.noise_sigma, generator=generator,
-                            lowfreq_sigma=defense.lowfreq_sigma, jpeg_quality=defense.jpeg_quality,
-                            hue_p=defense.hue_p)
+                            lowfreq_sigma=defense.lowfreq_sigma, jpeg_quality=defense.jpeg_quality)
 
 
 def eclipse_stream_command() -> list[str]:
