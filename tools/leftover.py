@@ -1,0 +1,164 @@
+"""Where what purification leaves of a poison lives, and oracle sets that take one part of it away.
+
+``python -m tools.leftover probe --poisons tap,sep,rem`` purifies N training images twice, clean and poisoned,
+with the same noise (the default recipe: t* 300, impulse prefilter, the shipped denoiser, bf16), and splits their
+difference (the leftover) into an orthonormal opponent basis (luma = (R+G+B)/sqrt(3), two chroma axes) and into
+bands of the Chebyshev frequency radius (low: at most 4 cycles per image, mid: 5 to 10, high: above). Per part it
+writes the share of the energy and a class probe: the nearest-class-mean accuracy of that part alone (class means
+on the even images, tested on the odd; chance 1/classes), i.e. how *linearly* it names the class.
+
+``python -m tools.leftover oracle --purified-clean A --purified B --out OUT --part chroma`` writes a set that is
+A + (B - A) with one part of the leftover removed: ``chroma`` (keep the luma) or ``luma-texture`` (keep the chroma
+and the luma at most 4 cycles per image). A and B must be ``purify`` outputs of the clean and the poisoned set with
+the same shard names, order and batch size, so their noise is the same and B - A is exactly the leftover. These
+sets need the clean originals: they are oracles, to find which part a victim learns, not a defense
+(docs/evaluation.md, "Where what purification leaves of TAP lives").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from .common import read_split, write_json, write_split
+
+# orthonormal opponent basis: rows are luma, red-green, yellow-blue; its inverse is its transpose
+OPPONENT = torch.tensor([[3 ** -0.5] * 3,
+                         [2 ** -0.5, -(2 ** -0.5), 0.0],
+                         [6 ** -0.5, 6 ** -0.5, -2 * 6 ** -0.5]])
+LOW, MID = 4, 10  # band edges in cycles per image (Chebyshev radius)
+PARTS = ("luma", "chroma", "luma_low", "chroma_low", "luma_mid", "luma_high")
+
+
+def _radius(h: int, w: int) -> torch.Tensor:
+    fy, fx = torch.fft.fftfreq(h).abs() * h, torch.fft.fftfreq(w).abs() * w
+    return torch.maximum(fy[:, None], fx[None, :])
+
+
+def split(d: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Parts of an (N, 3, H, W) difference, in opponent coordinates: (N, 1 or 2, H, W) each."""
+    o = torch.einsum("ij,bjhw->bihw", OPPONENT, d.float())
+    f = torch.fft.fft2(o, norm="ortho")
+    r = _radius(*d.shape[-2:])
+
+    def band(x, mask):
+        return torch.fft.ifft2(x * mask.to(x.real.dtype), norm="ortho").real
+
+    low, mid = r <= LOW, (r > LOW) & (r <= MID)
+    return {"luma": o[:, :1], "chroma": o[:, 1:], "luma_low": band(f[:, :1], low),
+            "chroma_low": band(f[:, 1:], low), "luma_mid": band(f[:, :1], mid),
+            "luma_high": band(f[:, :1], ~(low | mid))}
+
+
+def class_probe(x: torch.Tensor, labels) -> float:
+    """Nearest-class-mean accuracy: means on the even samples, tested on the odd ones."""
+    x, y = x.flatten(1).float(), torch.as_tensor(labels)
+    fit, test = torch.arange(len(y)) % 2 == 0, torch.arange(len(y)) % 2 == 1
+    classes = torch.unique(y[fit])
+    means = torch.stack([x[fit & (y == c)].mean(0) for c in classes])
+    pred = classes[torch.cdist(x[test], means).argmin(1)]
+    return float((pred == y[test]).float().mean())
+
+
+def describe(d: torch.Tensor, labels) -> dict:
+    """Energy (mean squared L2 per image) of a leftover, each part's share of it, and each part's class probe."""
+    total = float((d.float() ** 2).flatten(1).sum(1).mean())
+    parts = split(d)
+    return {"energy": total,
+            **{k: float((v ** 2).flatten(1).sum(1).mean()) / total for k, v in parts.items()},
+            "probe_all": class_probe(d, labels), **{f"probe_{k}": class_probe(v, labels) for k, v in parts.items()}}
+
+
+def remove(d: torch.Tensor, part: str) -> torch.Tensor:
+    """The leftover ``d`` (N, 3, H, W) without one part, back in RGB: ``chroma`` or ``luma-texture``."""
+    o = torch.einsum("ij,bjhw->bihw", OPPONENT, d.float())
+    if part == "chroma":
+        o = torch.cat([o[:, :1], torch.zeros_like(o[:, 1:])], 1)
+    elif part == "luma-texture":
+        low = split(d)["luma_low"]
+        o = torch.cat([low, o[:, 1:]], 1)
+    else:
+        raise ValueError(f"unknown part {part!r}; choose chroma or luma-texture")
+    return torch.einsum("ji,bjhw->bihw", OPPONENT, o)
+
+
+def oracle_images(clean: np.ndarray, purified: np.ndarray, part: str) -> np.ndarray:
+    """uint8 NHWC: ``clean`` + (``purified`` - ``clean``) without ``part``, rounded and clamped."""
+    a = torch.from_numpy(clean).permute(0, 3, 1, 2).float()
+    d = torch.from_numpy(purified).permute(0, 3, 1, 2).float() - a
+    return (a + remove(d, part)).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+@click.group()
+def main():
+    """What purification leaves of a poison: where it lives, and oracle sets without one part of it."""
+
+
+@main.command()
+@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("runs/eval-cpu"), show_default=True)
+@click.option("--poisons", default="tap,sep,rem", show_default=True)
+@click.option("--images", type=click.IntRange(min=20), default=1000, show_default=True,
+              help="Training images per poison (drawn with seed 0).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: WORK_DIR/leftover.json]")
+def probe(work_dir, poisons, images, out):
+    """Energy share and class probe of each part of the leftover, stored and after the default purification."""
+    from eclipse_stream.checkpoint import load_denoiser
+    from eclipse_stream.defaults import default_denoiser_path
+    from eclipse_stream.purifier import Purifier, PurifierConfig
+
+    from .common import provenance
+
+    _, clean, labels = read_split(work_dir / "clean" / "train")
+    idx = np.sort(np.random.default_rng(0).choice(len(labels), min(images, len(labels)), replace=False))
+    purifier = Purifier(load_denoiser(default_denoiser_path()),
+                        PurifierConfig(t_star=300, steps=1, precision="bf16", prefilter="impulse"))
+
+    def nchw(a):
+        return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255
+
+    def purify(x):
+        return torch.cat([purifier(x[i:i + 250], torch.Generator().manual_seed(i)).float()
+                          for i in range(0, len(x), 250)])
+
+    x = nchw(clean[idx])
+    px = purify(x)
+    table = {}
+    for poison in [p.strip() for p in poisons.split(",") if p.strip()]:
+        _, poisoned, _ = read_split(work_dir / "poisoned" / poison)
+        xp = nchw(poisoned[idx])
+        table[poison] = {"stored": describe(xp - x, labels[idx]), "purified": describe(purify(xp) - px, labels[idx])}
+        click.echo(f"{poison}: " + ", ".join(f"{stage} luma {v['luma']:.2f} chroma {v['chroma']:.2f} probe luma "
+                                              f"{v['probe_luma']:.2f} chroma {v['probe_chroma']:.2f}"
+                                              for stage, v in table[poison].items()))
+    out = out or work_dir / "leftover.json"
+    write_json(out, {"images": int(len(idx)), "t_star": 300, "prefilter": "impulse", "precision": "bf16",
+                     "bands": {"low": f"<= {LOW}", "mid": f"{LOW + 1}-{MID}", "high": f"> {MID}"},
+                     "table": table, **provenance("cpu")})
+    click.echo(str(out))
+
+
+@main.command()
+@click.option("--purified-clean", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True)
+@click.option("--purified", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--part", type=click.Choice(["chroma", "luma-texture"]), required=True,
+              help="What to take out of the leftover.")
+def oracle(purified_clean, purified, out, part):
+    """Write PURIFIED_CLEAN + (PURIFIED - PURIFIED_CLEAN) without one part: an oracle set, not a defense."""
+    keys, a, labels = read_split(purified_clean)
+    keys2, b, labels2 = read_split(purified)
+    if keys != keys2 or not np.array_equal(labels, labels2):
+        raise click.ClickException(f"{purified} and {purified_clean} do not hold the same keys and labels in the "
+                                   "same order; purify both with the same shard names and batch size")
+    images = oracle_images(a, b, part)
+    write_split(Path(out), "train", keys, images, labels, shard_size=2500,
+                extra={"oracle": {"part_removed": part, "purified_clean": str(purified_clean),
+                                  "purified": str(purified)}})
+    click.echo(str(out))
+
+
+if __name__ == "__main__":
+    main()
