@@ -88,6 +88,11 @@ def decode_image(data: bytes) -> np.ndarray:
     return _decode(data).rgb
 
 
+def unit_nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC images as a float NCHW batch in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 

@@ -1,7 +1,7 @@
 """Where what purification leaves of a poison lives, and oracle sets that take one part of it away.
 
 ``python -m tools.leftover probe --poisons tap,sep,rem`` purifies N training images twice, clean and poisoned,
-with the same noise (the default recipe: t* 300, impulse prefilter, the shipped denoiser, bf16), and splits their
+with the same noise (purify's default recipe and the shipped denoiser, in bf16), and splits their
 difference (the leftover) into an orthonormal opponent basis (luma = (R+G+B)/sqrt(3), two chroma axes) and into
 bands of the Chebyshev frequency radius (low: at most 4 cycles per image, mid: 5 to 10, high: above). Per part it
 writes the share of the energy and a class probe: the nearest-class-mean accuracy of that part alone (class means
@@ -23,14 +23,13 @@ import click
 import numpy as np
 import torch
 
-from .common import read_split, write_json, write_split
+from .common import ToolError, read_split, unit_nchw, write_json, write_split
 
 # orthonormal opponent basis: rows are luma, red-green, yellow-blue; its inverse is its transpose
 OPPONENT = torch.tensor([[3 ** -0.5] * 3,
                          [2 ** -0.5, -(2 ** -0.5), 0.0],
                          [6 ** -0.5, 6 ** -0.5, -2 * 6 ** -0.5]])
 LOW, MID = 4, 10  # band edges in cycles per image (Chebyshev radius)
-PARTS = ("luma", "chroma", "luma_low", "chroma_low", "luma_mid", "luma_high")
 
 
 def _radius(h: int, w: int) -> torch.Tensor:
@@ -38,19 +37,24 @@ def _radius(h: int, w: int) -> torch.Tensor:
     return torch.maximum(fy[:, None], fx[None, :])
 
 
+def _opponent(d: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ij,bjhw->bihw", OPPONENT, d.float())
+
+
+def _band(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The part of a spectrum ``f`` (fft2, ortho) inside ``mask``, back in space."""
+    return torch.fft.ifft2(f * mask, norm="ortho").real
+
+
 def split(d: torch.Tensor) -> dict[str, torch.Tensor]:
     """Parts of an (N, 3, H, W) difference, in opponent coordinates: (N, 1 or 2, H, W) each."""
-    o = torch.einsum("ij,bjhw->bihw", OPPONENT, d.float())
+    o = _opponent(d)
     f = torch.fft.fft2(o, norm="ortho")
     r = _radius(*d.shape[-2:])
-
-    def band(x, mask):
-        return torch.fft.ifft2(x * mask.to(x.real.dtype), norm="ortho").real
-
     low, mid = r <= LOW, (r > LOW) & (r <= MID)
-    return {"luma": o[:, :1], "chroma": o[:, 1:], "luma_low": band(f[:, :1], low),
-            "chroma_low": band(f[:, 1:], low), "luma_mid": band(f[:, :1], mid),
-            "luma_high": band(f[:, :1], ~(low | mid))}
+    return {"luma": o[:, :1], "chroma": o[:, 1:], "luma_low": _band(f[:, :1], low),
+            "chroma_low": _band(f[:, 1:], low), "luma_mid": _band(f[:, :1], mid),
+            "luma_high": _band(f[:, :1], ~(low | mid))}
 
 
 def class_probe(x: torch.Tensor, labels) -> float:
@@ -74,12 +78,12 @@ def describe(d: torch.Tensor, labels) -> dict:
 
 def remove(d: torch.Tensor, part: str) -> torch.Tensor:
     """The leftover ``d`` (N, 3, H, W) without one part, back in RGB: ``chroma`` or ``luma-texture``."""
-    o = torch.einsum("ij,bjhw->bihw", OPPONENT, d.float())
+    o = _opponent(d)
     if part == "chroma":
         o = torch.cat([o[:, :1], torch.zeros_like(o[:, 1:])], 1)
     elif part == "luma-texture":
-        low = split(d)["luma_low"]
-        o = torch.cat([low, o[:, 1:]], 1)
+        luma = torch.fft.fft2(o[:, :1], norm="ortho")
+        o = torch.cat([_band(luma, _radius(*d.shape[-2:]) <= LOW), o[:, 1:]], 1)
     else:
         raise ValueError(f"unknown part {part!r}; choose chroma or luma-texture")
     return torch.einsum("ji,bjhw->bihw", OPPONENT, o)
@@ -113,28 +117,26 @@ def probe(work_dir, poisons, images, out):
 
     _, clean, labels = read_split(work_dir / "clean" / "train")
     idx = np.sort(np.random.default_rng(0).choice(len(labels), min(images, len(labels)), replace=False))
-    purifier = Purifier(load_denoiser(default_denoiser_path()),
-                        PurifierConfig(t_star=300, steps=1, precision="bf16", prefilter="impulse"))
-
-    def nchw(a):
-        return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255
+    config = PurifierConfig(precision="bf16")  # purify's default recipe, in bf16 (as tools.stages)
+    purifier = Purifier(load_denoiser(default_denoiser_path()), config)
 
     def purify(x):
         return torch.cat([purifier(x[i:i + 250], torch.Generator().manual_seed(i)).float()
                           for i in range(0, len(x), 250)])
 
-    x = nchw(clean[idx])
+    x = unit_nchw(clean[idx])
     px = purify(x)
     table = {}
     for poison in [p.strip() for p in poisons.split(",") if p.strip()]:
         _, poisoned, _ = read_split(work_dir / "poisoned" / poison)
-        xp = nchw(poisoned[idx])
+        xp = unit_nchw(poisoned[idx])
         table[poison] = {"stored": describe(xp - x, labels[idx]), "purified": describe(purify(xp) - px, labels[idx])}
         click.echo(f"{poison}: " + ", ".join(f"{stage} luma {v['luma']:.2f} chroma {v['chroma']:.2f} probe luma "
                                               f"{v['probe_luma']:.2f} chroma {v['probe_chroma']:.2f}"
                                               for stage, v in table[poison].items()))
     out = out or work_dir / "leftover.json"
-    write_json(out, {"images": int(len(idx)), "t_star": 300, "prefilter": "impulse", "precision": "bf16",
+    write_json(out, {"images": int(len(idx)), "t_star": config.t_star, "steps": config.steps,
+                     "prefilter": config.prefilter, "precision": config.precision,
                      "bands": {"low": f"<= {LOW}", "mid": f"{LOW + 1}-{MID}", "high": f"> {MID}"},
                      "table": table, **provenance("cpu")})
     click.echo(str(out))
@@ -151,8 +153,8 @@ def oracle(purified_clean, purified, out, part):
     keys, a, labels = read_split(purified_clean)
     keys2, b, labels2 = read_split(purified)
     if keys != keys2 or not np.array_equal(labels, labels2):
-        raise click.ClickException(f"{purified} and {purified_clean} do not hold the same keys and labels in the "
-                                   "same order; purify both with the same shard names and batch size")
+        raise ToolError(f"{purified} and {purified_clean} do not hold the same keys and labels in the same order; "
+                        "purify both with the same shard names and batch size")
     images = oracle_images(a, b, part)
     write_split(Path(out), "train", keys, images, labels, shard_size=2500,
                 extra={"oracle": {"part_removed": part, "purified_clean": str(purified_clean),

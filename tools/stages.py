@@ -31,13 +31,10 @@ from eclipse_stream.prefilter import impulse_filter
 from eclipse_stream.purifier import Purifier, PurifierConfig
 
 from .common import provenance, read_split, write_json
+from .common import unit_nchw as _nchw
 from .families import tuned_on
 
 AMPLIFY = 8.0
-
-
-def _nchw(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0
 
 
 def _norms(d: torch.Tensor) -> dict:
