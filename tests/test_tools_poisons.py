@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import CPU_PRECISION
 
 from tools.common import ToolError, default_data_dir, read_json, read_split
@@ -680,3 +681,61 @@ def test_pil_noise_reads_as_the_label_and_the_image_without_it_as_no_class(clean
         assert entropy(model(x - noise)) > entropy(model(x)) + 0.2
         start = (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1) * s.eps
         assert pil.pil_loss(model, x, noise, y, s.lam) < pil.pil_loss(model, x, start, y, s.lam)
+
+
+def test_aap_augment_is_differentiable_in_range_seeded_and_strength_zero_is_identity():
+    """AAP's contrastive-style augmentation: a gradient reaches every input pixel it samples, the output stays in
+    [0, 1], one generator seed gives one draw, and strength 0 returns the batch unchanged."""
+    from tools.poisons import aap
+
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    out = aap.augment(x, torch.Generator().manual_seed(1), 1.0)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    out.square().sum().backward()
+    assert (x.grad.abs().flatten(1).sum(1) > 0).all()
+    again = aap.augment(x.detach(), torch.Generator().manual_seed(1), 1.0)
+    assert torch.equal(out.detach(), again)
+    assert not torch.equal(again, aap.augment(x.detach(), torch.Generator().manual_seed(2), 1.0))
+    assert torch.equal(aap.augment(x.detach(), torch.Generator().manual_seed(1), 0.0), x.detach())
+    # a real crop/flip/colour change on most images, not a near-identity
+    assert (again - x.detach()).abs().flatten(1).mean(1).gt(0.02).float().mean() > 0.5
+
+
+def test_aap_respects_linf_is_seeded_resumes_and_steps_toward_y_plus_one(clean, tmp_path):
+    """AAP (Wang et al. 2024) through the driver: L-inf 8/255 on the stored images, keys and labels kept; the same
+    seed gives the same noise; a run stopped by its time budget resumes to the uninterrupted result (up to the
+    fp16 state's rounding); and the noise moves its own reference model toward class (y + 1) mod 10."""
+    from tools.poisons import aap
+    from tools.poisons.pgd import PoisonIncomplete
+
+    settings = {"arch": "resnet9", "width": 0.25, "train_epochs": 2, "train_batch_size": 50, "train_lr": 0.05,
+                "steps": 4, "batch_size": 64}
+    out = tmp_path / "aap"
+    poison_split("aap", clean, out, seed=0, options={"settings": settings, "precision": CPU_PRECISION},
+                 log=lambda m: None)
+    norms, *_ = _check_poisoned(clean, out, "aap")
+    assert 0 < norms["linf_max_255"] <= 8
+
+    _, images, labels = read_split(clean)
+    s = aap.AAPSettings(**{**settings, "steps": 6, "train_epochs": 4})
+    a = aap.generate(images, labels, seed=0, settings=s, precision=CPU_PRECISION, log=lambda m: None)
+    assert a.shape == images.shape and np.abs(a).max() <= 8 / 255 + 1e-6
+    assert np.array_equal(a, aap.generate(images, labels, seed=0, settings=s, precision=CPU_PRECISION,
+                                          log=lambda m: None))
+    state = tmp_path / "aap-state.pt"
+    with pytest.raises(PoisonIncomplete):
+        aap.generate(images, labels, seed=0, settings=s, precision=CPU_PRECISION, state_path=state,
+                     max_seconds=1e-9, log=lambda m: None)
+    b = aap.generate(images, labels, seed=0, settings=s, precision=CPU_PRECISION, state_path=state,
+                     log=lambda m: None)
+    assert np.abs(a - b).max() <= 1e-3  # the first batch went through the fp16 state
+
+    model = aap.build_model("resnet9", num_classes=10, width=0.25)
+    model.load_state_dict(torch.load(state, weights_only=True)["model"])
+    model.eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    target = (torch.from_numpy(labels) + 1) % 10
+    with torch.no_grad():
+        before = F.cross_entropy(model(x), target)
+        after = F.cross_entropy(model((x + torch.from_numpy(a).permute(0, 3, 1, 2)).clamp(0, 1)), target)
+    assert after < before - 0.1

@@ -63,6 +63,9 @@ FAMILIES = {
                   "denoiser at t* = 300 the default (2026-12-07, docs/evaluation.md)"),
     "pil": Family("pil", False, "perturbation-induced linearization (noise crafted on a linear classifier), "
                   "L-inf 8/255", "added 2026-12-07 after the t* = 300 / stage-4 default was frozen; held out"),
+    "aap": Family("aap", False, "augmented adversarial poisoning (TAP made under contrastive-style augmentation), "
+                  "L-inf 8/255", "added 2026-12-08, generator and rule committed before its set was made, as the "
+                  "held-out check of the luma-only JPEG candidate; held out"),
 }
 
 
