@@ -49,7 +49,7 @@ def is_int(value, lo: int | None = None, hi: int | None = None) -> bool:
             and (hi is None or value <= hi))
 
 
-def check_corruption(p, sigma, lowfreq_sigma=0.0, jpeg_quality=None) -> None:
+def check_corruption(p, sigma, lowfreq_sigma=0.0, jpeg_quality=None, jpeg_chroma=True) -> None:
     """The training-time corruption's settings, the one check (purify's --gray-p/--noise-sigma, the transform,
     ``corrupt``): probability in [0, 1], standard deviations (in [0, 1] pixel units) in [0, 1], and the JPEG
     quality range ``None`` (off) or ``(lo, hi)`` with 1 <= lo <= hi <= 100."""
@@ -59,6 +59,7 @@ def check_corruption(p, sigma, lowfreq_sigma=0.0, jpeg_quality=None) -> None:
     _check([
         (jq_ok, f"JPEG quality must be None (off) or a (lo, hi) pair of ints with 1 <= lo <= hi <= 100, "
                 f"got {jpeg_quality!r}"),
+        (isinstance(jpeg_chroma, bool), f"jpeg_chroma must be True or False, got {jpeg_chroma!r}"),
         (is_real(p, 0.0, 1.0), f"grayscale probability (gray p) must be a number in [0, 1], got {p!r}"),
         (is_real(sigma, 0.0, 1.0), f"noise sigma must be a number in [0, 1] (pixel units), got {sigma!r}"),
         (is_real(lowfreq_sigma, 0.0, 1.0),

@@ -40,12 +40,12 @@ from torch import nn
 from torchvision.transforms.functional import rgb_to_grayscale
 from webdataset.filters import pipelinefilter
 
-__all__ = ["DEFAULT_GRAY_P", "DEFAULT_JPEG_QUALITY", "DEFAULT_LOWFREQ_SIGMA", "DEFAULT_SIGMA", "RandomCorruption",
-           "corrupt", "corrupt_samples", "lowfreq_noise"]
+__all__ = ["DEFAULT_GRAY_P", "DEFAULT_JPEG_CHROMA", "DEFAULT_JPEG_QUALITY", "DEFAULT_LOWFREQ_SIGMA", "DEFAULT_SIGMA",
+           "RandomCorruption", "corrupt", "corrupt_samples", "lowfreq_noise"]
 
 from .config import check_corruption  # noqa: E402
-from .defaults import (DEFAULT_GRAY_P, DEFAULT_JPEG_QUALITY, DEFAULT_LOWFREQ_SIGMA, DEFAULT_SIGMA,  # noqa: E402
-                       IMAGE_EXTENSIONS, LOWFREQ_GRID)
+from .defaults import (DEFAULT_GRAY_P, DEFAULT_JPEG_CHROMA, DEFAULT_JPEG_QUALITY,  # noqa: E402
+                       DEFAULT_LOWFREQ_SIGMA, DEFAULT_SIGMA, IMAGE_EXTENSIONS, LOWFREQ_GRID)
 from .jpegsim import jpeg_quantize  # noqa: E402
 
 _check = check_corruption  # the one check of these settings, shared with PurifierConfig
@@ -62,12 +62,14 @@ def lowfreq_noise(shape, sigma: float, generator: torch.Generator | None = None,
 
 def corrupt(x: torch.Tensor, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
             generator: torch.Generator | None = None, lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA,
-            jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY) -> torch.Tensor:
+            jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY,
+            jpeg_chroma: bool = DEFAULT_JPEG_CHROMA) -> torch.Tensor:
     """Corrupt a float batch in [0, 1], shape (N, 3, H, W) or (3, H, W); one draw per image.
 
-    Order: JPEG quantization (quality uniform in ``jpeg_quality``), grayscale, white noise, smooth noise.
-    ``lowfreq_sigma=0, jpeg_quality=None`` is the paper's corruption (grayscale, white noise)."""
-    _check(p, sigma, lowfreq_sigma, jpeg_quality)
+    Order: JPEG quantization (quality uniform in ``jpeg_quality``; luma only when ``jpeg_chroma`` is False),
+    grayscale, white noise, smooth noise. ``lowfreq_sigma=0, jpeg_quality=None`` is the paper's corruption
+    (grayscale, white noise)."""
+    _check(p, sigma, lowfreq_sigma, jpeg_quality, jpeg_chroma)
     single = x.ndim == 3
     if single:
         x = x.unsqueeze(0)
@@ -77,7 +79,7 @@ def corrupt(x: torch.Tensor, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_S
     if jpeg_quality is not None:
         lo, hi = jpeg_quality
         quality = torch.randint(lo, hi + 1, (x.shape[0],), device=x.device, generator=generator)
-        x = jpeg_quantize(x, quality)
+        x = jpeg_quantize(x, quality, chroma=jpeg_chroma)
     gray = torch.rand(x.shape[0], device=x.device, generator=generator) < p
     x = torch.where(gray[:, None, None, None], rgb_to_grayscale(x, num_output_channels=3), x)
     if sigma > 0:
@@ -110,52 +112,59 @@ class RandomCorruption(nn.Module):
 
     def __init__(self, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
                  generator: torch.Generator | None = None, lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA,
-                 jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY):
+                 jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY,
+                 jpeg_chroma: bool = DEFAULT_JPEG_CHROMA):
         super().__init__()
         jpeg_quality = tuple(jpeg_quality) if isinstance(jpeg_quality, list) else jpeg_quality
-        _check(p, sigma, lowfreq_sigma, jpeg_quality)
+        _check(p, sigma, lowfreq_sigma, jpeg_quality, jpeg_chroma)
         self.p, self.sigma, self.generator, self.lowfreq_sigma = p, sigma, generator, lowfreq_sigma
-        self.jpeg_quality = jpeg_quality
+        self.jpeg_quality, self.jpeg_chroma = jpeg_quality, jpeg_chroma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unit, was_uint8 = _to_unit(x)
-        out = corrupt(unit, self.p, self.sigma, self.generator, self.lowfreq_sigma, self.jpeg_quality)
+        out = corrupt(unit, self.p, self.sigma, self.generator, self.lowfreq_sigma, self.jpeg_quality,
+                      self.jpeg_chroma)
         return _from_unit(out, was_uint8, x.dtype)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, sigma={self.sigma}, lowfreq_sigma={self.lowfreq_sigma}, jpeg_quality={self.jpeg_quality}"
+        return (f"p={self.p}, sigma={self.sigma}, lowfreq_sigma={self.lowfreq_sigma}, "
+                f"jpeg_quality={self.jpeg_quality}, jpeg_chroma={self.jpeg_chroma}")
 
 
-def _corrupt_value(value, p, sigma, generator, lowfreq_sigma, jpeg_quality):
+def _corrupt_value(value, p, sigma, generator, lowfreq_sigma, jpeg_quality, jpeg_chroma):
     """Corrupt one decoded image of whatever type a WebDataset decoder produced; keep that type."""
     if isinstance(value, Image.Image):
         arr = torch.from_numpy(np.array(value.convert("RGB"))).permute(2, 0, 1)
-        out = corrupt(arr.float() / 255.0, p, sigma, generator, lowfreq_sigma, jpeg_quality)
+        out = corrupt(arr.float() / 255.0, p, sigma, generator, lowfreq_sigma, jpeg_quality, jpeg_chroma)
         return Image.fromarray((out * 255).round().byte().permute(1, 2, 0).numpy())
     if isinstance(value, np.ndarray):  # HWC, uint8 or float in [0, 1]
         t = torch.from_numpy(np.ascontiguousarray(value)).permute(2, 0, 1)
         unit, was_uint8 = _to_unit(t)
-        out = _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma, jpeg_quality), was_uint8, t.dtype)
+        out = _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma, jpeg_quality, jpeg_chroma), was_uint8,
+                         t.dtype)
         return out.permute(1, 2, 0).numpy()
     if torch.is_tensor(value):  # CHW
         unit, was_uint8 = _to_unit(value)
-        return _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma, jpeg_quality), was_uint8, value.dtype)
+        return _from_unit(corrupt(unit, p, sigma, generator, lowfreq_sigma, jpeg_quality, jpeg_chroma), was_uint8,
+                          value.dtype)
     raise TypeError(f"cannot corrupt a {type(value).__name__}; decode images first (e.g. .decode('pil'))")
 
 
 def _corrupt_samples(data, p: float = DEFAULT_GRAY_P, sigma: float = DEFAULT_SIGMA,
                      image_key: str = ";".join(IMAGE_EXTENSIONS), seed: int | None = None,
                      lowfreq_sigma: float = DEFAULT_LOWFREQ_SIGMA,
-                     jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY):
+                     jpeg_quality: tuple[int, int] | None = DEFAULT_JPEG_QUALITY,
+                     jpeg_chroma: bool = DEFAULT_JPEG_CHROMA):
     """WebDataset stage: corrupt each decoded sample's image afresh; other fields untouched."""
     jpeg_quality = tuple(jpeg_quality) if isinstance(jpeg_quality, list) else jpeg_quality
-    _check(p, sigma, lowfreq_sigma, jpeg_quality)
+    _check(p, sigma, lowfreq_sigma, jpeg_quality, jpeg_chroma)
     keys = image_key.split(";")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for sample in data:
         key = next((k for k in keys if k in sample), None)
         if key is not None:
-            sample = {**sample, key: _corrupt_value(sample[key], p, sigma, generator, lowfreq_sigma, jpeg_quality)}
+            sample = {**sample, key: _corrupt_value(sample[key], p, sigma, generator, lowfreq_sigma, jpeg_quality,
+                                                    jpeg_chroma)}
         yield sample
 
 

@@ -60,6 +60,9 @@ DEFAULT_JPEG_QUALITY: tuple[int, int] | None = (20, 60)
 # (seed 0), clean cost 3.57 (seeds 0-2); at t* = 300 (the default since 2026-12-07 evening), TAP +1.3 (seeds 0-2)
 # for a clean cost of 3.68. The default for part of 2026-12-06.
 SUGGESTED_JPEG_QUALITY = (10, 50)
+# Whether the JPEG term also quantizes chroma (4:2:0 subsampling and the chroma table, as a JPEG file does) or
+# quantizes luma alone and keeps the colour exact (False; docs/evaluation.md, "A luma-only JPEG term").
+DEFAULT_JPEG_CHROMA = True
 
 # Named purification recipes: the settings a name stands for (each can still be set on its own).
 # paper:  ECLIPSE as published: t* = 100, the full t*-step reverse chain, no prefilter.

@@ -61,9 +61,11 @@ def _blocks_roundtrip(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tenso
     return out.permute(0, 1, 3, 2, 4).reshape(n, h, w)
 
 
-def jpeg_quantize(x: torch.Tensor, quality) -> torch.Tensor:
+def jpeg_quantize(x: torch.Tensor, quality, *, chroma: bool = True) -> torch.Tensor:
     """JPEG-quantize a float RGB batch in [0, 1], shape (N, 3, H, W); ``quality`` is an int or one per image (N,).
 
+    ``chroma=False`` quantizes the luma (Y) plane alone, as a JPEG at that quality does, and keeps Cb and Cr
+    exact (no subsampling, no chroma table): what the training-time corruption's luma-only JPEG term does.
     Returns a batch of the same shape, dtype and device, clamped to [0, 1] and rounded to 8-bit levels."""
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected an RGB batch (N, 3, H, W), got shape {tuple(x.shape)}")
@@ -77,7 +79,8 @@ def jpeg_quantize(x: torch.Tensor, quality) -> torch.Tensor:
         raise ValueError("JPEG quality must be in 1..100")
     dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     img = x.to(dtype).clamp(0, 1) * 255
-    ph, pw = (-h) % 16, (-w) % 16  # whole 16 x 16 MCUs, edges replicated as an encoder does
+    mcu = 16 if chroma else 8  # whole MCUs (16 x 16 with 4:2:0 chroma, 8 x 8 luma blocks), edges replicated
+    ph, pw = (-h) % mcu, (-w) % mcu
     if ph or pw:
         img = F.pad(img, (0, pw, 0, ph), mode="replicate")
     r, g, b = img.unbind(1)
@@ -87,12 +90,13 @@ def jpeg_quantize(x: torch.Tensor, quality) -> torch.Tensor:
     luma_t, chroma_t = quant_tables(quality)
     dct = _dct_matrix(x.device, dtype)
     y = _blocks_roundtrip(y, luma_t, dct)
-    hh, ww = img.shape[-2:]
-    chroma = F.avg_pool2d(torch.stack([cb, cr], 1), 2)  # 4:2:0
-    cb = _blocks_roundtrip(chroma[:, 0].contiguous(), chroma_t, dct)
-    cr = _blocks_roundtrip(chroma[:, 1].contiguous(), chroma_t, dct)
-    chroma = F.interpolate(torch.stack([cb, cr], 1), size=(hh, ww), mode="bilinear", align_corners=False)
-    cb, cr = chroma.unbind(1)
+    if chroma:
+        hh, ww = img.shape[-2:]
+        planes = F.avg_pool2d(torch.stack([cb, cr], 1), 2)  # 4:2:0
+        cb = _blocks_roundtrip(planes[:, 0].contiguous(), chroma_t, dct)
+        cr = _blocks_roundtrip(planes[:, 1].contiguous(), chroma_t, dct)
+        planes = F.interpolate(torch.stack([cb, cr], 1), size=(hh, ww), mode="bilinear", align_corners=False)
+        cb, cr = planes.unbind(1)
     y = y + 128
     rgb = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
     rgb = torch.round(rgb.clamp(0, 255))[..., :h, :w] / 255

@@ -83,3 +83,27 @@ def test_one_quality_per_image_and_any_size():
 def test_bad_input_is_refused(shape, quality, match):
     with pytest.raises(ValueError, match=match):
         jpeg_quantize(torch.rand(shape), quality)
+
+
+def test_luma_only_quantizes_the_luma_as_a_jpeg_does_and_keeps_the_colour():
+    """chroma=False: the luma plane comes out as the full round trip's luma (same table, same blocks), while the
+    chroma planes stay the input's (up to 8-bit rounding and clipping), unlike a JPEG's, which loses colour."""
+    x = _smooth_images(6)
+
+    def ycc(t):
+        r, g, b = (t * 255).unbind(1)
+        return (0.299 * r + 0.587 * g + 0.114 * b, -0.168736 * r - 0.331264 * g + 0.5 * b,
+                0.5 * r - 0.418688 * g - 0.081312 * b)
+
+    for q in (10, 30, 60):
+        luma_only, full = jpeg_quantize(x, q, chroma=False), jpeg_quantize(x, q)
+        (y0, cb0, cr0), (y1, cb1, cr1), (y2, cb2, cr2) = ycc(x), ycc(luma_only), ycc(full)
+        # the same luma quantization, up to the 8-bit rounding and clipping of the two colours (< 1/255) ...
+        assert (y1 - y2).abs().mean() < 1.0
+        assert (y1 - y0).abs().mean() > 4.0  # ... and a real one (4.5-7 /255 here)
+        colour_kept = torch.stack([cb1 - cb0, cr1 - cr0]).abs().mean()
+        colour_lost = torch.stack([cb2 - cb0, cr2 - cr0]).abs().mean()
+        assert colour_kept < 0.5 and colour_lost > 6.0
+    assert torch.equal(jpeg_quantize(x, 40, chroma=False), jpeg_quantize(x, torch.full((6,), 40), chroma=False))
+    odd = torch.rand(2, 3, 13, 21)  # any size: the luma blocks pad to multiples of 8
+    assert jpeg_quantize(odd, 20, chroma=False).shape == odd.shape

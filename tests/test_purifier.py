@@ -7,8 +7,8 @@ import webdataset as wds
 from PIL import Image
 
 from eclipse_stream.checkpoint import load_denoiser
-from eclipse_stream.corruption import (DEFAULT_JPEG_QUALITY, DEFAULT_LOWFREQ_SIGMA, RandomCorruption, corrupt,
-                                      corrupt_samples)
+from eclipse_stream.corruption import (DEFAULT_JPEG_CHROMA, DEFAULT_JPEG_QUALITY, DEFAULT_LOWFREQ_SIGMA,
+                                      RandomCorruption, corrupt, corrupt_samples)
 from eclipse_stream.jpegsim import jpeg_quantize
 from eclipse_stream.purifier import Purifier, PurifierConfig
 
@@ -136,6 +136,30 @@ def test_jpeg_term_quantizes_first_at_a_seeded_quality_per_image():
     out = list(wds.DataPipeline(lambda: iter(samples), corrupt_samples(p=0.0, sigma=0.0, lowfreq_sigma=0.0,
                                                                       jpeg_quality=[30, 30], seed=0)))
     assert out[0]["png"].size == (16, 16)
+
+
+def test_jpeg_term_on_luma_only_keeps_the_colour_and_draws_the_same_numbers():
+    """jpeg_chroma=False: the JPEG term quantizes luma alone (jpegsim's chroma=False) at the same seeded quality
+    draw, in every entry point (corrupt, RandomCorruption, corrupt_samples); the default is DEFAULT_JPEG_CHROMA."""
+    x = torch.rand(6, 3, 16, 16)
+    only = corrupt(x, p=0.0, sigma=0.0, lowfreq_sigma=0.0, jpeg_quality=(10, 10), jpeg_chroma=False)
+    assert torch.equal(only, jpeg_quantize(x, 10, chroma=False)) and not torch.equal(only, jpeg_quantize(x, 10))
+    g = torch.Generator().manual_seed(4)
+    ranged = corrupt(x, 0.0, 0.0, torch.Generator().manual_seed(4), 0.0, (5, 60), jpeg_chroma=False)
+    assert torch.equal(ranged, jpeg_quantize(x, torch.randint(5, 61, (6,), generator=g), chroma=False))
+    # the rest of the corruption draws the same numbers with either JPEG term: only the JPEG step differs
+    a = corrupt(x, 0.4, 0.05, torch.Generator().manual_seed(1), 0.05, (10, 50), jpeg_chroma=False)
+    b = corrupt(x, 0.4, 0.05, torch.Generator().manual_seed(1), 0.05, (10, 50), jpeg_chroma=True)
+    assert a.shape == b.shape and not torch.equal(a, b)
+    module = RandomCorruption(jpeg_chroma=False, generator=torch.Generator().manual_seed(1), jpeg_quality=(10, 50))
+    assert torch.equal(module(x), a) and "jpeg_chroma=False" in repr(module)
+    assert RandomCorruption().jpeg_chroma is DEFAULT_JPEG_CHROMA
+    with pytest.raises(ValueError, match="jpeg_chroma"):
+        RandomCorruption(jpeg_chroma="no")
+    samples = [{"__key__": "k", "png": Image.new("RGB", (16, 16), (200, 10, 10))}]
+    stage = corrupt_samples(p=0.0, sigma=0.0, lowfreq_sigma=0.0, jpeg_quality=(10, 10), jpeg_chroma=False, seed=0)
+    red = np.asarray(list(wds.DataPipeline(lambda: iter(samples), stage))[0]["png"]).astype(int)
+    assert np.abs(red - [200, 10, 10]).max() <= 2  # a flat red block keeps its colour (a JPEG's chroma would not)
 
 
 def test_random_corruption_module_draws_fresh_and_keeps_dtype():

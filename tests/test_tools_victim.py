@@ -146,7 +146,15 @@ def test_defense_names_and_parts():
     assert t200.purify_args() == ("--recipe", "paper", "--prefilter", "impulse", "--t-star", "200", "--deblur", "off")
     assert robust.t_star is None and "t_star" not in robust.to_dict() and "--t-star" not in robust.purify_args()
     assert get_defense("purify-steps1-t200+impulse").purify_tag == t200.purify_tag
-    for bad in ("eclipse-steps1-jq50-10", "corruption-lf0.05-jq0-10", "eclipse-jq10", "eclipse-steps1-t0",
+    luma = get_defense("corruption-lf0.05-jy10-50")  # the JPEG term on luma only (the colour kept exact)
+    assert (luma.jpeg_quality, luma.jpeg_chroma, gray.jpeg_chroma) == ((10, 50), False, True)
+    assert luma.to_dict()["jpeg_chroma"] is False and "jpeg_chroma" not in gray.to_dict()
+    assert get_defense("eclipse-steps1-t300+impulse-lf0.05-jy20-60").purify_tag == "-steps1-t300-impulse"
+    made = training_corruption(luma)
+    assert (made.jpeg_quality, made.jpeg_chroma) == ((10, 50), False)
+    assert training_corruption(gray).jpeg_chroma is True
+    for bad in ("eclipse-steps1-jy50-10", "corruption-lf0.05-jz10-50",
+                "eclipse-steps1-jq50-10", "corruption-lf0.05-jq0-10", "eclipse-jq10", "eclipse-steps1-t0",
                 "corruption-gray1.5-lf0.05", "corruption-lf0.05-gray0.8"):
         with pytest.raises(ToolError):
             get_defense(bad)

@@ -12,8 +12,9 @@ K reverse steps instead of the default); ``-t<T>`` after the steps sets purify's
 the paper recipe's t* = 100). Suffixes: ``+impulse`` (purify's impulse prefilter),
 ``-grayP`` (the corruption's grayscale probability) and ``-lfS`` (the corruption's low-frequency
 noise std, 0 unless given: every row without it is the paper's corruption) and ``-jqLO-HI`` (the
-corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given);
-``corruption[-grayP][-wnS]-lfS[-jqLO-HI]`` is that corruption alone (``-wnS``: its white noise std, the
+corruption's JPEG quantization at a quality drawn per image from [LO, HI]; off unless given; ``-jyLO-HI``: the same
+on luma only, the colour kept exact);
+``corruption[-grayP][-wnS]-lfS[-jqLO-HI|-jyLO-HI]`` is that corruption alone (``-wnS``: its white noise std, the
 paper's 0.05 unless given); ``purify-steps<K>[+impulse]`` is the purified data without any training-time corruption
 (for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...``
 defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set,
@@ -66,6 +67,7 @@ class Defense:
     gray_p: float = 0.4                # training-time corruption: grayscale probability (the paper's 0.4)
     lowfreq_sigma: float = 0.0         # training-time corruption: low-frequency noise std (0: the paper's)
     jpeg_quality: tuple[int, int] | None = None  # training-time corruption: JPEG quality range (None: the paper's)
+    jpeg_chroma: bool = True           # the JPEG term quantizes chroma too (-jq); False: luma only (-jy)
     noise_sigma: float = CORRUPTION_SIGMA  # training-time corruption: white noise std (the paper's 0.05)
     deblur: bool = False               # purify --class-kernels (fitted by `eclipse-stream fit-kernels` per set)
 
@@ -76,6 +78,7 @@ class Defense:
                 "prefilter": self.prefilter, "gray_p": self.gray_p,
                 **({"lowfreq_sigma": self.lowfreq_sigma} if self.lowfreq_sigma else {}),
                 **({"jpeg_quality": list(self.jpeg_quality)} if self.jpeg_quality else {}),
+                **({"jpeg_chroma": False} if self.jpeg_quality and not self.jpeg_chroma else {}),
                 **({"noise_sigma": self.noise_sigma} if self.noise_sigma != CORRUPTION_SIGMA else {}),
                 **({"deblur": True} if self.deblur else {})}
 
@@ -95,16 +98,18 @@ class Defense:
             ("--t-star", str(self.t_star)) if self.t_star else ()) + (() if self.deblur else ("--deblur", "off"))
 
 
-_JQ = r"(?:-jq(\d+)-(\d+))?"  # the corruption's JPEG quality range, e.g. -jq10-50
+# the corruption's JPEG quality range: -jq10-50 (a JPEG: luma and chroma), -jy10-50 (luma only, colour exact)
+_JQ = r"(?:-j([qy])(\d+)-(\d+))?"
 
 
-def _jpeg_quality(match: re.Match, group: int) -> tuple[int, int] | None:
+def _jpeg(match: re.Match, group: int) -> dict:
+    """``jpeg_quality`` and ``jpeg_chroma`` of a name's JPEG suffix, whose letter is group ``group``."""
     if match.group(group) is None:
-        return None
-    lo, hi = int(match.group(group)), int(match.group(group + 1))
+        return {}
+    lo, hi = int(match.group(group + 1)), int(match.group(group + 2))
     if not 1 <= lo <= hi <= 100:
         raise ToolError(f"defense {match.group(0)!r}: JPEG quality range must have 1 <= LO <= HI <= 100")
-    return lo, hi
+    return {"jpeg_quality": (lo, hi), "jpeg_chroma": match.group(group) == "q"}
 
 
 def _positive(digits: str | None) -> bool:
@@ -137,8 +142,7 @@ def get_defense(name: str) -> Defense:
         return Defense(name, train_corruption=True, purify=True, purify_steps=steps,
                        t_star=int(match.group(2)) if match.group(2) else None,
                        prefilter=match.group(3) or "none", gray_p=gray,
-                       lowfreq_sigma=float(match.group(5)) if match.group(5) else 0.0,
-                       jpeg_quality=_jpeg_quality(match, 6))
+                       lowfreq_sigma=float(match.group(5)) if match.group(5) else 0.0, **_jpeg(match, 6))
     match = re.fullmatch(r"purify(?:-steps(\d+))?(?:-t(\d+))?(?:\+(none|impulse))?", name)
     if match and _positive(match.group(1)) and _positive(match.group(2)):  # the data stage alone, no corruption
         return Defense(name, purify=True, purify_steps=int(match.group(1)) if match.group(1) else None,
@@ -148,12 +152,11 @@ def get_defense(name: str) -> Defense:
     if match:
         return Defense(name, train_corruption=True, lowfreq_sigma=float(match.group(3)),
                        gray_p=float(match.group(1)) if match.group(1) else CORRUPTION_P,
-                       noise_sigma=float(match.group(2)) if match.group(2) else CORRUPTION_SIGMA,
-                       jpeg_quality=_jpeg_quality(match, 4))
+                       noise_sigma=float(match.group(2)) if match.group(2) else CORRUPTION_SIGMA, **_jpeg(match, 4))
     raise ToolError(f"unknown defense {name!r}; choose one of {', '.join(DEFENSES)} or "
-                    "eclipse-steps<K>[-t<T>][+impulse][-grayP][-lfS][-jqLO-HI], "
+                    "eclipse-steps<K>[-t<T>][+impulse][-grayP][-lfS][-jqLO-HI|-jyLO-HI], "
                     "purify-steps<K>[-t<T>][+impulse] (purified, no training-time corruption), "
-                    "corruption[-grayP][-wnS]-lfS[-jqLO-HI]; eclipse/purify ones take a deblur+ prefix")
+                    "corruption[-grayP][-wnS]-lfS[-jqLO-HI|-jyLO-HI]; eclipse/purify ones take a deblur+ prefix")
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:
@@ -194,7 +197,8 @@ def training_corruption(defense: Defense, generator: torch.Generator | None = No
         raise ToolError(f"defense {defense.name!r} needs eclipse_stream.corruption.RandomCorruption, "
                         f"which cannot be imported: {exc}") from exc
     return RandomCorruption(p=defense.gray_p, sigma=defense.noise_sigma, generator=generator,
-                            lowfreq_sigma=defense.lowfreq_sigma, jpeg_quality=defense.jpeg_quality)
+                            lowfreq_sigma=defense.lowfreq_sigma, jpeg_quality=defense.jpeg_quality,
+                            jpeg_chroma=defense.jpeg_chroma)
 
 
 def eclipse_stream_command() -> list[str]:
