@@ -21,7 +21,9 @@ project's limit is 3; without the JPEG term 2.85) and buys 16-22 points on TAP a
 ``SUGGESTED_JPEG_QUALITY`` = (10, 50) bought about 3 more there for 0.6 points more clean cost with purify's
 t* = 100; with t* = 200, 2.2 more on TAP, none on SEP, for a clean cost of 3.57; with today's t* = 300, 1.3 more on
 TAP for a clean cost of 3.68 (both over the limit): for data suspected of TAP-like poisons. ``jpeg_quality=None``
-draws nothing; with ``lowfreq_sigma=0`` it is the paper's corruption.
+draws nothing; with ``lowfreq_sigma=0`` it is the paper's corruption. ``jpeg_chroma=False`` quantizes luma
+alone and keeps the colour exact (what a victim learns of what purification leaves is its luma texture, not
+its colour: docs/evaluation.md, "A luma-only JPEG term"); the same random numbers are drawn either way.
 
 The paper applies it once; the reference code
 applies it afresh every time an image is read (per epoch), which is what

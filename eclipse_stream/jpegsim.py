@@ -3,7 +3,8 @@
 ``jpeg_quantize(x, quality)`` does what a libjpeg encode/decode at that quality does to the pixels,
 without leaving torch: RGB to YCbCr (JFIF), 4:2:0 chroma subsampling, an orthonormal 8 x 8 DCT
 per block, division by the standard quantization tables (ITU-T T.81 Annex K) scaled by the
-IJG quality rule, rounding, and the inverse. Entropy coding is lossless and is skipped. It runs
+IJG quality rule, rounding, and the inverse (``chroma=False``: the luma plane alone, the colour kept
+exact). Entropy coding is lossless and is skipped. It runs
 on GPU batches, takes one quality per image, and uses no random numbers, so a caller that
 draws the qualities from a seeded generator stays deterministic.
 
