@@ -114,8 +114,9 @@ PROTOCOLS = {
                                      # PIL: the authors' settings, unchanged (a linear surrogate: seconds)
                                      "pil": {},
                                      # AAP at CPU scale: its reference model is the CPU victim's architecture
-                                     # (ResNet-9, width 0.25) trained 15 epochs (lr 0.2, batch 256) under the
-                                     # authors' augmentation at strength 1; 100 augmented steps of 2.5 eps / 100
+                                     # (ResNet-9, width 0.25) trained 15 epochs (lr 0.2, batch 256, one-cycle)
+                                     # under the authors' CIFAR-10 augmentation strength (0.4, AAPSettings'
+                                     # default); 100 augmented steps of 2.5 eps / 100
                                      "aap": {"settings": {"arch": "resnet9", "width": 0.25, "train_epochs": 15,
                                                           "train_lr": 0.2, "train_batch_size": 256, "steps": 100,
                                                           "batch_size": 250}}}),

@@ -12,13 +12,14 @@ and purification apply.
 Why this family: added on 2026-12-08 as the held-out check of a candidate default chosen on TAP, SEP and
 clean data (docs/evaluation.md, "A luma-only JPEG term"); none of the defaults has seen it. Settings are the
 authors' for CIFAR-10 (their example command): L-inf 8/255, augmentation strength 0.4 for both the reference
-model and the attack, label translation 1, 250 steps of 2.5 eps / steps; the reference model a ResNet18 trained 40 epochs
-(SGD lr 0.5, momentum 0.9, weight decay 1e-4, cosine schedule after a warm-up). The CPU protocol
-(``tools/grid.py``) makes it against its own victim architecture (quarter-width ResNet-9) trained 15 epochs with
-the same augmentations and the CPU victim's one-cycle schedule, with 100 steps (still 2.5 eps / steps). (A first
-CPU run used their script's default strength, 1.0, and a cosine schedule with no warm-up: its reference model
-reached 17% on clean test images, near chance, so it was stopped before any AAP image was stored, and the
-strength set to their CIFAR-10 command's 0.4 and the schedule to the CPU victim's; no AAP cell existed then.) Written from the paper's description and the authors' generation script, read, not
+model and the attack, label translation 1, 250 steps of 2.5 eps / steps; the reference model a ResNet18
+trained 40 epochs (SGD lr 0.5, momentum 0.9, weight decay 1e-4, cosine schedule after a warm-up). The CPU
+protocol (``tools/grid.py``) makes it against its own victim architecture (quarter-width ResNet-9) trained 15
+epochs with the same augmentations and the CPU victim's one-cycle schedule, with 100 steps (still 2.5 eps /
+steps). (A first CPU run used their script's default strength, 1.0, and a cosine schedule with no warm-up: its
+reference model reached 17% on clean test images, near chance, so it was stopped before any AAP image was
+stored, and the strength set to their CIFAR-10 command's 0.4 and the schedule to the CPU victim's; no AAP cell
+existed then.) Written from the paper's description and the authors' generation script, read, not
 copied. The augmentation at strength s, our reading of theirs (their augmentation class was not read): random
 resized crop of area in [1 - 0.92 s, 1] and aspect in [3/4, 4/3], horizontal flip, with probability 0.8 a colour
 jitter (brightness, contrast, saturation 0.4 s, hue 0.1 s), with probability 0.2 s grayscale (at s = 1:
