@@ -16,14 +16,13 @@ Also beyond the paper, ``jpeg_quality=(lo, hi)`` first JPEG-quantizes each image
 (:func:`eclipse_stream.jpegsim.jpeg_quantize`) at a quality drawn uniformly from [lo, hi]. Dense
 adversarial poisons (TAP, SEP) pass the one-step purification and the noise almost intact; coarse
 DCT quantization, fresh every epoch, rounds most of them away (docs/evaluation.md, "JPEG term").
-The default ``DEFAULT_JPEG_QUALITY`` = (20, 60) costs 2.84 points of clean accuracy on the CPU protocol (the
-project's limit is 3; without the JPEG term 2.85) and buys 16-22 points on TAP and SEP;
-``SUGGESTED_JPEG_QUALITY`` = (10, 50) bought about 3 more there for 0.6 points more clean cost with purify's
-t* = 100; with t* = 200, 2.2 more on TAP, none on SEP, for a clean cost of 3.57; with today's t* = 300, 1.3 more on
-TAP for a clean cost of 3.68 (both over the limit): for data suspected of TAP-like poisons. ``jpeg_quality=None``
-draws nothing; with ``lowfreq_sigma=0`` it is the paper's corruption. ``jpeg_chroma=False`` quantizes luma
-alone and keeps the colour exact (what a victim learns of what purification leaves is its luma texture, not
-its colour: docs/evaluation.md, "A luma-only JPEG term"); the same random numbers are drawn either way.
+The default since 2026-12-08 quantizes **luma only** (``DEFAULT_JPEG_CHROMA = False``: the colour is kept
+exact) at a quality drawn from ``DEFAULT_JPEG_QUALITY`` = (10, 50): what a victim learns of what purification
+leaves of a dense adversarial poison is its luma texture, not its colour, and a JPEG's chroma quantization cost
+clean accuracy for nothing there (docs/evaluation.md, "A luma-only JPEG term"). ``jpeg_chroma=True`` quantizes
+chroma as a JPEG file does (4:2:0 and the chroma table; with (20, 60), the default from 2026-12-06 to 2026-12-08).
+``jpeg_quality=None`` draws nothing; with ``lowfreq_sigma=0`` it is the paper's corruption. The same random
+numbers are drawn with either ``jpeg_chroma``.
 
 The paper applies it once; the reference code
 applies it afresh every time an image is read (per epoch), which is what

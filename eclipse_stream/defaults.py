@@ -49,20 +49,20 @@ DEFAULT_SIGMA = 0.05  # training-time corruption: noise std in [0, 1] units
 DEFAULT_LOWFREQ_SIGMA = 0.05  # measured on the CPU grid (docs/results/cpu-grid.md)
 LOWFREQ_GRID = 4
 # Training-time corruption, beyond the paper: a JPEG-style quantization (jpegsim.py) at a quality drawn per
-# image uniformly from [lo, hi], applied before grayscale and noise. The default, (20, 60), costs 2.84 points of
-# clean accuracy over five seeds on the CPU protocol (limit 3; without the JPEG term: 2.85) and raises TAP and SEP
-# by 16-22 points (seed 0). It replaced (10, 50) (clean cost 3.46, over the limit) by the selection rule at its
-# 3-point tolerance and a held-out check on UAP written down before it ran (docs/evaluation.md, "Held-out check of
-# the milder range on UAP"). None is the paper's corruption.
-DEFAULT_JPEG_QUALITY: tuple[int, int] | None = (20, 60)
-# The stronger range, for data suspected of dense adversarial poisons (TAP-like): with purify at t* = 100, about 3
-# points more on TAP and SEP (seed 0) for 0.6 points more clean cost (3.46); at t* = 200, TAP +2.2, SEP -0.7
-# (seed 0), clean cost 3.57 (seeds 0-2); at t* = 300 (the default since 2026-12-07 evening), TAP +1.3 (seeds 0-2)
-# for a clean cost of 3.68. The default for part of 2026-12-06.
+# image uniformly from [lo, hi], applied before grayscale and noise, on luma only (DEFAULT_JPEG_CHROMA = False:
+# the colour is kept exact). The default since 2026-12-08, luma-only (10, 50), was picked by the selection rule on
+# clean data, TAP and SEP over the earlier (20, 60) with chroma and luma-only (20, 60), then adopted by a check on
+# AAP, a family added with the rule (docs/evaluation.md, "A luma-only JPEG term"). Before it: (20, 60) with
+# chroma (2026-12-06 to 2026-12-08; chroma quantized as a JPEG file does), and (10, 50) with chroma for part of
+# 2026-12-06. None is the paper's corruption.
+DEFAULT_JPEG_QUALITY: tuple[int, int] | None = (10, 50)
+# Whether the JPEG term also quantizes chroma (4:2:0 subsampling and the chroma table, as a JPEG file does: True,
+# the default until 2026-12-08) or quantizes luma alone and keeps the colour exact (False): what a victim learns of
+# what purification leaves of a dense adversarial poison is its luma texture, not its colour.
+DEFAULT_JPEG_CHROMA = False
+# The stronger range with chroma (jpeg_chroma=True), once suggested for data suspected of dense adversarial poisons
+# (over the clean-cost budget at t* = 300: 3.68). Luma-only (10, 50), the default since 2026-12-08, took its place.
 SUGGESTED_JPEG_QUALITY = (10, 50)
-# Whether the JPEG term also quantizes chroma (4:2:0 subsampling and the chroma table, as a JPEG file does) or
-# quantizes luma alone and keeps the colour exact (False; docs/evaluation.md, "A luma-only JPEG term").
-DEFAULT_JPEG_CHROMA = True
 
 # Named purification recipes: the settings a name stands for (each can still be set on its own).
 # paper:  ECLIPSE as published: t* = 100, the full t*-step reverse chain, no prefilter.

@@ -118,14 +118,15 @@ def test_jpeg_term_quantizes_first_at_a_seeded_quality_per_image():
     grayscale and noise; the draw comes from the generator, so a seed repeats it; None draws nothing."""
     x = torch.rand(6, 3, 16, 16)
     only = corrupt(x, p=0.0, sigma=0.0, lowfreq_sigma=0.0, jpeg_quality=(10, 10))
-    assert torch.equal(only, jpeg_quantize(x, 10))
+    assert torch.equal(only, jpeg_quantize(x, 10, chroma=DEFAULT_JPEG_CHROMA))
     g = torch.Generator().manual_seed(4)
     ranged = corrupt(x, 0.0, 0.0, torch.Generator().manual_seed(4), lowfreq_sigma=0.0, jpeg_quality=(5, 60))
-    assert torch.equal(ranged, jpeg_quantize(x, torch.randint(5, 61, (6,), generator=g)))
+    assert torch.equal(ranged, jpeg_quantize(x, torch.randint(5, 61, (6,), generator=g), chroma=DEFAULT_JPEG_CHROMA))
     full = [corrupt(x, 0.4, 0.05, torch.Generator().manual_seed(1), 0.05, (10, 50)) for _ in range(2)]
     assert torch.equal(*full)
     default = RandomCorruption()
-    assert default.jpeg_quality == DEFAULT_JPEG_QUALITY == (20, 60) and "jpeg_quality" in repr(default)
+    assert default.jpeg_quality == DEFAULT_JPEG_QUALITY == (10, 50) and "jpeg_quality" in repr(default)
+    assert default.jpeg_chroma is DEFAULT_JPEG_CHROMA is False  # luma only, since 2026-12-08
     assert RandomCorruption(jpeg_quality=[20, 30]).jpeg_quality == (20, 30)
     for bad in ((0, 10), (50, 10), (10, 101), (10.5, 20), 10):
         with pytest.raises(ValueError, match="JPEG quality"):

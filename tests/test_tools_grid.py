@@ -149,20 +149,24 @@ def test_cpu_protocol_recommended_row_is_the_package_default():
     from eclipse_stream.corruption import RandomCorruption
     from eclipse_stream.defaults import DEFAULT_RECIPE, RECIPES
     from tools.defenses import get_defense
-    from tools.grid import NO_DEBLUR, PROTOCOLS, RECOMMENDED, T100
+    from tools.grid import JQ2060, NO_DEBLUR, PROTOCOLS, RECOMMENDED, T100
 
     d, default = get_defense(RECOMMENDED), RandomCorruption()
     assert RECOMMENDED in PROTOCOLS["cpu"].defenses
     # purify deblurs by class by default (against the denoiser's record of the sparse set: the grid's fit-kernels)
     assert d.deblur and PurifyConfig().deblur == "auto" and PurifyConfig().class_kernels is None
     assert get_defense(NO_DEBLUR) == get_defense(T100[len("deblur+"):])  # both at the paper recipe's t* = 100
-    assert get_defense(T100) == dataclasses.replace(d, name=T100, t_star=None)
+    # the default before 2026-12-08 differs only in its JPEG term ((20, 60) with chroma); T100 only in t* too
+    before = get_defense(JQ2060)
+    assert before == dataclasses.replace(d, name=JQ2060, jpeg_quality=(20, 60), jpeg_chroma=True)
+    assert get_defense(T100) == dataclasses.replace(before, name=T100, t_star=None)
     assert "--deblur" in get_defense(NO_DEBLUR).purify_args()  # the rows without deblur+ pin it off
     recipe = RECIPES[DEFAULT_RECIPE]
     assert (d.purify_steps, d.t_star, d.prefilter) == (recipe["steps"], recipe["t_star"], recipe["prefilter"])
     assert d.purify_args()[4:6] == ("--t-star", "300") and d.purify_tag == "-steps1-t300-impulse-deblur"
     assert RECIPES["paper"]["t_star"] == 100 and "--t-star" not in get_defense(T100).purify_args()
-    assert (d.gray_p, d.lowfreq_sigma, d.jpeg_quality) == (default.p, default.lowfreq_sigma, default.jpeg_quality)
+    assert (d.gray_p, d.lowfreq_sigma, d.jpeg_quality, d.jpeg_chroma) == (default.p, default.lowfreq_sigma,
+                                                                        default.jpeg_quality, default.jpeg_chroma)
     assert default.sigma == 0.05  # tools.defenses.CORRUPTION_SIGMA, the paper's
 
 
@@ -212,11 +216,11 @@ def test_reports_say_which_families_the_defaults_were_tuned_on(monkeypatch):
     from tools.families import FAMILIES, held_out
     from tools.grid import checks
 
-    # PIL, added after the t* = 300 default was frozen, is the one held-out family (tools/families.py); hold HYP
-    # out too for this test, so that a tuned family and a held-out one sit in the same report
-    assert set(FAMILIES) == set(grid.POISONS) and held_out() == ["pil"]
+    # no family is held out since the luma-only JPEG term was adopted on AAP (tools/families.py); hold HYP out for
+    # this test, so that a tuned family and a held-out one sit in the same report
+    assert set(FAMILIES) == set(grid.POISONS) and held_out() == []
     monkeypatch.setitem(FAMILIES, "hyp", dataclasses.replace(FAMILIES["hyp"], tuned_on=False))
-    assert held_out() == ["hyp", "pil"]
+    assert held_out() == ["hyp"]
 
     def cell(poison, defense, acc):
         return {"poison": poison, "defense": defense, "seed": 0, "accuracy": acc, "cell_seconds": 1.0,

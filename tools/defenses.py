@@ -19,7 +19,8 @@ paper's 0.05 unless given); ``purify-steps<K>[+impulse]`` is the purified data w
 (for ablations). A ``deblur+`` prefix on an ``eclipse...``/``purify...``
 defense deconvolves each class first (``eclipse-stream fit-kernels`` on the set against the sparse clean set,
 then ``purify --class-kernels``).
-The package's default (``tools.grid.RECOMMENDED``) is ``deblur+eclipse-steps1-t300+impulse-lf0.05-jq20-60`` since
+The package's default (``tools.grid.RECOMMENDED``) is ``deblur+eclipse-steps1-t300+impulse-lf0.05-jy10-50`` since
+2026-12-08 (the JPEG term on luma only); ``JQ2060``, ``deblur+eclipse-steps1-t300+impulse-lf0.05-jq20-60``, from
 2026-12-07 evening (t* 200 for part of that day, ``T200``; t* 100 before:
 ``deblur+eclipse-steps1+impulse-lf0.05-jq20-60``); the stronger JPEG range, the default for
 part of 2026-12-06, is ``...-jq10-50`` (``PREVIOUS``); the default until 2026-12-06, without the JPEG term,

@@ -14,7 +14,10 @@ recipe's default and UC counts as tuned on. REM (robust error-minimising noise) 
 held-out check of the [0, 400) denoiser at t* = 300 (rule committed before its generator, docs/evaluation.md),
 which it passed: that denoiser and t* = 300 became the default and REM counts as tuned on. PIL (perturbation-induced
 linearization, a linear surrogate) was added after that adoption, its generator and settings committed before
-its set was made: it is held out, reported with the frozen default (t* = 300, stage 4). The
+its set was made: it was held out, reported with the frozen default (t* = 300, stage 4). The JPEG term on luma
+only at (10, 50) was picked on clean data, TAP and SEP and adopted on 2026-12-08 by a check on AAP (augmented
+adversarial poisoning), added with the rule before its set was made: PIL and AAP count as tuned on since, and no
+family is held out. The
 opt-in class-wise deblurring (``fit-kernels`` + ``purify --class-kernels``) was designed on CUDA with blur 0.3;
 CUDA with blur 0.5 and 0.1 were first run through a victim after it was frozen. A family moves to
 ``tuned_on=True`` as soon as a default is changed after looking at its results (docs/evaluation.md, "Tuning and
@@ -61,11 +64,12 @@ FAMILIES = {
     "rem": Family("rem", True, "robust error-minimizing noise (REM, EM against a 4/255 adversary and crop/flip), "
                   "L-inf 8/255", "held out until the check, committed before its generator, that made the [0, 400) "
                   "denoiser at t* = 300 the default (2026-12-07, docs/evaluation.md)"),
-    "pil": Family("pil", False, "perturbation-induced linearization (noise crafted on a linear classifier), "
-                  "L-inf 8/255", "added 2026-12-07 after the t* = 300 / stage-4 default was frozen; held out"),
-    "aap": Family("aap", False, "augmented adversarial poisoning (TAP made under contrastive-style augmentation), "
-                  "L-inf 8/255", "added 2026-12-08, generator and rule committed before its set was made, as the "
-                  "held-out check of the luma-only JPEG candidate; held out"),
+    "pil": Family("pil", True, "perturbation-induced linearization (noise crafted on a linear classifier), "
+                  "L-inf 8/255", "added 2026-12-07 after the t* = 300 / stage-4 default was frozen; held out until "
+                  "the luma-only JPEG term was adopted (2026-12-08), its cells with the earlier default seen"),
+    "aap": Family("aap", True, "augmented adversarial poisoning (TAP made under contrastive-style augmentation), "
+                  "L-inf 8/255", "added 2026-12-08, generator and rule committed before its set was made; held out "
+                  "until the check that adopted the luma-only JPEG term (docs/evaluation.md)"),
 }
 
 

@@ -54,9 +54,12 @@ class Protocol:
 
 # = purify's defaults (recipe robust, --deblur auto: class kernels fitted against the denoiser's record of its
 # clean set, which is the protocol's sparse set, i.e. fit-kernels --clean sparse), then RandomCorruption() (its
-# JPEG term, (20, 60), by default since 2026-12-06); the class-wise deblurring by default since the same day; t* = 300
-# (the robust recipe's, purify --t-star) with the stage-4 denoiser (trained on t < 400) since 2026-12-07 evening
-RECOMMENDED = "deblur+eclipse-steps1-t300+impulse-lf0.05-jq20-60"
+# JPEG term on luma only at (10, 50) since 2026-12-08; (20, 60) with chroma from 2026-12-06); the class-wise
+# deblurring by default since 2026-12-06; t* = 300 (the robust recipe's, purify --t-star) with the stage-4
+# denoiser (trained on t < 400) since 2026-12-07 evening
+RECOMMENDED = "deblur+eclipse-steps1-t300+impulse-lf0.05-jy10-50"
+# the default from 2026-12-07 evening to 2026-12-08: the same with the JPEG term (20, 60) on luma and chroma
+JQ2060 = "deblur+eclipse-steps1-t300+impulse-lf0.05-jq20-60"
 # the default for part of 2026-12-07: the same at t* = 200 (with the stage-3 denoiser then shipped; the grid runs it
 # with --denoiser, by default the file shipped now, which gave TAP the stage-3 file's cell to the digit at t* = 200)
 T200 = "deblur+eclipse-steps1-t200+impulse-lf0.05-jq20-60"
@@ -79,7 +82,7 @@ PROTOCOLS = {
     "cpu": Protocol("cpu", PROJECT_ROOT / "runs" / "eval-cpu", 1000, None, "cpu", "cpu",
                     poisons=("clean", "urp", "lsp", "ar", "ops", "em"),
                     defenses=("none", "iss-gray", "iss-jpeg10", "corruption", "eclipse-steps1", "eclipse-steps10",
-                              NO_JPEG, PREVIOUS, NO_DEBLUR, T100, T200, RECOMMENDED),
+                              NO_JPEG, PREVIOUS, NO_DEBLUR, T100, T200, JQ2060, RECOMMENDED),
                     purify_args=("--precision", "bf16"), purify_batch_size=256,
                     extra_seeds=(1, 2), seed_cells=("clean/none", f"clean/{RECOMMENDED}", f"lsp/{RECOMMENDED}"),
                     paper_comparable=False,
