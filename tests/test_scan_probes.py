@@ -104,13 +104,15 @@ def test_colour_finds_a_classwise_colour_change_but_not_a_global_one(base):
 
 
 def test_learning_probe_fits_a_poisoned_set_fast_and_far(base, monkeypatch):
-    monkeypatch.setattr(probe_module, "LEARNING_STEPS", 150)  # a shorter budget than a scan's: a faster test
-    monkeypatch.setattr(probe_module, "LEARNING_CHECKPOINTS", (50, 150))
+    # a shorter budget than a scan's (400): a faster test. Not 150: on an AMD EPYC VM the held-out score after 150
+    # steps was 0.43 (0.73 after 200, 0.87 after 400; Intel VMs passed at 150): the float arithmetic differs by CPU
+    monkeypatch.setattr(probe_module, "LEARNING_STEPS", 200)
+    monkeypatch.setattr(probe_module, "LEARNING_CHECKPOINTS", (50, 200))
     images, labels = base
     poisoned = _filter(images, _classwise_blur(labels, np.random.default_rng(5)))
     x = torch.from_numpy(poisoned).permute(0, 3, 1, 2).double().div(255)
     r = PROBES["learning"](ProbeData(x, labels, 10))
-    assert r["score"] > 0.5 and [f["step"] for f in r["fit_curve"]] == [50, 150]
+    assert r["score"] > 0.5 and [f["step"] for f in r["fit_curve"]] == [50, 200]
     assert r["fit_curve"][-1]["train_accuracy"] > 0.6
     assert _score("learning", images, labels) < 0.35
     # deterministic: the same data gives the same score (the probe's randomness is seeded, global RNG untouched)
