@@ -718,7 +718,9 @@ def test_aap_respects_linf_is_seeded_resumes_and_steps_toward_y_plus_one(clean, 
 
     _, images, labels = read_split(clean)
     s = aap.AAPSettings(**{**settings, "steps": 6, "train_epochs": 4})
+    rng = torch.get_rng_state()
     a = aap.generate(images, labels, seed=0, settings=s, precision=CPU_PRECISION, log=lambda m: None)
+    assert torch.equal(rng, torch.get_rng_state())  # seeded from its own seed, the global RNG untouched
     assert a.shape == images.shape and np.abs(a).max() <= 8 / 255 + 1e-6
     assert np.array_equal(a, aap.generate(images, labels, seed=0, settings=s, precision=CPU_PRECISION,
                                           log=lambda m: None))

@@ -125,8 +125,9 @@ def train_reference(x: torch.Tensor, y: torch.Tensor, settings: AAPSettings, see
     returned frozen in eval mode. Its accuracy on the unaugmented images is logged: a model that did not learn
     would make a meaningless poison."""
     s = settings
-    torch.manual_seed(seed)
-    model = build_model(s.arch, num_classes=int(y.max()) + 1, width=s.width).to(x.device)
+    with torch.random.fork_rng(devices=[]):  # the seeded init leaves the caller's global RNG alone
+        torch.manual_seed(seed)
+        model = build_model(s.arch, num_classes=int(y.max()) + 1, width=s.width).to(x.device)
     opt = torch.optim.SGD(model.parameters(), lr=s.train_lr, momentum=0.9, weight_decay=s.weight_decay,
                           nesterov=True)
     steps_per_epoch = math.ceil(len(y) / s.train_batch_size)
@@ -183,8 +184,8 @@ def generate(images: np.ndarray, labels: np.ndarray, seed: int = 0, device: str 
     target = (y + s.translation) % num_classes
     signature = signed({"kind": "aap", "seed": seed, "n": len(y), "settings": asdict(s)}, precision)
     state = load_state(state_path, device, signature)
-    model = build_model(s.arch, num_classes=num_classes, width=s.width).to(device)
     if state is not None and "model" in state:
+        model = build_model(s.arch, num_classes=num_classes, width=s.width).to(device)
         model.load_state_dict(state["model"])
         model.eval().requires_grad_(False)
         delta, start0 = state["delta"].to(device).float(), state["next"]
