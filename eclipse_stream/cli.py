@@ -198,8 +198,8 @@ def _purifier_options(seed_source):
                      help="Denoiser checkpoint; default: the one shipped in the package (see README)."),
         # --t-star, --steps and --prefilter: None is "the recipe's" (PurifierConfig.from_recipe)
         click.option("--t-star", "t_star", type=int, default=None,
-                     help="Forward noise level t* on the checkpoint's T [default: the recipe's: robust 200, "
-                          "paper 100]."),
+                     help="Forward noise level t* on the checkpoint's T [default: the recipe's: "
+                          + ", ".join(f"{name} {RECIPES[name]['t_star']}" for name in sorted(RECIPES)) + "]."),
         click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=DEFAULT_RECIPE,
                      help="Named settings: paper (ECLIPSE as published: full chain, no prefilter) or robust "
                           "(impulse prefilter + the 1-step x0 estimate); --steps/--prefilter override it."),

@@ -7,13 +7,22 @@ from click.testing import CliRunner
 
 from eclipse_stream import __version__
 from eclipse_stream.cli import main
-from eclipse_stream.defaults import DEFAULT_RECIPE
+from eclipse_stream.defaults import DEFAULT_RECIPE, RECIPES
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["purify"], ["preview"], ["scan"], ["info"], ["convert"]])
 def test_help_on_every_subcommand(command):
     r = CliRunner().invoke(main, [*command, "--help"])
     assert r.exit_code == 0 and "Usage: " in r.output
+
+
+@pytest.mark.parametrize("command", ["purify", "preview"])
+def test_help_states_each_recipes_own_t_star(command):
+    # the help once said "robust 200" after the default had moved to 300: it now reads the recipe table
+    r = CliRunner().invoke(main, [command, "--help"], terminal_width=200)
+    text = " ".join(r.output.split())
+    for name, recipe in RECIPES.items():
+        assert f"{name} {recipe['t_star']}" in text
 
 
 def test_version_and_info(tiny_ckpt):
