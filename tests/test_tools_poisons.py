@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -741,3 +743,133 @@ def test_aap_respects_linf_is_seeded_resumes_and_steps_toward_y_plus_one(clean, 
         before = F.cross_entropy(model(x), target)
         after = F.cross_entropy(model((x + torch.from_numpy(a).permute(0, 3, 1, 2)).clamp(0, 1)), target)
     assert after < before - 0.1
+
+
+ENTF_TINY = {"arch": "resnet9", "width": 0.25, "train_epochs": 2, "train_batch_size": 50, "train_lr": 0.05,
+             "adv_steps": 2, "adv_step_size": 2 / 255, "steps": 4, "batch_size": 64}
+
+
+def test_entf_respects_linf_is_seeded_resumes_and_leaves_the_global_rng_alone(clean, tmp_path):
+    """EntF (Wen et al. 2023) through the driver: L-inf 8/255 on the stored images, keys and labels kept, norms
+    recorded; the same seed gives the same noise, another seed another; a run stopped by its time budget resumes
+    to the uninterrupted result (up to the fp16 state's rounding); torch's global RNG is not moved."""
+    from tools.poisons import entf
+    from tools.poisons.pgd import PoisonIncomplete
+
+    out = tmp_path / "entf"
+    poison_split("entf", clean, out, seed=0, options={"settings": ENTF_TINY, "precision": CPU_PRECISION},
+                 log=lambda m: None)
+    norms, *_ = _check_poisoned(clean, out, "entf")
+    assert 0 < norms["linf_max_255"] <= 8 and norms["poison"] == "entf" and norms["l2_mean"] > 0
+    assert (tmp_path / "entf.entf-state.pt").is_file()
+
+    _, images, labels = read_split(clean)
+    images, labels = images[:120], labels[:120]
+    s = entf.EntFSettings(**ENTF_TINY)
+    rng = torch.get_rng_state()
+    a = entf.generate(images, labels, seed=0, settings=s, precision=CPU_PRECISION, log=lambda m: None)
+    assert torch.equal(rng, torch.get_rng_state())  # seeded from its own seed, the global RNG untouched
+    assert a.shape == images.shape and a.dtype == np.float32 and 0 < np.abs(a).max() <= 8 / 255 + 1e-6
+    assert np.array_equal(a, entf.generate(images, labels, seed=0, settings=s, precision=CPU_PRECISION,
+                                           log=lambda m: None))
+    assert not np.array_equal(a, entf.generate(images, labels, seed=1, settings=s, precision=CPU_PRECISION,
+                                               log=lambda m: None))
+    state = tmp_path / "entf-state.pt"
+    with pytest.raises(PoisonIncomplete):
+        entf.generate(images, labels, seed=0, settings=s, precision=CPU_PRECISION, state_path=state,
+                      max_seconds=1e-9, log=lambda m: None)
+    assert torch.load(state, weights_only=True)["next"] == s.batch_size  # stopped part-way, after one batch
+    b = entf.generate(images, labels, seed=0, settings=s, precision=CPU_PRECISION, state_path=state,
+                      log=lambda m: None)
+    assert np.abs(a - b).max() <= 1e-3  # the first batch went through the fp16 state
+    assert np.array_equal(a[s.batch_size:], b[s.batch_size:])  # the rest from the resumed model and centroids
+    with pytest.raises(ValueError, match="variant"):
+        entf.generate(images, labels, settings=entf.EntFSettings(**{**ENTF_TINY, "variant": "sideways"}),
+                      log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def entf_reference(clean):
+    """(model, x, y, settings): EntF's reference model adversarially trained (8 epochs, fp32) on the clean split."""
+    from tools.poisons import entf
+
+    _, images, labels = read_split(clean)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(labels).long()
+    s = entf.EntFSettings(**{**ENTF_TINY, "train_epochs": 8, "steps": 10})
+    return entf.train_reference(x, y, s, seed=0, num_classes=10, amp=False, log=lambda m: None), x, y, s
+
+
+def test_entf_push_moves_features_from_their_centroid_and_pull_toward_the_nearest_other(entf_reference):
+    """EntF's two objectives on its reference model: push leaves the poisoned features farther from their own
+    class centroid than the clean ones; pull brings them closer to the centroid of the nearest other class
+    (which is another class, and the nearest one)."""
+    from tools.poisons import entf
+    from tools.poisons.uc import features
+
+    model, x, y, s = entf_reference
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    centroids = entf.class_centroids(model, x, y, 10, amp=False)
+    with torch.no_grad():
+        f = features(model, x)
+    for c in range(10):
+        assert torch.allclose(centroids[c], f[y == c].mean(0), atol=1e-5)
+
+    def distance(delta, centre):
+        with torch.no_grad():
+            return (features(model, (x + delta).clamp(0, 1)) - centre).norm(dim=1).mean()
+
+    zero = torch.zeros_like(x)
+    own = entf.centres(centroids, y, "push")
+    pushed = entf.attack(model, x, own, zero, s, amp=False)
+    assert pushed.abs().max() <= s.eps + 1e-6 and (x + pushed).min() >= 0 and (x + pushed).max() <= 1
+    assert distance(pushed, own) > 1.2 * distance(zero, own)
+
+    other = entf.centres(centroids, y, "pull")
+    between = torch.cdist(centroids, centroids)
+    for i in range(0, len(y), 37):
+        c = int(y[i])
+        target = int((centroids == other[i]).all(1).nonzero()[0])
+        assert target != c and between[c, target] == between[c][torch.arange(10) != c].min()
+    pulled = entf.attack(model, x, other, zero, dataclasses.replace(s, variant="pull"), amp=False)
+    assert pulled.abs().max() <= s.eps + 1e-6
+    assert distance(pulled, other) < 0.9 * distance(zero, other)
+
+
+def test_entf_reference_model_is_trained_on_pgd_examples_within_eps_that_raise_the_loss(entf_reference,
+                                                                                       monkeypatch):
+    """The adversarial training is adversarial: its inner PGD stays within ``adv_eps`` of the batch (and in [0, 1])
+    and raises the loss on it, crafted with the model in eval mode; every training step updates the model (in train
+    mode) on such a batch."""
+    from tools.poisons import entf
+
+    trained, x, y, s = entf_reference
+    s = dataclasses.replace(s, adv_steps=3)
+    model = copy.deepcopy(trained).requires_grad_(True).train()
+    adv = entf.adversarial_batch(model, x[:100], y[:100], s, amp=False, generator=torch.Generator().manual_seed(0))
+    assert not model.training  # crafted in eval mode
+    assert (adv - x[:100]).abs().max() <= s.adv_eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert (adv - x[:100]).abs().max() > s.adv_eps / 2
+    with torch.no_grad():
+        assert F.cross_entropy(model(adv), y[:100]) > F.cross_entropy(model(x[:100]), y[:100]) + 0.05
+
+    crafted, trained_on = [], []
+    real_adversarial_batch = entf.adversarial_batch
+
+    def spy(model, batch, labels, settings, amp, generator):
+        out = real_adversarial_batch(model, batch, labels, settings, amp, generator)
+        crafted.append(out)
+        return out
+
+    def forward_spy(module, inputs):
+        if torch.is_grad_enabled() and module.training:
+            trained_on.append(inputs[0])
+
+    monkeypatch.setattr(entf, "adversarial_batch", spy)
+    probe = entf.build_model("resnet9", num_classes=10, width=0.25)
+    monkeypatch.setattr(entf, "build_model", lambda *a, **k: probe)
+    probe.register_forward_pre_hook(forward_spy)
+    entf.train_reference(x, y, entf.EntFSettings(**ENTF_TINY), seed=0, num_classes=10, amp=False, log=lambda m: None)
+    steps = ENTF_TINY["train_epochs"] * math.ceil(len(y) / ENTF_TINY["train_batch_size"])
+    assert len(crafted) == len(trained_on) == steps
+    assert all(a is b for a, b in zip(crafted, trained_on))  # every update on the PGD batch itself

@@ -51,7 +51,7 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 
 @main.command()
 @click.argument("kind", type=click.Choice(["urp", "lsp", "ar", "ops", "em", "rem", "tap", "cuda", "sep", "hyp", "uap",
-                                            "uc", "pil", "aap"]))
+                                            "uc", "pil", "aap", "entf"]))
 @click.option("--in", "in_dir", type=click.Path(path_type=Path), default=DEFAULT_WORK / "clean" / "train",
               show_default=True, help="Clean training shard folder.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
@@ -59,10 +59,11 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="EM/REM/TAP/...: torch device.")
 @click.option("--width", type=float, default=None,
-              help="EM/REM model / TAP surrogate / AAP reference model width multiplier (default: 1, or the "
+              help="EM/REM model / TAP surrogate / AAP/EntF reference model width multiplier (default: 1, or the "
                    "surrogate recipe's own).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="TAP/SEP/HYP/UC/PIL/AAP: PGD steps (250 / 30 / 500 per class / 100 per cluster / 30 / 250).")
+              help="TAP/SEP/HYP/UC/PIL/AAP/EntF: PGD steps (250 / 30 / 500 per class / 100 per cluster / 30 / 250 / "
+                   "250).")
 @click.option("--step-size", type=float, default=None,
               help="TAP/SEP/HYP/UC/PIL: step size in [0, 1] units (0.5/255, 1/255, 0.1, 1/255, 0.8/255).")
 @click.option("--surrogate-recipe", type=click.Choice(["fast", "cpu", "reference"]), default=None,
@@ -75,18 +76,23 @@ def prepare(data_dir, out_dir, limit_per_class, shard_size, sparse_per_class, be
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None,
               help="EM: at most this many rounds (100); REM: this many rounds (6).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="EM/REM/TAP/SEP/HYP/UC/PIL/AAP batch size (512, 512, 512, 250, 256, 128, 512, 512).")
+              help="EM/REM/TAP/SEP/HYP/UC/PIL/AAP/EntF batch size (512, 512, 512, 250, 256, 128, 512, 512, 512).")
 @click.option("--surrogate", type=click.Path(path_type=Path, exists=True), default=None,
               help="TAP/HYP/UC: victim checkpoint of a model trained on clean data (default: train one).")
 @click.option("--surrogate-epochs", type=click.IntRange(min=1), default=None,
-              help="TAP/SEP/HYP/UC: epochs of the surrogate (the recipe's); AAP: of its reference model (40).")
+              help="TAP/SEP/HYP/UC: epochs of the surrogate (the recipe's); AAP/EntF: of its reference model "
+                   "(40 / 40).")
 @click.option("--max-seconds", type=float, default=None,
-              help="EM/REM/TAP/SEP/HYP/UC/AAP: stop (resumable, exit 75) before this many seconds.")
+              help="EM/REM/TAP/SEP/HYP/UC/AAP/EntF: stop (resumable, exit 75) before this many seconds.")
+@click.option("--variant", type=click.Choice(["push", "pull"]), default=None,
+              help="EntF: push features from their class centroid, or pull them toward the nearest other class's "
+                   "[default: push].")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default=None,
-              help="EM/REM/TAP/SEP/HYP/UAP/UC/AAP: fp32 turns their bf16 autocast off (for CPUs that emulate bf16); "
-                   "recorded in norms.json [default: bf16].")
+              help="EM/REM/TAP/SEP/HYP/UAP/UC/AAP/EntF: fp32 turns their bf16 autocast off (for CPUs that emulate "
+                   "bf16); recorded in norms.json [default: bf16].")
 def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surrogate_recipe, blur_parameter, kernel_size,
-           pgd_steps, train_steps, max_rounds, batch_size, surrogate, surrogate_epochs, max_seconds, precision):
+           pgd_steps, train_steps, max_rounds, batch_size, surrogate, surrogate_epochs, max_seconds, variant,
+           precision):
     """Poison a clean training split with KIND; writes shards with the same keys and norms.json."""
     from .poisons.driver import poison_split
 
@@ -118,6 +124,10 @@ def poison(kind, in_dir, out_dir, seed, device, width, steps, step_size, surroga
     elif kind == "aap":
         settings = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "width": width,
                                       "train_epochs": surrogate_epochs}.items() if v is not None}
+        options = {"settings": settings, "max_seconds": max_seconds}
+    elif kind == "entf":
+        settings = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "width": width,
+                                      "train_epochs": surrogate_epochs, "variant": variant}.items() if v is not None}
         options = {"settings": settings, "max_seconds": max_seconds}
     elif kind == "cuda":
         options = {k: v for k, v in {"blur_parameter": blur_parameter, "kernel_size": kernel_size}.items()

@@ -16,12 +16,12 @@ which it passed: that denoiser and t* = 300 became the default and REM counts as
 linearization, a linear surrogate) was added after that adoption, its generator and settings committed before
 its set was made: it was held out, reported with the frozen default (t* = 300, stage 4). The JPEG term on luma
 only at (10, 50) was picked on clean data, TAP and SEP and adopted on 2026-12-08 by a check on AAP (augmented
-adversarial poisoning), added with the rule before its set was made: PIL and AAP count as tuned on since, and no
-family is held out. The
-opt-in class-wise deblurring (``fit-kernels`` + ``purify --class-kernels``) was designed on CUDA with blur 0.3;
-CUDA with blur 0.5 and 0.1 were first run through a victim after it was frozen. A family moves to
-``tuned_on=True`` as soon as a default is changed after looking at its results (docs/evaluation.md, "Tuning and
-report split"). Results JSON files and tables carry this flag per row (``tools/grid.py``).
+adversarial poisoning), added with the rule before its set was made: PIL and AAP count as tuned on since. EntF
+(entangled features, made on an adversarially trained reference model) was added on 2026-12-08 after that default
+was frozen, and is held out. The opt-in class-wise deblurring (``fit-kernels`` + ``purify --class-kernels``) was
+designed on CUDA with blur 0.3; CUDA with blur 0.5 and 0.1 were first run through a victim after it was frozen. A
+family moves to ``tuned_on=True`` as soon as a default is changed after looking at its results (docs/evaluation.md,
+"Tuning and report split"). Results JSON files and tables carry this flag per row (``tools/grid.py``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ FAMILIES = {
     "aap": Family("aap", True, "augmented adversarial poisoning (TAP made under contrastive-style augmentation), "
                   "L-inf 8/255", "added 2026-12-08, generator and rule committed before its set was made; held out "
                   "until the check that adopted the luma-only JPEG term (docs/evaluation.md)"),
+    "entf": Family("entf", False, "entangled features (EntF-push): features pushed from their class centroid on an "
+                   "adversarially trained reference model, L-inf 8/255",
+                   "added 2026-12-08 after the luma-only JPEG default was frozen; held out"),
 }
 
 

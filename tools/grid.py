@@ -122,7 +122,15 @@ PROTOCOLS = {
                                      # default); 100 augmented steps of 2.5 eps / 100
                                      "aap": {"settings": {"arch": "resnet9", "width": 0.25, "train_epochs": 15,
                                                           "train_lr": 0.2, "train_batch_size": 256, "steps": 100,
-                                                          "batch_size": 250}}}),
+                                                          "batch_size": 250}},
+                                     # EntF (push) at CPU scale: its reference model is the CPU victim's
+                                     # architecture (ResNet-9, width 0.25) adversarially trained 15 epochs (lr 0.2,
+                                     # batch 256, one-cycle, as AAP's) against PGD of 3 steps of 2/255 within
+                                     # 4/255; 100 feature-space steps of 2.5 eps / 100 (EntFSettings' step rule)
+                                     "entf": {"settings": {"arch": "resnet9", "width": 0.25, "train_epochs": 15,
+                                                           "train_lr": 0.2, "train_batch_size": 256,
+                                                           "adv_eps": 4 / 255, "adv_step_size": 2 / 255,
+                                                           "adv_steps": 3, "steps": 100, "batch_size": 250}}}),
 }
 
 

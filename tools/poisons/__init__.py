@@ -6,11 +6,11 @@ bound that :func:`tools.poisons.base.quantize` enforces when the poisoned images
 stored (``none`` for CUDA, a filter rather than an added perturbation: its delta is just the
 difference it makes). :mod:`tools.poisons.driver` reads clean shards and writes poisoned ones. URP,
 LSP, AR, OPS, CUDA and PIL (a linear surrogate) take seconds on a CPU for all of CIFAR-10; EM, REM, TAP,
-SEP, HYP, UAP, UC and AAP train models (at full scale on a GPU; the CPU protocol makes smaller versions,
+SEP, HYP, UAP, UC, AAP and EntF train models (at full scale on a GPU; the CPU protocol makes smaller versions,
 ``tools/grid.py``).
 """
 
-from . import aap, ar, cuda, em, hyp, lsp, ops, pil, rem, sep, tap, uap, uc, urp
+from . import aap, ar, cuda, em, entf, hyp, lsp, ops, pil, rem, sep, tap, uap, uc, urp
 
 POISONS = {"urp": urp, "lsp": lsp, "ar": ar, "ops": ops, "em": em, "tap": tap, "cuda": cuda, "sep": sep,
-           "hyp": hyp, "uap": uap, "uc": uc, "rem": rem, "pil": pil, "aap": aap}
+           "hyp": hyp, "uap": uap, "uc": uc, "rem": rem, "pil": pil, "aap": aap, "entf": entf}

@@ -20,7 +20,7 @@ NORMS = "norms.json"
 # the poisons made with one model trained on the clean split, and their settings dataclass
 SURROGATE_SETTINGS = {"tap": "TAPSettings", "hyp": "HYPSettings", "uap": "HYPSettings", "uc": "UCSettings"}
 # the poisons that run a model (and so take the "precision" option: base.PRECISIONS)
-MODEL_POISONS = ("em", "rem", "sep", "aap", *SURROGATE_SETTINGS)
+MODEL_POISONS = ("em", "rem", "sep", "aap", "entf", *SURROGATE_SETTINGS)
 
 
 def is_poisoned(out_dir: Path) -> bool:
@@ -60,9 +60,9 @@ def poison_split(kind: str, in_dir: Path, out_dir: Path, seed: int = 0, device: 
 
 
 def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_dir, log):
-    """Call the generator; EM/REM/TAP/SEP/HYP/UAP/UC/AAP get their settings, a resumable state file and (all but
-    EM, REM and AAP, which train their own) models trained on the clean split. The ``precision`` option (bf16, the
-    default, or fp32) applies to every model a generator trains or runs."""
+    """Call the generator; EM/REM/TAP/SEP/HYP/UAP/UC/AAP/EntF get their settings, a resumable state file and (all
+    but EM, REM, AAP and EntF, which train their own) models trained on the clean split. The ``precision`` option
+    (bf16, the default, or fp32) applies to every model a generator trains or runs."""
     options = dict(options)
     precision = options.pop("precision", "bf16")
     if precision not in PRECISIONS:
@@ -88,6 +88,10 @@ def _generate(kind, module, clean, labels, seed, device, options, in_dir, out_di
         settings = module.AAPSettings(**options.pop("settings", {}))
         return module.generate(clean, labels, seed=seed, device=device, settings=settings,
                                state_path=out_dir.with_name(out_dir.name + ".aap-state.pt"), log=log, **options)
+    if kind == "entf":  # its adversarially trained reference model is its own (kept in the state file)
+        settings = module.EntFSettings(**options.pop("settings", {}))
+        return module.generate(clean, labels, seed=seed, device=device, settings=settings,
+                               state_path=out_dir.with_name(out_dir.name + ".entf-state.pt"), log=log, **options)
     if kind == "pil":  # a linear model it trains itself on the clean images, in seconds
         settings = module.PILSettings(**options.pop("settings", {}))
         return module.generate(clean, labels, seed=seed, settings=settings, log=log, **options)
