@@ -249,3 +249,18 @@ def test_leave_one_family_out_names_a_default_that_rests_on_one_family():
     assert rows["z"]["chosen_without_it"] == "a" and not rows["z"]["same_as_with_it"]
     assert abs(rows["z"]["fraction_on_the_left_out"] - 40 / 70) < 1e-9
     assert rows["x"]["same_as_with_it"] and rows["y"]["same_as_with_it"]
+
+
+def test_every_resumable_generator_gets_the_grids_time_budget():
+    # AAP and EntF take max_seconds and resume from a state file, but the grid once handed the budget only to the
+    # poisons of an older list: a grid call with --max-seconds could then not stop them part-way
+    import inspect
+
+    from tools import grid
+    from tools.poisons import POISONS
+
+    resumable = {kind for kind, module in POISONS.items()
+                 if "max_seconds" in inspect.signature(module.generate).parameters
+                 and "state_path" in inspect.signature(module.generate).parameters}
+    assert {"aap", "entf", "em", "rem", "sep"} <= resumable  # the signature check sees them
+    assert resumable <= set(grid.TIME_BUDGETED_POISONS)

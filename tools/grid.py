@@ -28,6 +28,9 @@ from .prepare import prepare
 from .victim import VictimConfig, train_victim
 
 SAFETY_SECONDS = 20  # left for writing results after the last epoch of a call
+# poisons whose generator takes max_seconds and resumes from a state file: the grid hands them what is left of
+# --max-seconds (the others take seconds or are not resumable part-way)
+TIME_BUDGETED_POISONS = ("em", "rem", "tap", "sep", "hyp", "uap", "uc", "aap", "entf")
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ def training_set(cfg: GridConfig, poison: str, defense_name: str, clock: Clock, 
         left = clock.left()
         if not is_poisoned(source):
             opts = dict(cfg.poison_options.get(poison, PROTOCOLS[cfg.protocol].poison_defaults.get(poison, {})))
-            if poison in ("em", "rem", "tap", "sep", "hyp", "uap", "uc") and left is not None:
+            if poison in TIME_BUDGETED_POISONS and left is not None:
                 opts["max_seconds"] = max(1.0, left - SAFETY_SECONDS)
             poison_split(poison, clean, source, seed=cfg.seed, device=cfg.device, options=opts, log=log)
         norms = read_json(source / NORMS)
