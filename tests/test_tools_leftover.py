@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from tools.common import read_split, write_split
-from tools.leftover import class_probe, describe, main, oracle_images, remove, split
+from tools.leftover import class_mean_share, class_probe, describe, main, oracle_images, remove, split
 
 
 def _checker(n=4, h=32, w=32):
@@ -40,6 +40,17 @@ def test_class_probe_reads_a_classwise_colour_and_not_a_gray_texture():
     assert class_probe(d, labels) == 1.0
     shuffled = rng.permutation(labels)  # the same features under labels they do not follow
     assert class_probe(parts["chroma"], shuffled) < 0.6
+
+
+def test_class_mean_share_is_one_for_a_classwise_pattern_and_small_for_sample_wise_noise():
+    labels = np.repeat(np.arange(4), 50)
+    patterns = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert class_mean_share(patterns[labels], labels) == pytest.approx(1.0, abs=1e-6)
+    noise = torch.randn(200, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert class_mean_share(noise, labels) < 0.05  # about 1/50: only what 50 draws leave in a mean
+    mixed = noise + 0.5 * patterns[labels]  # a fifth of the energy class-wise
+    assert 0.15 < class_mean_share(mixed, labels) < 0.3
+    assert describe(patterns[labels], labels)["class_mean"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_remove_takes_exactly_one_part_away():

@@ -67,11 +67,20 @@ def class_probe(x: torch.Tensor, labels) -> float:
     return float((pred == y[test]).float().mean())
 
 
+def class_mean_share(d: torch.Tensor, labels) -> float:
+    """The share of a leftover's energy in its per-class mean: 1 for a class-wise pattern, near 0 for a
+    sample-wise one (even one whose small class direction a probe reads)."""
+    x, y = d.flatten(1).float(), torch.as_tensor(labels)
+    means = torch.zeros(int(y.max()) + 1, x.shape[1]).index_add_(0, y, x) / torch.bincount(y)[:, None].clamp(min=1)
+    return float(means[y].pow(2).sum() / x.pow(2).sum())
+
+
 def describe(d: torch.Tensor, labels) -> dict:
-    """Energy (mean squared L2 per image) of a leftover, each part's share of it, and each part's class probe."""
+    """Energy (mean squared L2 per image) of a leftover, each part's share of it, each part's class probe, and
+    the share of the energy in the per-class mean (``class_mean``)."""
     total = float((d.float() ** 2).flatten(1).sum(1).mean())
     parts = split(d)
-    return {"energy": total,
+    return {"energy": total, "class_mean": class_mean_share(d, labels),
             **{k: float((v ** 2).flatten(1).sum(1).mean()) / total for k, v in parts.items()},
             "probe_all": class_probe(d, labels), **{f"probe_{k}": class_probe(v, labels) for k, v in parts.items()}}
 
@@ -132,7 +141,8 @@ def probe(work_dir, poisons, images, out):
         xp = unit_nchw(poisoned[idx])
         table[poison] = {"stored": describe(xp - x, labels[idx]), "purified": describe(purify(xp) - px, labels[idx])}
         click.echo(f"{poison}: " + ", ".join(f"{stage} luma {v['luma']:.2f} chroma {v['chroma']:.2f} probe luma "
-                                              f"{v['probe_luma']:.2f} chroma {v['probe_chroma']:.2f}"
+                                              f"{v['probe_luma']:.2f} chroma {v['probe_chroma']:.2f} class mean "
+                                              f"{v['class_mean']:.3f}"
                                               for stage, v in table[poison].items()))
     out = out or work_dir / "leftover.json"
     write_json(out, {"images": int(len(idx)), "t_star": config.t_star, "steps": config.steps,
