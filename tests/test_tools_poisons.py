@@ -867,7 +867,7 @@ def test_entf_reference_model_is_trained_on_pgd_examples_within_eps_that_raise_t
 
     monkeypatch.setattr(entf, "adversarial_batch", spy)
     probe = entf.build_model("resnet9", num_classes=10, width=0.25)
-    monkeypatch.setattr(entf, "build_model", lambda *a, **k: probe)
+    monkeypatch.setattr("tools.models.build_model", lambda *a, **k: probe)  # what the shared trainer builds
     probe.register_forward_pre_hook(forward_spy)
     entf.train_reference(x, y, entf.EntFSettings(**ENTF_TINY), seed=0, num_classes=10, amp=False, log=lambda m: None)
     steps = ENTF_TINY["train_epochs"] * math.ceil(len(y) / ENTF_TINY["train_batch_size"])

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from eclipse_stream.devices import resolve_device
 
@@ -43,6 +42,7 @@ from ..models import build_model
 from .base import LINF_8, Budget, autocast_on, signed
 from .pgd import Budget as TimeBudget
 from .pgd import PoisonIncomplete, load_state, save_state, to_device, to_numpy_delta
+from .pgd import train_reference as train_reference_model
 from .rem import attack as pgd_ascent
 from .rem import augment
 from .uc import features
@@ -84,41 +84,14 @@ def adversarial_batch(model, x: torch.Tensor, y: torch.Tensor, settings: EntFSet
 def train_reference(x: torch.Tensor, y: torch.Tensor, settings: EntFSettings, seed: int, num_classes: int,
                     amp: bool, log=print):
     """The reference model: ``settings.arch`` adversarially trained on the clean images (each batch cropped and
-    flipped, replaced by :func:`adversarial_batch`, one SGD step on it in train mode; a one-cycle schedule peaking
-    at ``train_lr`` a quarter of the way in, as the CPU victim's), returned frozen in eval mode. Its accuracy on
-    the clean images is logged: a model that did not learn would make a meaningless poison."""
+    flipped, then replaced by :func:`adversarial_batch`; :func:`.pgd.train_reference`: one SGD step on it in train
+    mode, the CPU victim's one-cycle schedule), returned frozen in eval mode."""
     s = settings
-    with torch.random.fork_rng(devices=[]):  # the seeded init leaves the caller's global RNG alone
-        torch.manual_seed(seed)
-        model = build_model(s.arch, num_classes=num_classes, width=s.width).to(x.device)
-    opt = torch.optim.SGD(model.parameters(), lr=s.train_lr, momentum=0.9, weight_decay=s.weight_decay,
-                          nesterov=True)
-    steps_per_epoch = math.ceil(len(y) / s.train_batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.train_lr, epochs=s.train_epochs,
-                                                steps_per_epoch=steps_per_epoch, pct_start=0.25,
-                                                anneal_strategy="linear")
-    gen = torch.Generator(device=x.device).manual_seed(seed + 1)
-    for epoch in range(s.train_epochs):
-        order = torch.randperm(len(y), device=x.device, generator=gen)
-        total, t0 = 0.0, time.time()
-        for i in range(0, len(y), s.train_batch_size):
-            idx = order[i:i + s.train_batch_size]
-            adv = adversarial_batch(model, augment(x[idx], gen), y[idx], s, amp, gen)
-            model.train()
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(model(adv), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        log(f"EntF reference model: epoch {epoch + 1}/{s.train_epochs} adversarial loss {total / len(y):.4f} "
-            f"({time.time() - t0:.1f}s)")
-    model.eval().requires_grad_(False)
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        right = sum(int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum()) for i in range(0, len(y), 500))
-    log(f"EntF reference model: {100 * right / len(y):.2f}% on its clean training images")
-    return model
+    return train_reference_model(x, y, name="EntF", arch=s.arch, width=s.width, num_classes=num_classes,
+                                 epochs=s.train_epochs, lr=s.train_lr, batch_size=s.train_batch_size,
+                                 weight_decay=s.weight_decay, seed=seed, amp=amp, log=log,
+                                 batch_input=lambda model, xb, yb, gen: adversarial_batch(model, augment(xb, gen), yb,
+                                                                                          s, amp, gen))
 
 
 def class_centroids(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, amp: bool) -> torch.Tensor:

@@ -1,8 +1,11 @@
-"""Helpers for the optimisation-based poisons (EM, TAP): L-inf PGD and device-resident data."""
+"""Helpers for the optimisation-based poisons (EM, TAP, AAP, EntF, ...): L-inf PGD, device-resident data, state
+files, and the reference-model trainer AAP and EntF share."""
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +77,44 @@ class Budget:
 
     def over(self, next_cost: float) -> bool:
         return self.max_seconds is not None and time.time() - self.t0 + next_cost > self.max_seconds
+
+
+def train_reference(x: torch.Tensor, y: torch.Tensor, *, name: str, arch: str, width: float, num_classes: int,
+                    epochs: int, lr: float, batch_size: int, weight_decay: float, seed: int, amp: bool,
+                    batch_input: Callable, log=print):
+    """A reference model trained on the clean images, as AAP and EntF make theirs: ``arch`` seeded by ``seed``
+    (the caller's global RNG left alone), SGD with momentum 0.9 and nesterov on a one-cycle schedule peaking at
+    ``lr`` a quarter of the way in (the CPU victim's); each batch is first ``batch_input(model, xb, yb,
+    generator)`` (an augmentation, an adversary; computed under the autocast of the update, which it may leave in
+    eval mode), the update in train mode. Returned frozen in eval mode; its accuracy on the clean images is logged,
+    since a model that did not learn would make a meaningless poison."""
+    from ..models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(arch, num_classes=num_classes, width=width).to(x.device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
+                                                steps_per_epoch=math.ceil(len(y) / batch_size), pct_start=0.25,
+                                                anneal_strategy="linear")
+    gen = torch.Generator(device=x.device).manual_seed(seed + 1)
+    for epoch in range(epochs):
+        order = torch.randperm(len(y), device=x.device, generator=gen)
+        total, t0 = 0.0, time.time()
+        for i in range(0, len(y), batch_size):
+            idx = order[i:i + batch_size]
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+                inputs = batch_input(model, x[idx], y[idx], gen)
+                model.train()
+                loss = F.cross_entropy(model(inputs), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        log(f"{name} reference model: epoch {epoch + 1}/{epochs} loss {total / len(y):.4f} ({time.time() - t0:.1f}s)")
+    model.eval().requires_grad_(False)
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        right = sum(int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum()) for i in range(0, len(y), 500))
+    log(f"{name} reference model: {100 * right / len(y):.2f}% on its clean training images")
+    return model
